@@ -1,0 +1,1 @@
+"""earkit.bench: kernel and engine benchmarks."""

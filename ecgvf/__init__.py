@@ -1,0 +1,1 @@
+"""earkit.ecgvf: the ECGVF benchmark (not built yet)."""

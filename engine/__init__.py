@@ -1,0 +1,1 @@
+"""earkit.engine: Janus-Pro loading, sampling and the erasure trainer (not built yet)."""

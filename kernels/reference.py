@@ -1,0 +1,89 @@
+"""The pure-torch reference of the loss kernels: the readable spec every backend must match.
+
+Every backend (this one, the Triton kernels, the native C++ twin) implements the same five
+row-level functions on flattened inputs, and `earkit.kernels.cross_entropy` builds the public
+ops on top of them. Shapes: logits-like inputs are (N, V) with unit stride along V; target,
+loss, keep, lse and row_scale are (N,). All math is fp32 whatever the input dtype.
+
+    hard_rows(logits, target, ignore_index, threshold) -> loss, keep, lse
+    guided_rows(student, concept, anchor, eta, threshold) -> loss, keep, lse_student, lse_target
+    window_weights(loss, keep, seq_len, window, window_threshold) -> weight
+    hard_grad(logits, target, lse, row_scale, out)                 # writes out
+    guided_grad(student, concept, anchor, eta, lse_student, lse_target, row_scale, out)
+
+`keep` is the token mask m_i of DESIGN.md step 5 as 0./1. floats; `weight` is a_i = m_i G_w(i).
+A NaN loss is kept (a threshold compares with `not (l <= t)`), so NaN reaches the loss instead
+of being masked away. `out` may be the logits (or student) buffer itself: the gradient is then
+written in place. Rows with row_scale == 0 get an exact zero gradient without looking at the
+logits, so masked rows cost a write and nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _keep_above(loss: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    if threshold is None:
+        return torch.ones_like(loss)
+    return (~(loss <= threshold)).float()  # NaN counts as above: it must propagate
+
+
+def hard_rows(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, threshold: float | None):
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    ignored = target == ignore_index
+    safe_target = torch.where(ignored, torch.zeros_like(target), target)
+    picked = z.gather(-1, safe_target[:, None]).squeeze(-1)
+    loss = torch.where(ignored, torch.zeros_like(lse), lse - picked)
+    keep = torch.where(ignored, torch.zeros_like(loss), _keep_above(loss, threshold))
+    return loss, keep, lse
+
+
+def guided_target(concept: torch.Tensor, anchor: torch.Tensor, eta: float) -> torch.Tensor:
+    """Logits of the target distribution p = softmax((1 + eta) z_a - eta z_c), in fp32."""
+    return (1.0 + eta) * anchor.float() - eta * concept.float()
+
+
+def guided_rows(student, concept, anchor, eta: float, threshold: float | None):
+    s = student.float()
+    t = guided_target(concept, anchor, eta)
+    lse_s = torch.logsumexp(s, dim=-1)
+    lse_t = torch.logsumexp(t, dim=-1)
+    p = torch.exp(t - lse_t[:, None])
+    # KL(p || softmax(s)) = sum p (t - s) - lse_t + lse_s: zero when the student matches.
+    # Classes the target gives no mass (t = -inf) add nothing, not 0 * -inf = NaN.
+    cross = torch.where(p > 0, p * (t - s), torch.zeros_like(p))
+    loss = cross.sum(-1) - lse_t + lse_s
+    return loss, _keep_above(loss, threshold), lse_s, lse_t
+
+
+def window_weights(loss, keep, seq_len: int, window: int, window_threshold: float | None):
+    """a_i = m_i * G_w(i), where windows of `window` rows run along each sequence of seq_len rows."""
+    if window_threshold is None:
+        return keep
+    n = loss.numel()
+    position = torch.arange(n, device=loss.device) % seq_len
+    sequence = torch.arange(n, device=loss.device) // seq_len
+    windows_per_sequence = -(-seq_len // window)
+    window_id = sequence * windows_per_sequence + position // window
+    window_sum = torch.zeros(n // seq_len * windows_per_sequence, device=loss.device)
+    window_sum.index_add_(0, window_id, keep * loss)
+    gate = (~(window_sum <= window_threshold)).float()
+    return keep * gate[window_id]
+
+
+def hard_grad(logits, target, lse, row_scale, out) -> None:
+    z = logits.float()
+    grad = torch.exp(z - lse[:, None])
+    rows = torch.arange(z.shape[0], device=z.device)
+    valid = (target >= 0) & (target < z.shape[1])
+    grad[rows[valid], target[valid]] -= 1.0
+    grad *= row_scale[:, None]
+    out.copy_(torch.where(row_scale[:, None] == 0, torch.zeros_like(grad), grad))
+
+
+def guided_grad(student, concept, anchor, eta: float, lse_student, lse_target, row_scale, out) -> None:
+    p = torch.exp(guided_target(concept, anchor, eta) - lse_target[:, None])
+    grad = (torch.exp(student.float() - lse_student[:, None]) - p) * row_scale[:, None]
+    out.copy_(torch.where(row_scale[:, None] == 0, torch.zeros_like(grad), grad))

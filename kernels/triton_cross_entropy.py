@@ -1,0 +1,409 @@
+"""Triton kernels for the thresholded, windowed cross-entropy (hard labels and guided soft target).
+
+The same five row-level functions as `reference.py`, on CUDA tensors (or CPU tensors when
+TRITON_INTERPRET=1). The forward reads each logits row once, with an online softmax; the
+backward reads it once more and writes the gradient, optionally into the logits buffer itself.
+Writing the gradient during the forward, as Liger-Kernel does, would cost a second read of the
+row in the forward and a read-modify-write in the backward to apply the window gate and the
+upstream gradient; recomputing softmax from the saved log-sum-exp in the backward reads and
+writes the row once, and rows whose weight is zero are only written. Everything is computed in
+fp32 after the load; only the final gradient store rounds to the logits dtype.
+
+Layout: one program per row when there are enough rows to fill the GPU, else each row is split
+into SPLITS column ranges whose partial (max, sum) are merged by a small combine kernel, so an
+N = 1152 batch still occupies every SM. A V = 16384 row is one block (held on chip); larger
+vocabularies loop over blocks with the running-max rescaling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest block of columns one program holds at a time; beyond it the kernels loop.
+MAX_BLOCK_V = 16384
+# Columns below which splitting a row no longer pays for the extra combine launch.
+MIN_COLUMNS_PER_SPLIT = 2048
+# Tests set these to exercise the looping and split-V paths at tiny shapes.
+force_splits: int | None = None
+force_block_v: int | None = None
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 4096 else 16
+
+
+def _splits(n_rows: int, n_cols: int, device: torch.device) -> int:
+    if force_splits is not None:
+        return max(1, min(force_splits, n_cols))
+    if device.type != "cuda":
+        return 1
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(4 * sm_count, max(n_rows, 1))
+    return max(1, min(wanted, n_cols // MIN_COLUMNS_PER_SPLIT))
+
+
+def _block(n_cols: int, cap: int = MAX_BLOCK_V) -> int:
+    if force_block_v is not None:
+        cap = force_block_v
+    return min(triton.next_power_of_2(max(n_cols, 1)), cap)
+
+
+@triton.jit
+def _online_logsumexp_step(x, running_max, running_sum):
+    """Fold one block (out-of-range lanes are -inf) into a running (max, sum of exp)."""
+    new_max = tl.maximum(running_max, tl.max(x, axis=0))
+    # A block of only -inf must not produce (-inf) - (-inf) = NaN.
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(tl.exp(x - safe_max), axis=0)
+    return new_max, running_sum
+
+
+@triton.jit
+def _finish_row(loss, threshold, HAS_THRESHOLD: tl.constexpr):
+    if HAS_THRESHOLD:
+        return tl.where(loss <= threshold, 0.0, 1.0)  # NaN is kept, so it propagates
+    return tl.full([], 1.0, tl.float32)
+
+
+# ---------------------------------------------------------------- hard labels, forward
+
+
+@triton.jit
+def _hard_forward_kernel(
+    logits_ptr, logits_row_stride, target_ptr, partial_max_ptr, partial_sum_ptr,
+    loss_ptr, keep_ptr, lse_ptr, n_cols, cols_per_split, ignore_index, threshold,
+    HAS_THRESHOLD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    row_ptr = logits_ptr + row * logits_row_stride
+    col_begin = split * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, n_cols)
+    running_max = -float("inf")
+    running_sum = 0.0
+    for start in range(col_begin, col_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptr + cols, mask=cols < col_end, other=-float("inf")).to(tl.float32)
+        running_max, running_sum = _online_logsumexp_step(x, running_max, running_sum)
+    if SPLITS == 1:
+        target = tl.load(target_ptr + row)
+        ignored = target == ignore_index
+        picked = tl.load(row_ptr + target, mask=target != ignore_index, other=0.0).to(tl.float32)
+        lse = running_max + tl.log(running_sum)
+        loss = tl.where(ignored, 0.0, lse - picked)
+        keep = tl.where(ignored, 0.0, _finish_row(loss, threshold, HAS_THRESHOLD))
+        tl.store(loss_ptr + row, loss)
+        tl.store(keep_ptr + row, keep)
+        tl.store(lse_ptr + row, lse)
+    else:
+        tl.store(partial_max_ptr + row * SPLITS + split, running_max)
+        tl.store(partial_sum_ptr + row * SPLITS + split, running_sum)
+
+
+@triton.jit
+def _merge_partials(partial_max_ptr, partial_sum_ptr, row, SPLITS: tl.constexpr):
+    offsets = tl.arange(0, SPLITS)
+    maxes = tl.load(partial_max_ptr + row * SPLITS + offsets)
+    sums = tl.load(partial_sum_ptr + row * SPLITS + offsets)
+    row_max = tl.max(maxes, axis=0)
+    safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    scales = tl.exp(maxes - safe_max)
+    return row_max, scales, tl.sum(sums * scales, axis=0)
+
+
+@triton.jit
+def _hard_combine_kernel(
+    logits_ptr, logits_row_stride, target_ptr, partial_max_ptr, partial_sum_ptr,
+    loss_ptr, keep_ptr, lse_ptr, ignore_index, threshold,
+    HAS_THRESHOLD: tl.constexpr, SPLITS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_max, _, row_sum = _merge_partials(partial_max_ptr, partial_sum_ptr, row, SPLITS)
+    target = tl.load(target_ptr + row)
+    ignored = target == ignore_index
+    picked = tl.load(logits_ptr + row * logits_row_stride + target, mask=target != ignore_index, other=0.0).to(tl.float32)
+    lse = row_max + tl.log(row_sum)
+    loss = tl.where(ignored, 0.0, lse - picked)
+    keep = tl.where(ignored, 0.0, _finish_row(loss, threshold, HAS_THRESHOLD))
+    tl.store(loss_ptr + row, loss)
+    tl.store(keep_ptr + row, keep)
+    tl.store(lse_ptr + row, lse)
+
+
+# ---------------------------------------------------------------- guided soft target, forward
+
+
+@triton.jit
+def _guided_forward_kernel(
+    student_ptr, student_row_stride, concept_ptr, concept_row_stride, anchor_ptr, anchor_row_stride,
+    partials_ptr, loss_ptr, keep_ptr, lse_student_ptr, lse_target_ptr,
+    n_cols, cols_per_split, eta, threshold,
+    HAS_THRESHOLD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    col_begin = split * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, n_cols)
+    target_max = -float("inf")
+    target_sum = 0.0
+    cross = 0.0  # sum of exp(t - target_max) * (t - s), rescaled as target_max grows
+    student_max = -float("inf")
+    student_sum = 0.0
+    for start in range(col_begin, col_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_range = cols < col_end
+        s = tl.load(student_ptr + row * student_row_stride + cols, mask=in_range, other=0.0).to(tl.float32)
+        zc = tl.load(concept_ptr + row * concept_row_stride + cols, mask=in_range, other=0.0).to(tl.float32)
+        za = tl.load(anchor_ptr + row * anchor_row_stride + cols, mask=in_range, other=0.0).to(tl.float32)
+        t = tl.where(in_range, (1.0 + eta) * za - eta * zc, -float("inf"))
+        new_max = tl.maximum(target_max, tl.max(t, axis=0))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp(target_max - safe_max)
+        weights = tl.exp(t - safe_max)
+        # Classes with no target mass add nothing (not 0 * -inf).
+        cross = cross * rescale + tl.sum(tl.where(weights > 0, weights * (t - s), 0.0), axis=0)
+        target_sum = target_sum * rescale + tl.sum(weights, axis=0)
+        target_max = new_max
+        s = tl.where(in_range, s, -float("inf"))
+        student_max, student_sum = _online_logsumexp_step(s, student_max, student_sum)
+    if SPLITS == 1:
+        lse_target = target_max + tl.log(target_sum)
+        lse_student = student_max + tl.log(student_sum)
+        loss = cross / target_sum - lse_target + lse_student
+        tl.store(loss_ptr + row, loss)
+        tl.store(keep_ptr + row, _finish_row(loss, threshold, HAS_THRESHOLD))
+        tl.store(lse_student_ptr + row, lse_student)
+        tl.store(lse_target_ptr + row, lse_target)
+    else:
+        base = partials_ptr + (row * SPLITS + split) * 5
+        tl.store(base + 0, target_max)
+        tl.store(base + 1, target_sum)
+        tl.store(base + 2, cross)
+        tl.store(base + 3, student_max)
+        tl.store(base + 4, student_sum)
+
+
+@triton.jit
+def _guided_combine_kernel(
+    partials_ptr, loss_ptr, keep_ptr, lse_student_ptr, lse_target_ptr, threshold,
+    HAS_THRESHOLD: tl.constexpr, SPLITS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = partials_ptr + (row * SPLITS + tl.arange(0, SPLITS)) * 5
+    target_maxes = tl.load(base + 0)
+    target_max = tl.max(target_maxes, axis=0)
+    target_scales = tl.exp(target_maxes - tl.where(target_max == float("-inf"), 0.0, target_max))
+    target_sum = tl.sum(tl.load(base + 1) * target_scales, axis=0)
+    cross = tl.sum(tl.load(base + 2) * target_scales, axis=0)
+    student_maxes = tl.load(base + 3)
+    student_max = tl.max(student_maxes, axis=0)
+    student_scales = tl.exp(student_maxes - tl.where(student_max == float("-inf"), 0.0, student_max))
+    student_sum = tl.sum(tl.load(base + 4) * student_scales, axis=0)
+    lse_target = target_max + tl.log(target_sum)
+    lse_student = student_max + tl.log(student_sum)
+    loss = cross / target_sum - lse_target + lse_student
+    tl.store(loss_ptr + row, loss)
+    tl.store(keep_ptr + row, _finish_row(loss, threshold, HAS_THRESHOLD))
+    tl.store(lse_student_ptr + row, lse_student)
+    tl.store(lse_target_ptr + row, lse_target)
+
+
+# ---------------------------------------------------------------- window gate
+
+
+@triton.jit
+def _window_kernel(
+    loss_ptr, keep_ptr, weight_ptr, seq_len, window, window_threshold, BLOCK_W: tl.constexpr,
+):
+    sequence = tl.program_id(0).to(tl.int64)
+    window_start = tl.program_id(1) * window
+    window_end = tl.minimum(window_start + window, seq_len)
+    total = 0.0
+    for start in range(window_start, window_end, BLOCK_W):
+        positions = start + tl.arange(0, BLOCK_W)
+        rows = sequence * seq_len + positions
+        in_window = positions < window_end
+        loss = tl.load(loss_ptr + rows, mask=in_window, other=0.0)
+        keep = tl.load(keep_ptr + rows, mask=in_window, other=0.0)
+        total += tl.sum(tl.where(keep != 0.0, keep * loss, 0.0), axis=0)
+    gate = tl.where(total <= window_threshold, 0.0, 1.0)
+    for start in range(window_start, window_end, BLOCK_W):
+        positions = start + tl.arange(0, BLOCK_W)
+        rows = sequence * seq_len + positions
+        in_window = positions < window_end
+        keep = tl.load(keep_ptr + rows, mask=in_window, other=0.0)
+        tl.store(weight_ptr + rows, keep * gate, mask=in_window)
+
+
+# ---------------------------------------------------------------- backward
+
+
+@triton.jit
+def _hard_backward_kernel(
+    logits_ptr, logits_row_stride, target_ptr, lse_ptr, row_scale_ptr, out_ptr, out_row_stride,
+    n_cols, cols_per_split, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    col_begin = split * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, n_cols)
+    scale = tl.load(row_scale_ptr + row)
+    out_row = out_ptr + row * out_row_stride
+    if scale == 0.0:
+        for start in range(col_begin, col_end, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
+            tl.store(out_row + cols, zeros.to(out_ptr.dtype.element_ty), mask=cols < col_end)
+    else:
+        lse = tl.load(lse_ptr + row)
+        target = tl.load(target_ptr + row)
+        for start in range(col_begin, col_end, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            in_range = cols < col_end
+            x = tl.load(logits_ptr + row * logits_row_stride + cols, mask=in_range, other=0.0).to(tl.float32)
+            grad = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
+            tl.store(out_row + cols, (grad * scale).to(out_ptr.dtype.element_ty), mask=in_range)
+
+
+@triton.jit
+def _guided_backward_kernel(
+    student_ptr, student_row_stride, concept_ptr, concept_row_stride, anchor_ptr, anchor_row_stride,
+    lse_student_ptr, lse_target_ptr, row_scale_ptr, out_ptr, out_row_stride,
+    n_cols, cols_per_split, eta, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    col_begin = split * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, n_cols)
+    scale = tl.load(row_scale_ptr + row)
+    out_row = out_ptr + row * out_row_stride
+    if scale == 0.0:
+        for start in range(col_begin, col_end, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
+            tl.store(out_row + cols, zeros.to(out_ptr.dtype.element_ty), mask=cols < col_end)
+    else:
+        lse_student = tl.load(lse_student_ptr + row)
+        lse_target = tl.load(lse_target_ptr + row)
+        for start in range(col_begin, col_end, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            in_range = cols < col_end
+            s = tl.load(student_ptr + row * student_row_stride + cols, mask=in_range, other=0.0).to(tl.float32)
+            zc = tl.load(concept_ptr + row * concept_row_stride + cols, mask=in_range, other=0.0).to(tl.float32)
+            za = tl.load(anchor_ptr + row * anchor_row_stride + cols, mask=in_range, other=0.0).to(tl.float32)
+            t = (1.0 + eta) * za - eta * zc
+            grad = tl.exp(s - lse_student) - tl.exp(t - lse_target)
+            tl.store(out_row + cols, (grad * scale).to(out_ptr.dtype.element_ty), mask=in_range)
+
+
+# ---------------------------------------------------------------- launchers (reference.py's API)
+
+
+def _row_vectors(n: int, count: int, device) -> list[torch.Tensor]:
+    return [torch.empty(n, dtype=torch.float32, device=device) for _ in range(count)]
+
+
+def _split_layout(n_rows: int, n_cols: int, device, cap: int = MAX_BLOCK_V):
+    splits = _splits(n_rows, n_cols, device)
+    cols_per_split = triton.cdiv(n_cols, splits)
+    block = _block(cols_per_split, cap)
+    # Whole blocks per split keep every split's loads aligned; recount splits after rounding.
+    cols_per_split = triton.cdiv(cols_per_split, block) * block
+    splits = triton.cdiv(n_cols, cols_per_split)
+    return splits, cols_per_split, block
+
+
+def hard_rows(logits, target, ignore_index: int, threshold: float | None):
+    n_rows, n_cols = logits.shape
+    loss, keep, lse = _row_vectors(n_rows, 3, logits.device)
+    if n_rows == 0:
+        return loss, keep, lse
+    splits, cols_per_split, block = _split_layout(n_rows, n_cols, logits.device)
+    splits_pow2 = triton.next_power_of_2(splits)
+    partial_max = torch.full((n_rows, splits_pow2), -math.inf, device=logits.device) if splits > 1 else loss
+    partial_sum = torch.zeros((n_rows, splits_pow2), device=logits.device) if splits > 1 else loss
+    has_threshold = threshold is not None
+    threshold = float(threshold) if has_threshold else 0.0
+    _hard_forward_kernel[(n_rows, splits)](
+        logits, logits.stride(0), target, partial_max, partial_sum, loss, keep, lse,
+        n_cols, cols_per_split, ignore_index, threshold,
+        HAS_THRESHOLD=has_threshold, SPLITS=splits_pow2 if splits > 1 else 1, BLOCK_V=block,
+        num_warps=_num_warps(block),
+    )
+    if splits > 1:
+        _hard_combine_kernel[(n_rows,)](
+            logits, logits.stride(0), target, partial_max, partial_sum, loss, keep, lse,
+            ignore_index, threshold, HAS_THRESHOLD=has_threshold, SPLITS=splits_pow2,
+        )
+    return loss, keep, lse
+
+
+def guided_rows(student, concept, anchor, eta: float, threshold: float | None):
+    n_rows, n_cols = student.shape
+    loss, keep, lse_student, lse_target = _row_vectors(n_rows, 4, student.device)
+    if n_rows == 0:
+        return loss, keep, lse_student, lse_target
+    # Three rows are live at once: a smaller block keeps them in registers.
+    splits, cols_per_split, block = _split_layout(n_rows, n_cols, student.device, MAX_BLOCK_V // 2)
+    splits_pow2 = triton.next_power_of_2(splits)
+    if splits > 1:
+        # Unused padding splits hold the identity of the merge: max -inf, sums 0.
+        partials = torch.zeros((n_rows, splits_pow2, 5), device=student.device)
+        partials[:, :, 0] = -math.inf
+        partials[:, :, 3] = -math.inf
+    else:
+        partials = loss
+    has_threshold = threshold is not None
+    threshold = float(threshold) if has_threshold else 0.0
+    _guided_forward_kernel[(n_rows, splits)](
+        student, student.stride(0), concept, concept.stride(0), anchor, anchor.stride(0),
+        partials, loss, keep, lse_student, lse_target, n_cols, cols_per_split, float(eta), threshold,
+        HAS_THRESHOLD=has_threshold, SPLITS=splits_pow2 if splits > 1 else 1, BLOCK_V=block,
+        num_warps=_num_warps(block),
+    )
+    if splits > 1:
+        _guided_combine_kernel[(n_rows,)](
+            partials, loss, keep, lse_student, lse_target, threshold,
+            HAS_THRESHOLD=has_threshold, SPLITS=splits_pow2,
+        )
+    return loss, keep, lse_student, lse_target
+
+
+def window_weights(loss, keep, seq_len: int, window: int, window_threshold: float | None):
+    if window_threshold is None or loss.numel() == 0:
+        return keep
+    n_sequences = loss.numel() // seq_len
+    window = min(window, seq_len)
+    weight = torch.empty_like(keep)
+    block = min(triton.next_power_of_2(window), 1024)
+    _window_kernel[(n_sequences, triton.cdiv(seq_len, window))](
+        loss, keep, weight, seq_len, window, float(window_threshold), BLOCK_W=block,
+    )
+    return weight
+
+
+def hard_grad(logits, target, lse, row_scale, out) -> None:
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        return
+    splits, cols_per_split, block = _split_layout(n_rows, n_cols, logits.device)
+    _hard_backward_kernel[(n_rows, splits)](
+        logits, logits.stride(0), target, lse, row_scale, out, out.stride(0),
+        n_cols, cols_per_split, BLOCK_V=block, num_warps=_num_warps(block),
+    )
+
+
+def guided_grad(student, concept, anchor, eta: float, lse_student, lse_target, row_scale, out) -> None:
+    n_rows, n_cols = student.shape
+    if n_rows == 0:
+        return
+    splits, cols_per_split, block = _split_layout(n_rows, n_cols, student.device, MAX_BLOCK_V // 2)
+    _guided_backward_kernel[(n_rows, splits)](
+        student, student.stride(0), concept, concept.stride(0), anchor, anchor.stride(0),
+        lse_student, lse_target, row_scale, out, out.stride(0),
+        n_cols, cols_per_split, float(eta), BLOCK_V=block, num_warps=_num_warps(block),
+    )
