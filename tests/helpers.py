@@ -1,0 +1,59 @@
+"""Small pieces shared by the op tests: tolerances per dtype and threshold choice."""
+
+import torch
+
+# Loss values are fp32 whatever the input dtype, and the float64 reference sees the same rounded
+# inputs, so they are compared tightly. Gradients are stored in the input dtype: one rounding
+# step of it (toward zero under the Triton interpreter, hence a full ulp).
+LOSS_TOL = dict(rtol=1e-4, atol=1e-5)
+GRAD_TOL = {
+    torch.float32: dict(rtol=1e-4, atol=1e-6),
+    torch.float16: dict(rtol=2e-3, atol=1e-6),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-6),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+REDUCTIONS = ["none", "sum", "mean"]
+
+
+def threshold_in_gap(values: torch.Tensor, quantile: float) -> float:
+    """A threshold near `quantile` of `values` but halfway between two of them, so fp32 rounding
+    in a backend can never move a value across it."""
+    finite = torch.sort(values[torch.isfinite(values)].double().flatten()).values
+    if finite.numel() < 2:
+        return float(finite[0] - 1.0) if finite.numel() else 0.0
+    index = min(max(int(quantile * (finite.numel() - 1)), 0), finite.numel() - 2)
+    return float((finite[index] + finite[index + 1]) / 2)
+
+
+def far_from(values: torch.Tensor, threshold, margin: float = 1e-4) -> bool:
+    if threshold is None:
+        return True
+    return bool(((values.double() - threshold).abs() > margin).all())
+
+
+def windowed_weights(token_loss, keep, seq_shape, window, window_threshold):
+    """a_i = m_i G_w(i) with explicit loops over sequences and windows (float64)."""
+    weight = keep.double().clone()
+    window_sums = []
+    if window is None or window_threshold is None:
+        return weight, window_sums
+    batch, seq_len = seq_shape
+    weight_2d = weight.view(batch, seq_len)
+    loss_2d = token_loss.detach().double().view(batch, seq_len)
+    for b in range(batch):
+        for start in range(0, seq_len, window):
+            span = slice(start, start + window)
+            total = (weight_2d[b, span] * loss_2d[b, span]).sum()
+            window_sums.append(total)
+            if total <= window_threshold:  # NaN fails this test and keeps its window
+                weight_2d[b, span] = 0.0
+    return weight, torch.stack(window_sums) if window_sums else torch.zeros(0, dtype=torch.float64)
+
+
+def reduce(weight, token_loss, reduction, shape):
+    weighted = weight * token_loss
+    if reduction == "none":
+        return weighted.view(shape)
+    if reduction == "sum":
+        return weighted.sum()
+    return weighted.sum() / weight.sum().clamp_min(1.0)

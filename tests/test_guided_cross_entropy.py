@@ -1,0 +1,206 @@
+"""guided_cross_entropy on every backend against a float64 reference written here from DESIGN.md."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from earkit.kernels import guided_cross_entropy
+from helpers import DTYPES, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, reduce, threshold_in_gap, windowed_weights
+
+
+def expected_guided(student, concept, anchor, *, eta=1.0, threshold=None, window=None, window_threshold=None,
+                    reduction="mean", grad_output=None):
+    """KL(p || softmax(s)), p = softmax((1 + eta) z_a - eta z_c), and its gradient, in float64."""
+    s = student.detach().double().requires_grad_()
+    n_classes = s.shape[-1]
+    target_logits = (1 + eta) * anchor.double() - eta * concept.double()
+    log_p = torch.log_softmax(target_logits.reshape(-1, n_classes), dim=-1)
+    log_q = torch.log_softmax(s.reshape(-1, n_classes), dim=-1)
+    p = log_p.exp()
+    token_loss = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    with torch.no_grad():
+        keep = ~(token_loss <= threshold) if threshold is not None else torch.ones_like(token_loss, dtype=torch.bool)
+        weight, window_sums = windowed_weights(token_loss, keep, student.shape[:-1], window, window_threshold)
+    loss = reduce(weight, token_loss, reduction, student.shape[:-1])
+    upstream = torch.ones_like(loss) if grad_output is None else grad_output.double()
+    (grad,) = torch.autograd.grad(loss, s, upstream)
+    return loss.detach(), grad, token_loss.detach(), window_sums
+
+
+def run_op(student, concept, anchor, grad_output=None, **kwargs):
+    leaf = student.detach().clone().requires_grad_()
+    loss = guided_cross_entropy(leaf, concept, anchor, **kwargs)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), leaf.grad
+
+
+def check(student, concept, anchor, grad_output=None, **kwargs):
+    loss, grad = run_op(student, concept, anchor, grad_output, **kwargs)
+    want_loss, want_grad, _, _ = expected_guided(student, concept, anchor, grad_output=grad_output, **kwargs)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
+    assert grad.dtype == student.dtype
+    torch.testing.assert_close(grad.double(), want_grad, **GRAD_TOL[student.dtype])
+
+
+def teacher_student(dtype, seed=0, batch=2, seq_len=11, n_classes=37):
+    """A student near the concept teacher, as at the start of an erasure, and an anchor teacher."""
+    generator = torch.Generator().manual_seed(seed)
+    concept = 2 * torch.randn(batch, seq_len, n_classes, generator=generator)
+    anchor = concept + torch.randn(batch, seq_len, n_classes, generator=generator)
+    student = concept + 0.3 * torch.randn(batch, seq_len, n_classes, generator=generator)
+    return student.to(dtype), concept.to(dtype), anchor.to(dtype)
+
+
+def windowed_case(dtype, seed=0, eta=1.0, **shape):
+    student, concept, anchor = teacher_student(dtype, seed, **shape)
+    _, _, token_loss, _ = expected_guided(student, concept, anchor, eta=eta)
+    threshold = threshold_in_gap(token_loss, 0.3)
+    _, _, _, window_sums = expected_guided(student, concept, anchor, eta=eta, threshold=threshold, window=3,
+                                           window_threshold=1e9)
+    window_threshold = threshold_in_gap(window_sums, 0.4)
+    return (student, concept, anchor), dict(eta=eta, threshold=threshold, window=3, window_threshold=window_threshold)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference_with_threshold_and_windows(backend, dtype, reduction):
+    tensors, options = windowed_case(dtype)
+    upstream = torch.randn(tensors[0].shape[:-1], generator=torch.Generator().manual_seed(5))
+    check(*tensors, upstream if reduction == "none" else None, reduction=reduction, **options)
+    _, _, token_loss, window_sums = expected_guided(*tensors, **options)
+    assert 0 < (token_loss <= options["threshold"]).sum() < token_loss.numel()
+    assert 0 < (window_sums <= options["window_threshold"]).sum() < window_sums.numel()
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 3.0])
+def test_eta(backend, eta):
+    tensors, options = windowed_case(torch.float32, seed=1, eta=eta)
+    check(*tensors, reduction="mean", **options)
+
+
+def test_triton_layouts(triton_layout, monkeypatch):
+    monkeypatch.setenv("EARKIT_BACKEND", "triton")
+    for dtype in (torch.float32, torch.bfloat16):
+        tensors, options = windowed_case(dtype, seed=3, n_classes=53)
+        check(*tensors, reduction="mean", **options)
+        check(*tensors, torch.randn(tensors[0].shape[:-1]), reduction="none", threshold=options["threshold"])
+
+
+def test_loss_is_zero_when_the_student_matches_the_target(backend):
+    student, concept, _ = teacher_student(torch.float32, seed=6)
+    # With anchor == concept the target is the concept itself, whatever eta.
+    loss, grad = run_op(student, student, student, reduction="none", eta=2.0)
+    assert loss.abs().max() < 1e-5
+    assert grad.abs().max() < 1e-6
+    loss, _ = run_op(student, concept, concept, reduction="sum")
+    assert loss > 0
+
+
+def test_teacher_inputs_get_no_gradient(backend):
+    student, concept, anchor = teacher_student(torch.float32, seed=2)
+    concept.requires_grad_()
+    anchor.requires_grad_()
+    student.requires_grad_()
+    guided_cross_entropy(student, concept, anchor).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert concept.grad is None and anchor.grad is None
+
+
+def test_single_row_and_extremes(backend):
+    student, concept, anchor = teacher_student(torch.float32, seed=8, batch=1, seq_len=1, n_classes=5)
+    check(student[0], concept[0], anchor[0], reduction="mean", threshold=0.01)
+    check(student, concept, anchor, torch.tensor([[-2.0]]), reduction="none")
+    check(student, concept, anchor, reduction="sum", window=4, window_threshold=0.001)
+    tensors, _ = windowed_case(torch.float32, seed=9)
+    check(*tensors, reduction="mean", threshold=-1.0, window=2, window_threshold=-1.0)
+    loss, grad = run_op(*tensors, reduction="mean", threshold=1e6)
+    assert loss.item() == 0.0 and not grad.any()
+
+
+def test_target_with_zero_probability_classes(backend):
+    # A class the target gives no mass (anchor -inf) adds nothing to the KL, not 0 * -inf = NaN.
+    student, concept, anchor = teacher_student(torch.float32, seed=10)
+    anchor[..., :3] = -math.inf
+    check(student, concept, anchor, reduction="mean", eta=1.0)
+
+
+def test_bf16_gradient_when_student_is_close_to_the_target(backend):
+    # d s = softmax(s) - p cancels as the student converges: it must be formed in fp32.
+    student, concept, anchor = teacher_student(torch.float32, seed=12, n_classes=300)
+    target_logits = 2 * anchor - concept
+    student = (target_logits + 0.05 * torch.randn_like(target_logits)).bfloat16()
+    _, grad = run_op(student, concept.bfloat16(), anchor.bfloat16(), reduction="sum")
+    _, want_grad, _, _ = expected_guided(student, concept.bfloat16(), anchor.bfloat16(), reduction="sum")
+    torch.testing.assert_close(grad.double(), want_grad, **GRAD_TOL[torch.bfloat16])
+
+
+def test_inplace_backward_reuses_the_student_buffer(backend):
+    tensors, options = windowed_case(torch.bfloat16, seed=2)
+    _, want_grad = run_op(*tensors, reduction="mean", **options)
+    source = tensors[0].detach().clone().requires_grad_()
+    buffer = source * 1
+    seen = []
+    buffer.register_hook(lambda grad: seen.append(grad))
+    guided_cross_entropy(buffer, *tensors[1:], reduction="mean", inplace_backward=True, **options).backward()
+    assert seen[0].data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(source.grad, want_grad, rtol=0, atol=0)
+
+
+def test_nan_logits_propagate_through_the_threshold(backend):
+    (student, concept, anchor), options = windowed_case(torch.float32, seed=4)
+    concept[0, 3, 1] = math.nan
+    loss, grad = run_op(student, concept, anchor, reduction="mean", **options)
+    assert math.isnan(loss.item())
+    assert grad[0, 3].isnan().all()
+
+
+@pytest.mark.parametrize(
+    "make_args, name",
+    [
+        (lambda s, c, a: ((s.double(), c, a), {}), "student"),
+        (lambda s, c, a: ((s, c[:, :-1], a), {}), "concept"),
+        (lambda s, c, a: ((s, c, a.half()), {}), "anchor"),
+        (lambda s, c, a: ((s, c, a.to("meta")), {}), "anchor"),
+        (lambda s, c, a: ((s, c, [1.0]), {}), "anchor"),
+        (lambda s, c, a: ((s, c, a), {"eta": math.nan}), "eta"),
+        (lambda s, c, a: ((s, c, a), {"eta": math.inf}), "eta"),
+        (lambda s, c, a: ((s, c, a), {"threshold": -math.inf}), "threshold"),
+        (lambda s, c, a: ((s, c, a), {"window": -1}), "window"),
+        (lambda s, c, a: ((s.flatten(0, 1), c.flatten(0, 1), a.flatten(0, 1)), {"window": 2}), "student"),
+        (lambda s, c, a: ((s, c, a), {"window": 2, "window_threshold": math.nan}), "window_threshold"),
+        (lambda s, c, a: ((s, c, a), {"reduction": None}), "reduction"),
+    ],
+)
+def test_bad_input_names_the_argument(backend, make_args, name):
+    tensors, _ = windowed_case(torch.float32)
+    args, kwargs = make_args(*tensors)
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        guided_cross_entropy(*args, **kwargs)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    backend_name=st.sampled_from(["reference", "native", "triton"]),
+    batch=st.integers(1, 3),
+    seq_len=st.integers(1, 9),
+    n_classes=st.integers(1, 40),
+    reduction=st.sampled_from(REDUCTIONS),
+)
+def test_fuzz_shapes_and_thresholds(data, backend_name, batch, seq_len, n_classes, reduction):
+    student, concept, anchor = teacher_student(torch.float32, data.draw(st.integers(0, 2**16)), batch, seq_len,
+                                               n_classes)
+    eta = data.draw(st.floats(0.0, 3.0))
+    window = data.draw(st.none() | st.integers(1, seq_len + 2))
+    threshold = data.draw(st.none() | st.floats(-0.1, 2.0))
+    window_threshold = data.draw(st.none() | st.floats(-0.1, 5.0)) if window else None
+    options = dict(eta=eta, threshold=threshold, window=window, window_threshold=window_threshold, reduction=reduction)
+    _, _, token_loss, window_sums = expected_guided(student, concept, anchor, **options)
+    assume(far_from(token_loss, threshold) and far_from(window_sums, window_threshold))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EARKIT_BACKEND", backend_name)
+        check(student, concept, anchor, torch.randn(student.shape[:-1]) if reduction == "none" else None, **options)

@@ -1,0 +1,215 @@
+"""masked_cross_entropy on every backend against a float64 reference written here from DESIGN.md."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from earkit.kernels import masked_cross_entropy
+from helpers import DTYPES, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, reduce, threshold_in_gap, windowed_weights
+
+
+def expected_masked(logits, target, *, threshold=None, ignore_index=-100, window=None, window_threshold=None,
+                    reduction="mean", grad_output=None):
+    """Loss and d loss / d logits in float64; the masks are constants, autograd does the rest."""
+    z = logits.detach().double().requires_grad_()
+    n_classes = z.shape[-1]
+    labels = target.reshape(-1)
+    valid = labels != ignore_index
+    log_probs = torch.log_softmax(z.reshape(-1, n_classes), dim=-1)
+    picked = log_probs.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)
+    token_loss = torch.where(valid, -picked, torch.zeros_like(picked))
+    with torch.no_grad():
+        keep = valid & ~(token_loss <= threshold) if threshold is not None else valid
+        weight, window_sums = windowed_weights(token_loss, keep, target.shape, window, window_threshold)
+    loss = reduce(weight, token_loss, reduction, target.shape)
+    upstream = torch.ones_like(loss) if grad_output is None else grad_output.double()
+    (grad,) = torch.autograd.grad(loss, z, upstream)
+    return loss.detach(), grad, token_loss.detach(), window_sums
+
+
+def run_op(logits, target, grad_output=None, **kwargs):
+    leaf = logits.detach().clone().requires_grad_()
+    loss = masked_cross_entropy(leaf, target, **kwargs)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), leaf.grad
+
+
+def check(logits, target, grad_output=None, **kwargs):
+    loss, grad = run_op(logits, target, grad_output, **kwargs)
+    want_loss, want_grad, _, _ = expected_masked(logits, target, grad_output=grad_output, **kwargs)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
+    assert grad.dtype == logits.dtype
+    torch.testing.assert_close(grad.double(), want_grad, **GRAD_TOL[logits.dtype])
+
+
+def windowed_case(dtype, seed=0, batch=2, seq_len=11, n_classes=37):
+    """Random logits, some ignored rows, and thresholds that mask some tokens and some windows."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(batch, seq_len, n_classes, generator=generator)).to(dtype)
+    target = torch.randint(0, n_classes, (batch, seq_len), generator=generator)
+    target[0, 2] = -100
+    target[1, 5] = -100
+    _, _, token_loss, _ = expected_masked(logits, target)
+    threshold = threshold_in_gap(token_loss[target.reshape(-1) != -100], 0.3)
+    _, _, _, window_sums = expected_masked(logits, target, threshold=threshold, window=3, window_threshold=1e9)
+    window_threshold = threshold_in_gap(window_sums, 0.4)
+    return logits, target, dict(threshold=threshold, window=3, window_threshold=window_threshold)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference_with_threshold_and_windows(backend, dtype, reduction):
+    # T = 11 is not a multiple of W = 3, V = 37 is not a power of two, two rows are ignored.
+    logits, target, options = windowed_case(dtype)
+    upstream = torch.randn(target.shape, generator=torch.Generator().manual_seed(5))
+    check(logits, target, upstream if reduction == "none" else None, reduction=reduction, **options)
+    # The thresholds were chosen to matter: some tokens and some windows are dropped, not all.
+    _, _, token_loss, window_sums = expected_masked(logits, target, **options)
+    assert 0 < (token_loss <= options["threshold"]).sum() < token_loss.numel() - 2
+    assert 0 < (window_sums <= options["window_threshold"]).sum() < window_sums.numel()
+
+
+def test_triton_layouts(triton_layout, monkeypatch):
+    monkeypatch.setenv("EARKIT_BACKEND", "triton")
+    for dtype in (torch.float32, torch.bfloat16):
+        logits, target, options = windowed_case(dtype, seed=3, n_classes=53)
+        check(logits, target, reduction="mean", **options)
+        check(logits, target, torch.randn(target.shape), reduction="none", threshold=options["threshold"])
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_without_threshold_is_torch_cross_entropy(backend, reduction):
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(13, 29, generator=generator)
+    target = torch.randint(0, 29, (13,), generator=generator)
+    target[[2, 7]] = 4  # a class-valued ignore_index
+    loss, grad = run_op(logits, target, ignore_index=4, reduction=reduction)
+    leaf = logits.clone().requires_grad_()
+    want = F.cross_entropy(leaf, target, ignore_index=4, reduction=reduction)
+    want.backward(torch.ones_like(want))
+    torch.testing.assert_close(loss, want.detach(), **LOSS_TOL)
+    torch.testing.assert_close(grad, leaf.grad, **GRAD_TOL[torch.float32])
+
+
+def test_single_row(backend):
+    logits = torch.tensor([[0.5, -1.0, 2.0, 0.0, 3.5]])
+    check(logits, torch.tensor([2]), reduction="mean", threshold=0.1)
+    check(logits, torch.tensor([2]), torch.tensor([-2.0]), reduction="none")
+    check(logits[None], torch.tensor([[3]]), reduction="sum", window=4, window_threshold=0.5)
+
+
+def test_nothing_masked_everything_masked_and_all_ignored(backend):
+    logits, target, options = windowed_case(torch.float32, seed=7)
+    # Thresholds below every loss keep all tokens and windows.
+    check(logits, target, reduction="mean", threshold=-1.0, window=3, window_threshold=-1.0)
+    # Above every loss: the mean has nothing to average and is 0, the gradient is exactly 0.
+    loss, grad = run_op(logits, target, reduction="mean", threshold=1e6)
+    assert loss.item() == 0.0 and not grad.any()
+    loss, grad = run_op(logits, target, reduction="mean", window=4, window_threshold=1e6)
+    assert loss.item() == 0.0 and not grad.any()
+    ignored = torch.full_like(target, -100)
+    loss, grad = run_op(logits, ignored, reduction="mean")
+    assert loss.item() == 0.0 and not grad.any()
+    loss, _ = run_op(logits, ignored, reduction="none")
+    assert not loss.any()
+
+
+@pytest.mark.parametrize("target_probability", [0.9, 0.99, 0.999, 0.9999])
+def test_bf16_gradient_of_confident_target(backend, target_probability):
+    # softmax(z)[y] -> 1 makes d z_y = p_y - 1 a cancellation; rounding p_y to bf16 before the
+    # subtraction (the Liger-Kernel bug) loses it entirely. In fp32 math only the final store rounds.
+    n_classes = 512
+    generator = torch.Generator().manual_seed(11)
+    logits = 0.1 * torch.randn(4, n_classes, generator=generator)
+    target = torch.tensor([3, 100, 257, 511])
+    others = torch.logsumexp(logits.masked_fill(F.one_hot(target, n_classes).bool(), -math.inf), dim=-1)
+    logits[torch.arange(4), target] = others + math.log(target_probability / (1 - target_probability))
+    logits = logits.bfloat16()
+    _, grad = run_op(logits, target, reduction="sum")
+    _, want_grad, _, _ = expected_masked(logits, target, reduction="sum")
+    rows = torch.arange(4)
+    relative_error = ((grad[rows, target].double() - want_grad[rows, target]) / want_grad[rows, target]).abs()
+    assert relative_error.max() < 1e-2, relative_error
+
+
+def test_inplace_backward_reuses_the_logits_buffer(backend):
+    logits, target, options = windowed_case(torch.bfloat16, seed=2)
+    _, want_grad = run_op(logits, target, reduction="mean", **options)
+    source = logits.detach().clone().requires_grad_()
+    buffer = source * 1  # a non-leaf, as the output of a model's head would be
+    seen = []
+    buffer.register_hook(lambda grad: seen.append(grad))
+    masked_cross_entropy(buffer, target, reduction="mean", inplace_backward=True, **options).backward()
+    assert seen[0].data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(source.grad, want_grad, rtol=0, atol=0)
+
+
+def test_nan_logits_propagate_through_the_threshold(backend):
+    logits, target, options = windowed_case(torch.float32, seed=4)
+    logits[1, 4, 0] = math.nan
+    loss, grad = run_op(logits, target, reduction="mean", **options)
+    assert math.isnan(loss.item())
+    assert grad[1, 4].isnan().all()
+    loss, _ = run_op(logits, target, reduction="none", **options)
+    assert loss[1, 4].isnan() and not loss[0].isnan().any()
+
+
+@pytest.mark.parametrize(
+    "make_args, name",
+    [
+        (lambda z, y: (z.long(), y, {}), "logits"),
+        (lambda z, y: (z.double(), y, {}), "logits"),
+        (lambda z, y: (z, y[:, :-1], {}), "target"),
+        (lambda z, y: (z, y.float(), {}), "target"),
+        (lambda z, y: (z, y.to("meta"), {}), "target"),
+        (lambda z, y: (z, torch.where(y == 1, 37, y), {}), "target"),
+        (lambda z, y: (z, torch.where(y == 1, -5, y), {}), "target"),
+        (lambda z, y: (z, y, {"window": 0}), "window"),
+        (lambda z, y: (z, y, {"window": 2.5}), "window"),
+        (lambda z, y: (z.view(-1, 37), y.view(-1), {"window": 3}), "logits"),
+        (lambda z, y: (z, y, {"window_threshold": 1.0}), "window_threshold"),
+        (lambda z, y: (z, y, {"threshold": math.nan}), "threshold"),
+        (lambda z, y: (z, y, {"threshold": math.inf}), "threshold"),
+        (lambda z, y: (z, y, {"window": 3, "window_threshold": -math.inf}), "window_threshold"),
+        (lambda z, y: (z, y, {"reduction": "avg"}), "reduction"),
+        (lambda z, y: (z, y, {"ignore_index": "none"}), "ignore_index"),
+    ],
+)
+def test_bad_input_names_the_argument(backend, make_args, name):
+    logits, target, _ = windowed_case(torch.float32)
+    target = target.clamp_min(0)
+    logits_arg, target_arg, kwargs = make_args(logits, target)
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        masked_cross_entropy(logits_arg, target_arg, **kwargs)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    backend_name=st.sampled_from(["reference", "native", "triton"]),
+    batch=st.integers(1, 3),
+    seq_len=st.integers(1, 9),
+    n_classes=st.integers(1, 40),
+    reduction=st.sampled_from(REDUCTIONS),
+)
+def test_fuzz_shapes_and_thresholds(data, backend_name, batch, seq_len, n_classes, reduction):
+    seed = data.draw(st.integers(0, 2**16))
+    generator = torch.Generator().manual_seed(seed)
+    logits = 2 * torch.randn(batch, seq_len, n_classes, generator=generator)
+    target = torch.randint(0, n_classes, (batch, seq_len), generator=generator)
+    target[torch.rand(batch, seq_len, generator=generator) < 0.15] = -100
+    window = data.draw(st.none() | st.integers(1, seq_len + 2))
+    threshold = data.draw(st.none() | st.floats(-0.5, 4.0))
+    window_threshold = data.draw(st.none() | st.floats(-0.5, 10.0)) if window else None
+    options = dict(threshold=threshold, window=window, window_threshold=window_threshold, reduction=reduction)
+    _, _, token_loss, window_sums = expected_masked(logits, target, **options)
+    assume(far_from(token_loss, threshold) and far_from(window_sums, window_threshold))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EARKIT_BACKEND", backend_name)
+        check(logits, target, torch.randn(target.shape, generator=generator) if reduction == "none" else None,
+              **options)
