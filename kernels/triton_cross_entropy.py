@@ -165,7 +165,7 @@ def _guided_forward_kernel(
         rescale = tl.exp(target_max - safe_max)
         weights = tl.exp(t - safe_max)
         # Classes with no target mass add nothing (not 0 * -inf).
-        cross = cross * rescale + tl.sum(tl.where(weights > 0, weights * (t - s), 0.0), axis=0)
+        cross = cross * rescale + tl.sum(tl.where(weights > 0, t - s, 0.0) * weights, axis=0)
         target_sum = target_sum * rescale + tl.sum(weights, axis=0)
         target_max = new_max
         s = tl.where(in_range, s, -float("inf"))
