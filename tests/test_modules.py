@@ -1,0 +1,88 @@
+"""The nn.Module drop-ins, and torch.compile(fullgraph=True) through both custom ops."""
+
+import pytest
+import torch
+from torch import nn
+
+from earkit.kernels import GuidedCrossEntropyLoss, MaskedCrossEntropyLoss, guided_cross_entropy
+
+
+class TinyHead(nn.Module):
+    """hidden -> logits -> loss: the shape of an image-token head with its loss."""
+
+    def __init__(self, loss: nn.Module, hidden: int = 8, n_classes: int = 19):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(hidden, n_classes)
+        self.loss = loss
+
+    def forward(self, hidden, target):
+        return self.loss(self.proj(hidden), target)
+
+
+class TinyGuidedHead(nn.Module):
+    def __init__(self, loss: nn.Module, hidden: int = 8, n_classes: int = 19):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(hidden, n_classes)
+        self.loss = loss
+
+    def forward(self, hidden, concept, anchor):
+        return self.loss(self.proj(hidden), concept, anchor)
+
+
+def inputs(batch=2, seq_len=10, hidden=8, n_classes=19):
+    generator = torch.Generator().manual_seed(3)
+    h = torch.randn(batch, seq_len, hidden, generator=generator)
+    target = torch.randint(0, n_classes, (batch, seq_len), generator=generator)
+    target[0, 0] = -100
+    concept = torch.randn(batch, seq_len, n_classes, generator=generator)
+    anchor = concept + torch.randn(batch, seq_len, n_classes, generator=generator)
+    return h, target, concept, anchor
+
+
+def loss_and_grads(model, *args):
+    model.zero_grad()
+    loss = model(*args)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_masked_module_drops_in_for_cross_entropy_loss(backend):
+    h, target, _, _ = inputs()
+    ours = TinyHead(MaskedCrossEntropyLoss(ignore_index=-100, reduction="mean"))
+    theirs = TinyHead(nn.CrossEntropyLoss(ignore_index=-100, reduction="mean"))
+    flat_h, flat_target = h.reshape(-1, 8), target.reshape(-1)
+    loss, grads = loss_and_grads(ours, flat_h, flat_target)
+    want_loss, want_grads = loss_and_grads(theirs, flat_h, flat_target)
+    torch.testing.assert_close(loss, want_loss)
+    for grad, want in zip(grads, want_grads):
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
+
+
+def test_guided_module_is_the_functional_op(backend):
+    h, _, concept, anchor = inputs()
+    options = dict(threshold=0.2, window=4, window_threshold=0.5)
+    module = TinyGuidedHead(GuidedCrossEntropyLoss(eta=1.5, reduction="sum", **options))
+    loss = module(h, concept, anchor)
+    torch.testing.assert_close(loss, guided_cross_entropy(module.proj(h), concept, anchor, eta=1.5, reduction="sum",
+                                                          **options))
+    assert "window=4" in repr(module.loss)
+
+
+@pytest.mark.parametrize("inplace_backward", [False, True])
+@pytest.mark.parametrize("op", ["masked", "guided"])
+def test_torch_compile_fullgraph(op, inplace_backward):
+    torch._dynamo.reset()
+    options = dict(threshold=0.1, window=4, window_threshold=0.3, inplace_backward=inplace_backward)
+    h, target, concept, anchor = inputs()
+    if op == "masked":
+        model, args = TinyHead(MaskedCrossEntropyLoss(**options)), (h, target)
+    else:
+        model, args = TinyGuidedHead(GuidedCrossEntropyLoss(**options)), (h, concept, anchor)
+    want_loss, want_grads = loss_and_grads(model, *args)
+    compiled = torch.compile(model, fullgraph=True)
+    loss, grads = loss_and_grads(compiled, *args)
+    torch.testing.assert_close(loss, want_loss)
+    for grad, want in zip(grads, want_grads):
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
