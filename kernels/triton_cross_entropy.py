@@ -17,6 +17,7 @@ vocabularies loop over blocks with the running-max rescaling.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,12 +37,17 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 4096 else 16
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _splits(n_rows: int, n_cols: int, device: torch.device) -> int:
     if force_splits is not None:
         return max(1, min(force_splits, n_cols))
     if device.type != "cuda":
         return 1
-    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    sm_count = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     wanted = triton.cdiv(4 * sm_count, max(n_rows, 1))
     return max(1, min(wanted, n_cols // MIN_COLUMNS_PER_SPLIT))
 
@@ -64,9 +70,10 @@ def _online_logsumexp_step(x, running_max, running_sum):
 
 @triton.jit
 def _finish_row(loss, threshold, HAS_THRESHOLD: tl.constexpr):
-    if HAS_THRESHOLD:
-        return tl.where(loss <= threshold, 0.0, 1.0)  # NaN is kept, so it propagates
-    return tl.full([], 1.0, tl.float32)
+    keep = tl.where(loss <= threshold, 0.0, 1.0)  # NaN is kept, so it propagates
+    if not HAS_THRESHOLD:
+        keep = tl.full([], 1.0, tl.float32)
+    return keep
 
 
 # ---------------------------------------------------------------- hard labels, forward
