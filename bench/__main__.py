@@ -1,0 +1,43 @@
+"""python -m earkit.bench SUBCOMMAND: earkit's benchmarks.
+
+    python -m earkit.bench kernels [--n 2304 --v 16384 --dtypes fp32,bf16 --repeats 10 --threads 2 --out FILE]
+    python -m earkit.bench kernels --quick
+
+Subcommands: `kernels` (the loss ops on CPU against the torch eager chain, bench/kernels.py).
+The GPU check is its own script: python -m earkit.bench.gpu_check (bench/gpu_check.py).
+"""
+
+import argparse
+import os
+
+
+def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n", type=int, default=2304, help="tokens (rows of logits); 2304 = 4 images of 576")
+    parser.add_argument("--v", type=int, default=16384, help="vocabulary (Janus-Pro's VQ codebook)")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
+    parser.add_argument("--repeats", type=int, default=10, help="timed fwd+bwd runs per row (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch and the native twin (0: default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny shape (N=64, V=512), 2 repeats: a smoke test")
+    parser.add_argument("--out", default=None, help="append the markdown report (with date and CPU) to this file")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m earkit.bench", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_kernels_arguments(commands.add_parser("kernels", help="loss ops on CPU: earkit vs torch eager"))
+    args = parser.parse_args(argv)
+
+    if getattr(args, "threads", 0):
+        # Before torch (and the native twin's OpenMP runtime) load, so both use this many threads.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+
+    if args.command == "kernels":
+        from . import kernels
+
+        kernels.main(args)
+
+
+if __name__ == "__main__":
+    main()
