@@ -56,6 +56,7 @@ if SMOKE:
 import torch
 import torch.nn.functional as F
 
+from earkit.bench.kernels import guided_eager, hard_eager  # the eager chains, shared with the CPU table
 from earkit.kernels import guided_cross_entropy, masked_cross_entropy
 
 ETA = 1.0
@@ -257,23 +258,6 @@ def run_checks(checks, device):
 
 
 # ---------------------------------------------------------------- (b) speed and memory
-
-
-def hard_eager(logits, target, threshold, upcast=False):
-    z = logits.float() if upcast else logits
-    token_loss = F.cross_entropy(z.flatten(0, -2), target.flatten(), reduction="none")
-    keep = (token_loss.detach() > threshold).to(token_loss.dtype)
-    return (token_loss * keep).sum() / keep.sum().clamp_min(1)
-
-
-def guided_eager(student, concept, anchor, threshold, upcast=False):
-    s, zc, za = (t.float() for t in (student, concept, anchor)) if upcast else (student, concept, anchor)
-    with torch.no_grad():  # the teachers are constants
-        log_p = F.log_softmax((1 + ETA) * za - ETA * zc, dim=-1)
-    log_q = F.log_softmax(s, dim=-1)
-    token_loss = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
-    keep = (token_loss.detach() > threshold).to(token_loss.dtype)
-    return (token_loss * keep).sum() / keep.sum().clamp_min(1)
 
 
 def fwd_bwd(loss_fn, leaf):

@@ -81,7 +81,7 @@ def median_thresholds(inputs: dict) -> dict:
 
 def hard_eager(logits, target, threshold, upcast=False):
     z = logits.float() if upcast else logits
-    token_loss = F.cross_entropy(z, target, reduction="none")
+    token_loss = F.cross_entropy(z.flatten(0, -2), target.flatten(), reduction="none")
     keep = (token_loss.detach() > threshold).to(token_loss.dtype)
     return (token_loss * keep).sum() / keep.sum().clamp_min(1)
 
