@@ -1,0 +1,202 @@
+"""Janus-Pro as earkit uses it: loading, the one prompt template, and the teacher-forced pass.
+
+Janus draws an image as T discrete VQ tokens (T = 576 for Janus-Pro: a 24 x 24 grid in raster
+order) after the prompt and `<begin_of_image>`. Sampling (sampler.py) feeds them one at a time
+through a KV cache; training runs all T positions in one teacher-forced pass (DESIGN.md, "The
+method"). Both go through the functions here, so the prompt template, the padding and the
+positions are the same in both, which is what makes the teacher-forced logits equal the
+sampler's (tests/test_sampler.py checks it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+# The Janus-Pro chat format for image generation, as its processor writes it; the
+# `<begin_of_image>` tag follows. The released EAR code used a different template for training
+# and for sampling; earkit uses this one function everywhere.
+PROMPT_TEMPLATE = "<|User|>: {prompt}\n\n<|Assistant|>:"
+BOI_TOKEN = "<begin_of_image>"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def prompt_text(prompt: str, boi_token: str = BOI_TOKEN) -> str:
+    """The exact text a prompt becomes before tokenisation (BOS is added by the tokenizer)."""
+    return PROMPT_TEMPLATE.format(prompt=prompt.strip()) + boi_token
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def attention_implementation(device: torch.device | str) -> str:
+    """flash_attention_2 when flash_attn imports and the model is on CUDA, else sdpa."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def check_model_source(source: str | os.PathLike) -> str:
+    """A local folder, or a hub id of the form owner/name; anything that looks like a path must exist."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {path} has no config.json")
+        return str(path)
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith("/")
+    if not looks_like_hub_id:
+        raise FileNotFoundError(f"model folder {text} does not exist (and it is not a hub id like owner/name)")
+    return text
+
+
+def load_janus(source: str | os.PathLike, *, dtype: str | torch.dtype | None = "auto", device: str | None = None,
+               load_in_8bit: bool = False, attn_implementation: str | None = None):
+    """Load JanusForConditionalGeneration and its tokenizer from a local folder or a hub id.
+
+    With HF_HUB_OFFLINE=1 a local folder loads without any network. `load_in_8bit` keeps the
+    frozen weights in 8 bits (bitsandbytes, CUDA only); the trainable modules are copied to the
+    compute dtype by the trainer.
+    """
+    from transformers import AutoTokenizer, JanusForConditionalGeneration
+
+    source = check_model_source(source)
+    device = torch.device(device) if device is not None else default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation or attention_implementation(device))
+    if load_in_8bit:
+        if device.type != "cuda":
+            raise ValueError("load_in_8bit needs a CUDA device (bitsandbytes' 8-bit matmul)")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device.index or 0}
+    model = JanusForConditionalGeneration.from_pretrained(source, **kwargs)
+    if not load_in_8bit:
+        model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- prompts
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompt ids (ending in <begin_of_image>) and their attention mask."""
+
+    input_ids: Tensor  # (B, P) int64
+    attention_mask: Tensor  # (B, P) int64, 0 on left padding
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+    def to(self, device) -> "PromptBatch":
+        return PromptBatch(self.input_ids.to(device), self.attention_mask.to(device))
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    boi = getattr(tokenizer, "boi_token", None) or BOI_TOKEN
+    ids = {
+        "bos": tokenizer.bos_token_id,
+        "pad": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "boi": tokenizer.convert_tokens_to_ids(boi),
+    }
+    missing = [name for name, value in ids.items() if value is None or value == tokenizer.unk_token_id]
+    if missing:
+        raise ValueError(f"tokenizer lacks the Janus special token(s) {missing}")
+    return ids
+
+
+def encode_prompts(tokenizer, prompts: list[str], device=None) -> PromptBatch:
+    """Tokenise prompts in the Janus-Pro template, left-padded so that every prompt ends at the
+    same column and image token t sits at column P + t in every row."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("prompts is empty")
+    ids = special_token_ids(tokenizer)
+    boi = getattr(tokenizer, "boi_token", None) or BOI_TOKEN
+    rows = [tokenizer(prompt_text(p, boi), add_special_tokens=True)["input_ids"] for p in prompts]
+    rows = [row if row[0] == ids["bos"] else [ids["bos"]] + row for row in rows]
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), ids["pad"], dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row)
+        attention_mask[i, width - len(row):] = 1
+    batch = PromptBatch(input_ids, attention_mask)
+    return batch.to(device) if device is not None else batch
+
+
+def unconditional(batch: PromptBatch, tokenizer) -> PromptBatch:
+    """The CFG unconditional row: every prompt token becomes pad except BOS and <begin_of_image>
+    (still attended, as the reference sampler does)."""
+    ids = special_token_ids(tokenizer)
+    keep = (batch.input_ids == ids["bos"]) | (batch.input_ids == ids["boi"]) | (batch.attention_mask == 0)
+    return PromptBatch(torch.where(keep, batch.input_ids, ids["pad"]), batch.attention_mask)
+
+
+def positions(attention_mask: Tensor) -> Tensor:
+    """Position ids that skip left padding, so a padded prompt sees the positions an unpadded one would."""
+    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def cache_keyword(language_model) -> str:
+    """transformers renamed past_key_values to cache (5.2x); the GPU machines run 5.17."""
+    parameters = inspect.signature(language_model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+# ---------------------------------------------------------------- the teacher-forced pass
+
+
+def image_token_count(model) -> int:
+    return model.config.vision_config.num_image_tokens
+
+
+def image_hidden_states(model, prompts: PromptBatch, image_tokens: Tensor) -> Tensor:
+    """Last hidden states at the T positions that predict image tokens 0..T-1, in one pass.
+
+    The sequence is prompt (ending in <begin_of_image>) + image tokens 0..T-2; the state at
+    <begin_of_image> predicts token 0 and the state at token t-1 predicts token t.
+    """
+    language_model = model.model.language_model
+    prompt_embeds = model.get_input_embeddings()(prompts.input_ids)
+    image_embeds = model.prepare_embeddings_for_image_generation(image_tokens[:, :-1])
+    embeds = torch.cat([prompt_embeds, image_embeds.to(prompt_embeds.dtype)], dim=1)
+    mask = torch.cat([prompts.attention_mask, prompts.attention_mask.new_ones(image_tokens[:, :-1].shape)], dim=1)
+    output = language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+    return output.last_hidden_state[:, prompts.length - 1:, :]
+
+
+def generation_features(model, hidden: Tensor) -> Tensor:
+    """The generation head up to its last Linear (vision_head): GELU(proj_out(h))."""
+    head = model.model.generation_head
+    return head.activation_fn(head.proj_out(hidden))
+
+
+def image_logits(model, hidden: Tensor) -> Tensor:
+    """Logits over the VQ codebook: the generation head, Linear -> GELU -> Linear."""
+    return model.model.generation_head.vision_head(generation_features(model, hidden))
