@@ -1,0 +1,422 @@
+"""earkit's classifier-free-guidance sampler for Janus image tokens, and writing the images out.
+
+Not `model.generate`: in transformers 5.17 it fails outright for images, it crashes at
+guidance_scale <= 1, and it applies top-k 50 after CFG unless told otherwise (DESIGN.md, "Janus in
+transformers: traps"). This sampler is one loop:
+
+    prefill   the B prompt rows (+ B unconditional rows when guidance_scale > 1) in one pass,
+              into a StaticCache sized prompt + T; the state at <begin_of_image> scores token 0
+    step t    feed image token t - 1 (all rows get the token their prompt drew), score token t
+    sample    CFG logits = uncond + scale * (cond - uncond) in fp32, then temperature, optional
+              top-k / top-p, and torch.multinomial (or argmax at temperature 0)
+
+It uses the same prompt template, left padding and position ids as the teacher-forced pass in
+model.py (`encode_prompts`, `unconditional`, `positions`), so the logits it samples from equal
+`image_logits(model, image_hidden_states(model, prompts, tokens))` to fp32 rounding, and a prompt
+gives the same logits whatever longer prompts share its batch (tests/test_sampler.py checks both).
+
+Randomness: one torch.Generator seeded by `seed`, on the model's device, shared by all rows and
+chunks in order. A given call (same prompts, order, batch_size, device) is reproducible; the same
+prompt in a different batch draws different random numbers (its logits are the same).
+
+CUDA graphs: the single-token decode step (language model + generation head) reads its inputs
+from static buffers and the StaticCache advances its own device-side write index, so after two
+eager warm-up steps the step is captured once with torch.cuda.graph and replayed for the rest of
+the image. If capture fails the sampler warns once and goes on eagerly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .model import PromptBatch, cache_keyword, encode_prompts, image_logits, image_token_count, positions, unconditional
+
+# Eager decode steps before capture: they initialise cuBLAS handles, workspaces and the like
+# outside the graph. They are real steps of the image, not throw-away runs, because every run
+# of the step writes into the KV cache.
+GRAPH_WARMUP_STEPS = 2
+# The CUDA graph path is only known to capture with these attention implementations: their
+# masks are built with device-side tensor ops only (flash_attention_2 unpads with data-dependent
+# shapes, which a graph cannot hold).
+GRAPH_ATTENTION = ("sdpa", "eager")
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+# ---------------------------------------------------------------- arguments and the sampling rule
+
+
+def check_sampling_arguments(guidance_scale, temperature, top_k, top_p) -> None:
+    """ValueError naming the argument for anything the sampler cannot honour."""
+    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 1:
+        raise ValueError(f"guidance_scale must be a finite number >= 1 (1 = no guidance), got {guidance_scale!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+
+
+def keep_top_k(logits: Tensor, top_k: int) -> Tensor:
+    """-inf everywhere but the k largest logits of each row (ties at the k-th value are kept)."""
+    if top_k >= logits.shape[-1]:
+        return logits
+    kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def keep_top_p(logits: Tensor, top_p: float) -> Tensor:
+    """-inf everywhere but the smallest set of most likely tokens whose probability reaches top_p
+    (nucleus sampling). The most likely token is always kept."""
+    if top_p >= 1:
+        return logits  # keep everything: the cumulative sum may round to 1 before the tail
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    drop_sorted = mass_before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def pick_tokens(logits: Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator) -> Tensor:
+    """One token per row from fp32 logits (rows, V): argmax at temperature 0, else a draw from
+    softmax(logits / temperature), optionally restricted to the top-k / top-p tokens."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = keep_top_k(logits, top_k)
+    if top_p is not None:
+        logits = keep_top_p(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def guided(logits: Tensor, prompts: int, guidance_scale: float) -> Tensor:
+    """CFG in fp32: rows [0, prompts) are conditional, rows [prompts, 2 prompts) unconditional."""
+    cond = logits[:prompts].float()
+    if guidance_scale == 1:
+        return cond
+    uncond = logits[prompts:].float()
+    return uncond + guidance_scale * (cond - uncond)
+
+
+# ---------------------------------------------------------------- the decode step and its CUDA graph
+
+
+def cuda_graph_blocker(model) -> str | None:
+    """Why the decode step of this model cannot be captured in a CUDA graph, or None if it can."""
+    if model.device.type != "cuda":
+        return f"the model is on {model.device.type}, not CUDA"
+    attention = model.config.get_text_config()._attn_implementation
+    if attention not in GRAPH_ATTENTION:
+        return f"attention implementation {attention!r} (graphs need one of {GRAPH_ATTENTION})"
+    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
+        return "bitsandbytes quantized weights (data-dependent outlier handling)"
+    return None
+
+
+def capture_cuda_graph(function):
+    """Record the kernels `function()` launches into a CUDA graph, without running them.
+
+    Returns (replay, output): replay() runs the recorded kernels again on whatever the input
+    buffers then hold and overwrites `output` in place (the graph owns its memory)."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = function()
+    return graph.replay, output
+
+
+class DecodeStep:
+    """Feed one image token per row through the language model and score the next with the head.
+
+    Inputs live in static buffers that each step overwrites in place: the image-token embeddings
+    (rows, 1, H), the position ids (rows, 1) and a 2D attention mask over every cache slot
+    (rows, P + T: the prompt's mask, then 1 for each image slot written so far, 0 for the rest).
+    With those and the StaticCache's device-side write index, `forward` launches the same kernels
+    at every step, which is what lets it be captured once and replayed.
+    """
+
+    def __init__(self, model, cache, prompts: PromptBatch, image_tokens: int, *, use_graph: bool):
+        self.model = model
+        self.language_model = model.model.language_model
+        self.cache_kwargs = {cache_keyword(self.language_model): cache}
+        rows, self.prompt_width = prompts.input_ids.shape
+        device = prompts.input_ids.device
+        embed_dtype = model.get_input_embeddings().weight.dtype
+        hidden_size = model.config.get_text_config().hidden_size
+        image_slots = prompts.attention_mask.new_zeros(rows, image_tokens)
+        self.attention_mask = torch.cat([prompts.attention_mask, image_slots], dim=1)
+        # Image token t sits at position (real prompt length + t) in every row, padding or not.
+        self.prompt_lengths = prompts.attention_mask.sum(dim=1, keepdim=True)
+        self.position_ids = self.prompt_lengths.clone()
+        self.embeds = torch.zeros(rows, 1, hidden_size, dtype=embed_dtype, device=device)
+        self.use_graph = use_graph
+        self.eager_steps = 0
+        self.replay = None  # set once the step is captured
+        self.output = None
+
+    def prefill(self, prompts: PromptBatch) -> Tensor:
+        """Run the whole prompt into the empty cache; logits for image token 0 (rows, V)."""
+        embeds = self.model.get_input_embeddings()(prompts.input_ids)
+        output = self.language_model(inputs_embeds=embeds, attention_mask=prompts.attention_mask,
+                                     position_ids=positions(prompts.attention_mask), use_cache=True,
+                                     **self.cache_kwargs)
+        return image_logits(self.model, output.last_hidden_state[:, -1])
+
+    def forward(self) -> Tensor:
+        """The captured function: reads only the static buffers and the cache."""
+        output = self.language_model(inputs_embeds=self.embeds, attention_mask=self.attention_mask,
+                                     position_ids=self.position_ids, use_cache=True, **self.cache_kwargs)
+        return image_logits(self.model, output.last_hidden_state[:, -1])
+
+    def __call__(self, tokens: Tensor, index: int) -> Tensor:
+        """Feed image token `index` (one per row, shape (rows,)); logits for token index + 1.
+
+        The returned tensor is the graph's output buffer when graphed: read it before the next call.
+        """
+        self.embeds.copy_(self.model.prepare_embeddings_for_image_generation(tokens)[:, None, :])
+        self.position_ids.copy_(self.prompt_lengths + index)
+        self.attention_mask[:, self.prompt_width + index] = 1
+        if self.replay is not None:
+            self.replay()
+            return self.output
+        if not self.use_graph or self.eager_steps < GRAPH_WARMUP_STEPS:
+            self.eager_steps += 1
+            return self.forward()
+        try:
+            self.replay, self.output = capture_cuda_graph(self.forward)
+        except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
+            warn_once(f"earkit sampler: CUDA graph capture failed, decoding eagerly ({type(error).__name__}: {error})")
+            self.use_graph, self.replay = False, None
+            return self.forward()  # capture ran nothing, so this step is still to do
+        self.replay()  # capture only recorded the kernels: run them for this step
+        return self.output
+
+
+@contextmanager
+def eval_mode(model):
+    """Sample in eval mode: with gradient checkpointing and training mode, transformers 5.17
+    silently drops use_cache and the cache. Each module's mode is restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def sample_chunk(model, tokenizer, prompts: list[str], *, guidance_scale, temperature, top_k, top_p, generator,
+                 use_graph, progress_bar, logits_out: Tensor | None) -> Tensor:
+    """Image tokens (len(prompts), T) for one chunk of prompts; fills logits_out (B, T, V) if given."""
+    from transformers import StaticCache
+
+    device = model.device
+    image_tokens = image_token_count(model)
+    batch = encode_prompts(tokenizer, prompts, device=device)
+    count = len(prompts)
+    if guidance_scale > 1:
+        uncond = unconditional(batch, tokenizer)
+        batch = PromptBatch(torch.cat([batch.input_ids, uncond.input_ids]),
+                            torch.cat([batch.attention_mask, uncond.attention_mask]))
+    cache = StaticCache(config=model.config.get_text_config(), max_cache_len=batch.length + image_tokens)
+    step = DecodeStep(model, cache, batch, image_tokens, use_graph=use_graph)
+    tokens = torch.empty(count, image_tokens, dtype=torch.long, device=device)
+    copies = batch.input_ids.shape[0] // count  # 2 with CFG: both rows of a prompt get its token
+
+    logits = step.prefill(batch)
+    for index in range(image_tokens):
+        if index > 0:
+            logits = step(tokens[:, index - 1].repeat(copies), index - 1)
+        if logits_out is not None:
+            logits_out[:, index] = logits[:count]  # copies (and upcasts): the graph reuses `logits`
+        tokens[:, index] = pick_tokens(guided(logits, count, guidance_scale), temperature=temperature, top_k=top_k,
+                                       top_p=top_p, generator=generator)
+        progress_bar.update(1)
+    return tokens
+
+
+@torch.no_grad()
+def sample_image_tokens(model, tokenizer, prompts: list[str], *, guidance_scale: float = 5.0,
+                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                        seed: int = 0, cuda_graph: bool | str = "auto", batch_size: int | None = None,
+                        progress: bool = True, return_logits: bool = False):
+    """Sample Janus image tokens for each prompt with classifier-free guidance.
+
+    Returns a LongTensor (len(prompts), T) of VQ codebook indices on the model's device,
+    T = model.config.vision_config.num_image_tokens. With return_logits=True returns
+    (tokens, logits): logits (len(prompts), T, V) fp32 are the conditional rows' raw
+    generation-head logits at each step, before guidance (T x V x 4 bytes per prompt, 38 MB at
+    Janus-Pro's size: meant for tests and diagnostics).
+
+    guidance_scale: 1 = conditional only (no unconditional rows); > 1 = CFG with the
+    unconditional rows of `unconditional` (BOS and <begin_of_image> kept, the rest pad).
+    temperature: 0 = greedy. top_k / top_p: None = off (the full CFG distribution, as the
+    reference sampler draws). cuda_graph: "auto" (on for CUDA models that support it), True
+    (warn when it cannot), False. batch_size: prompts per chunk (None = all at once).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty")
+    check_sampling_arguments(guidance_scale, temperature, top_k, top_p)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be None or an integer >= 1, got {batch_size!r}")
+    if cuda_graph not in ("auto", True, False):
+        raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+    blocker = cuda_graph_blocker(model) if cuda_graph is not False else None
+    if cuda_graph is True and blocker is not None:
+        warn_once(f"earkit sampler: cuda_graph=True but {blocker}; decoding eagerly")
+    use_graph = cuda_graph is not False and blocker is None
+
+    from tqdm.auto import tqdm
+
+    device = model.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    chunk = batch_size or len(prompts)
+    image_tokens = image_token_count(model)
+    logits = None
+    if return_logits:
+        codebook = model.model.generation_head.vision_head.out_features
+        logits = torch.empty(len(prompts), image_tokens, codebook, dtype=torch.float32, device=device)
+    tokens = []
+    steps = math.ceil(len(prompts) / chunk) * image_tokens
+    with eval_mode(model), tqdm(total=steps, disable=not progress, unit="step", desc="sampling") as bar:
+        for start in range(0, len(prompts), chunk):
+            part = prompts[start:start + chunk]
+            tokens.append(sample_chunk(
+                model, tokenizer, part, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                top_p=top_p, generator=generator, use_graph=use_graph, progress_bar=bar,
+                logits_out=logits[start:start + len(part)] if logits is not None else None))
+    tokens = torch.cat(tokens)
+    return (tokens, logits) if return_logits else tokens
+
+
+# ---------------------------------------------------------------- images
+
+
+@torch.no_grad()
+def decode_images(model, tokens: Tensor, *, batch_size: int = 8) -> list:
+    """PIL RGB images from image tokens (B, T), decoded by the VQ model `batch_size` at a time.
+
+    decode_image_tokens gives channels-last pixels in [-1, 1]; they are converted here, not by
+    the image processor, whose postprocess fails on channels-last input in 5.x."""
+    from PIL import Image
+
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be (batch, image tokens), got shape {tuple(tokens.shape)}")
+    images = []
+    for start in range(0, tokens.shape[0], batch_size):
+        pixels = model.decode_image_tokens(tokens[start:start + batch_size].to(model.device))
+        pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+        images.extend(Image.fromarray(array) for array in pixels)
+    return images
+
+
+def image_grid(rows: list[list]):
+    """One image from rows of equally sized PIL images (a row per prompt)."""
+    from PIL import Image
+
+    width, height = rows[0][0].size
+    columns = max(len(row) for row in rows)
+    grid = Image.new("RGB", (columns * width, len(rows) * height), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image, (c * width, r * height))
+    return grid
+
+
+def write_samples(model, tokenizer, prompts: list[str], out_dir: str | os.PathLike, *, images_per_prompt: int = 1,
+                  seed: int = 0, guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, force: bool = False, batch_size: int | None = None,
+                  progress: bool = True) -> list[Path]:
+    """Sample images_per_prompt images per prompt and write them to out_dir.
+
+    Files: {prompt_index:03d}_{image_index:02d}.png, grid.png (a row per prompt) and prompts.json
+    (prompts, seed, settings, which file is which). Refuses a non-empty out_dir unless force
+    (which replaces it). Everything is written to a temporary folder beside out_dir and renamed
+    into place at the end, so a crash leaves no half-written output. Returns the written paths.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty")
+    if isinstance(images_per_prompt, bool) or not isinstance(images_per_prompt, int) or images_per_prompt < 1:
+        raise ValueError(f"images_per_prompt must be an integer >= 1, got {images_per_prompt!r}")
+    check_sampling_arguments(guidance_scale, temperature, top_k, top_p)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise FileExistsError(f"output folder {out_dir} is not empty (pass force=True to replace it)")
+
+    # Prompt-major rows: prompt i's images are rows i * n .. i * n + n - 1.
+    rows = [prompt for prompt in prompts for _ in range(images_per_prompt)]
+    tokens = sample_image_tokens(model, tokenizer, rows, guidance_scale=guidance_scale, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size, progress=progress)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    aside = None
+    try:
+        images = decode_images(model, tokens)
+        names, grid_rows = [], []
+        for p in range(len(prompts)):
+            grid_rows.append(images[p * images_per_prompt:(p + 1) * images_per_prompt])
+            for i, image in enumerate(grid_rows[-1]):
+                names.append(f"{p:03d}_{i:02d}.png")
+                image.save(temporary / names[-1])
+        image_grid(grid_rows).save(temporary / "grid.png")
+        record = {
+            "prompts": prompts,
+            "seed": seed,
+            "model": getattr(model, "name_or_path", None) or None,
+            "settings": {"images_per_prompt": images_per_prompt, "guidance_scale": guidance_scale,
+                         "temperature": temperature, "top_k": top_k, "top_p": top_p, "batch_size": batch_size,
+                         "image_tokens": tokens.shape[1]},
+            "rng": "one torch.Generator seeded by seed, shared by all rows in file order",
+            "images": [{"file": name, "prompt_index": index // images_per_prompt,
+                        "image_index": index % images_per_prompt, "prompt": rows[index]}
+                       for index, name in enumerate(names)],
+        }
+        (temporary / "prompts.json").write_text(json.dumps(record, indent=2) + "\n")
+        # Swap in: the old folder (empty, or replaced under force) moves aside first, so out_dir
+        # never holds a mix of old and new files.
+        if out_dir.exists():
+            aside = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+            out_dir.rename(aside)
+        temporary.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if aside is not None and not out_dir.exists():
+            aside.rename(out_dir)  # the swap itself failed: put the old folder back
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return [out_dir / name for name in names] + [out_dir / "grid.png", out_dir / "prompts.json"]

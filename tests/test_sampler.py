@@ -1,0 +1,317 @@
+"""The CFG sampler (earkit.engine.sampler) on a tiny random Janus, fp32, CPU.
+
+The key property: the logits the sampler draws from, one token at a time through a static KV
+cache, equal the teacher-forced logits of one pass over the same tokens (what training uses),
+for left-padded batches too. The released EAR code lacks it.
+"""
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+import earkit.engine.sampler as sampler
+from earkit.engine.model import encode_prompts, image_hidden_states, image_logits, image_token_count, unconditional
+from earkit.engine.sampler import decode_images, keep_top_k, keep_top_p, sample_image_tokens, write_samples
+from earkit.engine.tiny import build_tiny_janus, words_of
+
+SHORT = "a red circle"
+LONG = "a big blue square on the left of a green triangle under a yellow star"
+PROMPTS = [SHORT, LONG]
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def sharpen(model, seed=1):
+    """Re-draw the text model, image embeddings and head at unit gain (std 1/sqrt(fan_in)).
+
+    The tiny model's default init (std 0.02) makes attention nearly uniform and logits ~0.01, so
+    a wrong position id changes logits by ~1e-4, inside the tolerance; at unit gain it changes
+    them by ~1 and the equality tests below can tell right from wrong.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.startswith(("model.vqmodel", "model.vision_model")):
+                continue  # the VQ decoder and image encoder keep their init
+            if isinstance(module, torch.nn.Linear):
+                scale = 1 / math.sqrt(module.in_features)
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * scale)
+            elif isinstance(module, torch.nn.Embedding):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator))
+    return model
+
+
+def tiny_janus():
+    model, tokenizer = build_tiny_janus(words_of(PROMPTS + ["a photo"]))
+    return sharpen(model), tokenizer
+
+
+@pytest.fixture(scope="module")
+def janus():
+    return tiny_janus()
+
+
+def sample(janus, prompts, **kwargs):
+    model, tokenizer = janus
+    kwargs.setdefault("progress", False)
+    return sample_image_tokens(model, tokenizer, prompts, **kwargs)
+
+
+def teacher_forced(janus, prompts, tokens, *, uncond=False):
+    """Logits at every image position from one pass over prompt + tokens."""
+    model, tokenizer = janus
+    batch = encode_prompts(tokenizer, prompts)
+    if uncond:
+        batch = unconditional(batch, tokenizer)
+    with torch.no_grad():
+        return image_logits(model, image_hidden_states(model, batch, tokens))
+
+
+# ---------------------------------------------------------------- equality with the teacher-forced pass
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
+def test_incremental_logits_equal_teacher_forced_with_left_padding(janus, guidance_scale):
+    model, tokenizer = janus
+    batch = encode_prompts(tokenizer, PROMPTS)
+    assert (batch.attention_mask == 0).any(), "the prompts must differ in length, so one row is left-padded"
+    tokens, logits = sample(janus, PROMPTS, guidance_scale=guidance_scale, seed=3, return_logits=True)
+    assert tokens.shape == (2, image_token_count(model)) and tokens.dtype == torch.long
+    assert logits.shape == (2, image_token_count(model), model.model.generation_head.vision_head.out_features)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, teacher_forced(janus, PROMPTS, tokens), **TOL)
+
+
+def test_guided_tokens_maximise_the_cfg_of_teacher_forced_logits(janus):
+    """Greedy at guidance 5: each token maximises uncond + 5 (cond - uncond), both teacher-forced."""
+    tokens = sample(janus, PROMPTS, guidance_scale=5.0, temperature=0)
+    cond = teacher_forced(janus, PROMPTS, tokens)
+    uncond = teacher_forced(janus, PROMPTS, tokens, uncond=True)
+    cfg = uncond + 5.0 * (cond - uncond)
+    chosen = cfg.gather(-1, tokens[..., None]).squeeze(-1)
+    assert (chosen >= cfg.max(dim=-1).values - 1e-4).all()
+    # and guidance changes the image: the conditional argmax alone gives other tokens
+    assert not torch.equal(tokens, sample(janus, PROMPTS, guidance_scale=1.0, temperature=0))
+
+
+def test_guidance_one_is_conditional_only(janus):
+    model, _ = janus
+    rows_seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows_seen.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True)
+    try:
+        tokens, logits = sample(janus, PROMPTS, guidance_scale=1.0, temperature=0, return_logits=True)
+        assert set(rows_seen) == {2}, "guidance 1 runs no unconditional rows"
+        rows_seen.clear()
+        sample(janus, PROMPTS, guidance_scale=5.0)
+        assert set(rows_seen) == {4}, "guidance > 1 runs a conditional and an unconditional row per prompt"
+    finally:
+        hook.remove()
+    assert torch.equal(tokens, logits.argmax(-1))
+    torch.testing.assert_close(logits, teacher_forced(janus, PROMPTS, tokens), **TOL)
+
+
+def test_padding_invariance(janus):
+    """A prompt gives the same logits, hence the same greedy image, alone and beside a longer one.
+
+    (Sampled tokens are not compared: one generator serves all rows, so a row's random numbers
+    depend on its batch.)"""
+    alone_tokens, alone_logits = sample(janus, [SHORT], temperature=0, return_logits=True)
+    batch_tokens, batch_logits = sample(janus, [LONG, SHORT], temperature=0, return_logits=True)
+    assert torch.equal(alone_tokens[0], batch_tokens[1])
+    torch.testing.assert_close(alone_logits[0], batch_logits[1], **TOL)
+
+
+def test_chunks_equal_one_batch(janus):
+    prompts = [SHORT, LONG, "a photo"]
+    whole_tokens, whole_logits = sample(janus, prompts, temperature=0, return_logits=True)
+    chunked_tokens, chunked_logits = sample(janus, prompts, temperature=0, return_logits=True, batch_size=2)
+    assert torch.equal(whole_tokens, chunked_tokens)
+    torch.testing.assert_close(whole_logits, chunked_logits, **TOL)
+    assert sample(janus, prompts, batch_size=1).shape == (3, image_token_count(janus[0]))
+
+
+def test_training_mode_and_checkpointing_still_use_the_cache():
+    """transformers 5.17 drops the cache under gradient checkpointing in training mode; the sampler
+    samples in eval mode and gives the model back in the mode it found it."""
+    model, tokenizer = tiny_janus()
+    expected = sample((model, tokenizer), PROMPTS, temperature=0, return_logits=True)
+    # renamed activation_checkpointing_enable in 5.2x; 5.17 has only the old name
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.train()
+    got = sample((model, tokenizer), PROMPTS, temperature=0, return_logits=True)
+    assert model.training and model.model.language_model.training
+    assert torch.equal(expected[0], got[0])
+    torch.testing.assert_close(expected[1], got[1], **TOL)
+
+
+# ---------------------------------------------------------------- randomness and the sampling rule
+
+
+def test_seeds(janus):
+    first = sample(janus, PROMPTS, seed=7)
+    assert torch.equal(first, sample(janus, PROMPTS, seed=7))
+    assert not torch.equal(first, sample(janus, PROMPTS, seed=8))
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(janus):
+    greedy = sample(janus, PROMPTS, temperature=0)
+    assert torch.equal(sample(janus, PROMPTS, top_k=1, seed=5), greedy)
+    assert torch.equal(sample(janus, PROMPTS, top_p=1e-6, seed=5), greedy)
+
+
+def test_filters_on_known_logits():
+    logits = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3]]))
+    assert torch.isfinite(keep_top_k(logits, 2)).tolist() == [[False, True, False, True]]
+    assert torch.equal(keep_top_k(logits, 4), logits)
+    # nucleus: smallest set of most likely tokens reaching p
+    assert torch.isfinite(keep_top_p(logits, 0.4)).tolist() == [[False, True, False, False]]
+    assert torch.isfinite(keep_top_p(logits, 0.5)).tolist() == [[False, True, False, True]]
+    assert torch.isfinite(keep_top_p(logits, 0.75)).tolist() == [[False, True, True, True]]
+    assert torch.equal(keep_top_p(logits, 1.0), logits)
+
+
+def test_filtered_sampling_stays_in_the_kept_set(janus):
+    """top_k = 3 draws only among the 3 largest CFG logits at every step."""
+    tokens = sample(janus, PROMPTS, top_k=3, seed=2)
+    cond = teacher_forced(janus, PROMPTS, tokens)
+    uncond = teacher_forced(janus, PROMPTS, tokens, uncond=True)
+    top3 = torch.topk(uncond + 5.0 * (cond - uncond), 3, dim=-1).indices
+    assert (top3 == tokens[..., None]).any(-1).all()
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(guidance_scale=0.5), "guidance_scale"),
+    (dict(guidance_scale=float("nan")), "guidance_scale"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_k=2.5), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(cuda_graph="yes"), "cuda_graph"),
+])
+def test_bad_arguments(janus, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        sample(janus, PROMPTS, **kwargs)
+
+
+def test_guidance_one_and_temperature_zero_are_valid(janus):
+    assert sample(janus, PROMPTS, guidance_scale=1, temperature=0).shape[0] == 2
+
+
+# ---------------------------------------------------------------- the CUDA-graph path, with a stand-in graph
+
+
+def stand_in_capture(rows, codebook, captures):
+    """Like capture_cuda_graph: records without running, and replay() refills one output buffer
+    (so a sampler that kept a reference to it instead of a copy would see only the last step)."""
+
+    def capture(function):
+        captures.append(function)
+        output = torch.full((rows, codebook), float("nan"))
+        return (lambda: output.copy_(function())), output
+
+    return capture
+
+
+def test_graph_path_replays_the_same_step(janus, monkeypatch):
+    model, _ = janus
+    expected = sample(janus, PROMPTS, seed=4, return_logits=True, cuda_graph=False)
+    captures = []
+    monkeypatch.setattr(sampler, "cuda_graph_blocker", lambda model: None)
+    monkeypatch.setattr(sampler, "capture_cuda_graph",
+                        stand_in_capture(4, model.model.generation_head.vision_head.out_features, captures))
+    got = sample(janus, PROMPTS, seed=4, return_logits=True, cuda_graph=True)
+    assert len(captures) == 1
+    assert torch.equal(expected[0], got[0])
+    torch.testing.assert_close(expected[1], got[1], **TOL)
+
+
+def test_graph_capture_failure_falls_back_with_one_warning(janus, monkeypatch):
+    def failing_capture(function):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    expected = sample(janus, PROMPTS, seed=4, cuda_graph=False, batch_size=1)
+    monkeypatch.setattr(sampler, "_warned", set())
+    monkeypatch.setattr(sampler, "cuda_graph_blocker", lambda model: None)
+    monkeypatch.setattr(sampler, "capture_cuda_graph", failing_capture)
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        got = sample(janus, PROMPTS, seed=4, cuda_graph="auto", batch_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample(janus, PROMPTS, seed=4, cuda_graph="auto")  # warned once already: silent now
+    assert torch.equal(expected, got)
+
+
+def test_cuda_graph_true_on_cpu_warns_and_runs_eagerly(janus, monkeypatch):
+    monkeypatch.setattr(sampler, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="not CUDA"):
+        tokens = sample(janus, PROMPTS, seed=4, cuda_graph=True)
+    assert torch.equal(tokens, sample(janus, PROMPTS, seed=4, cuda_graph=False))
+
+
+# ---------------------------------------------------------------- images and files
+
+
+def test_decode_images(janus):
+    model, _ = janus
+    tokens = sample(janus, PROMPTS + ["a photo"])
+    images = decode_images(model, tokens, batch_size=2)
+    size = model.config.vision_config.image_size
+    assert len(images) == 3
+    assert all(image.size == (size, size) and image.mode == "RGB" for image in images)
+
+
+def test_write_samples(janus, tmp_path):
+    model, tokenizer = janus
+    out = tmp_path / "samples"
+    written = write_samples(model, tokenizer, PROMPTS, out, images_per_prompt=2, seed=9, progress=False)
+    names = sorted(path.name for path in out.iterdir())
+    assert names == ["000_00.png", "000_01.png", "001_00.png", "001_01.png", "grid.png", "prompts.json"]
+    assert sorted(path.name for path in written) == names and all(path.parent == out for path in written)
+    from PIL import Image
+
+    size = model.config.vision_config.image_size
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (2 * size, 2 * size)
+    record = json.loads((out / "prompts.json").read_text())
+    assert record["prompts"] == PROMPTS and record["seed"] == 9
+    assert record["settings"]["guidance_scale"] == 5.0 and record["settings"]["images_per_prompt"] == 2
+    assert [image["file"] for image in record["images"]][:2] == ["000_00.png", "000_01.png"]
+    assert list(tmp_path.iterdir()) == [out], "no temporary folders left beside the output"
+
+    with pytest.raises(FileExistsError, match="samples"):
+        write_samples(model, tokenizer, PROMPTS, out, progress=False)
+    write_samples(model, tokenizer, [SHORT], out, force=True, progress=False)
+    assert sorted(path.name for path in out.iterdir()) == ["000_00.png", "grid.png", "prompts.json"]
+    assert list(tmp_path.iterdir()) == [out]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_samples(model, tokenizer, [SHORT], empty, progress=False)  # an empty folder is fine
+    assert (empty / "000_00.png").is_file()
+
+
+def test_write_samples_leaves_nothing_when_it_fails(janus, tmp_path, monkeypatch):
+    model, tokenizer = janus
+
+    def broken_decode(model, tokens, **kwargs):
+        raise RuntimeError("decoder exploded")
+
+    monkeypatch.setattr(sampler, "decode_images", broken_decode)
+    with pytest.raises(RuntimeError, match="decoder exploded"):
+        write_samples(model, tokenizer, PROMPTS, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+    # replacing an existing folder under force: a failure keeps the old folder as it was
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "keep.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="decoder exploded"):
+        write_samples(model, tokenizer, PROMPTS, old, force=True, progress=False)
+    assert [path.name for path in tmp_path.iterdir()] == ["old"]
+    assert (old / "keep.txt").read_text() == "old"
