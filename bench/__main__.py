@@ -3,7 +3,8 @@
     python -m earkit.bench kernels [--n 2304 --v 16384 --dtypes fp32,bf16 --repeats 10 --threads 2 --out FILE]
     python -m earkit.bench kernels --quick
 
-Subcommands: `kernels` (the loss ops on CPU against the torch eager chain, bench/kernels.py).
+Subcommands: `kernels` (the loss ops on CPU against the torch eager chain, bench/kernels.py),
+`engine` (sampler and erasure step at the Janus-Pro shapes with random weights, bench/engine.py).
 The GPU check is its own script: python -m earkit.bench.gpu_check (bench/gpu_check.py).
 """
 
@@ -23,10 +24,25 @@ def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="append the markdown report (with date and CPU) to this file")
 
 
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", choices=["tiny", "1b", "7b"], default="7b", help="Janus-Pro shape (tiny: a CPU smoke run)")
+    parser.add_argument("--random-weights", action="store_true", help="build the model with random weights (required)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
+    parser.add_argument("--sampler-batches", type=int, nargs="+", default=[1, 16], help="prompts per sampler batch")
+    parser.add_argument("--train-batch", type=int, default=8, help="prompt pairs per erasure step")
+    parser.add_argument("--window", type=int, default=48)
+    parser.add_argument("--optimizer", default="adamw8bit", choices=["adamw8bit", "paged-adamw8bit", "adamw"])
+    parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", default=None, help="append the markdown report to this file")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m earkit.bench", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     add_kernels_arguments(commands.add_parser("kernels", help="loss ops on CPU: earkit vs torch eager"))
+    add_engine_arguments(commands.add_parser("engine", help="sampler and erasure step, Janus-Pro shapes, random weights"))
     args = parser.parse_args(argv)
 
     if getattr(args, "threads", 0):
@@ -37,6 +53,10 @@ def main(argv=None) -> None:
         from . import kernels
 
         kernels.main(args)
+    elif args.command == "engine":
+        from . import engine
+
+        engine.main(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,426 @@
+"""Checkpoints of an erasure run, and exports of the erased model as a full model folder.
+
+A checkpoint is a folder holding only what the run trains and what it needs to resume exactly:
+
+    trainable.safetensors  the trainable tensors by their full parameter names
+                           (model.language_model.layers.0.self_attn.q_proj.weight, ...)
+    optimizer.pt           optimizer.state_dict(): torch AdamW, bitsandbytes AdamW8bit / PagedAdamW8bit
+    state.pt               the trainer's counters, data-order position and RNG states
+    config.json            the run's config, the base model it started from, the earkit version
+
+The frozen weights are not in it (they are the base model's), so a checkpoint of Janus-Pro-7B's
+first five self_attn blocks is about 0.7 GB where the model is 14.
+
+Writes are atomic. Everything goes into a sibling folder `<name>.partial-<pid>-<ns>` (same parent,
+so a rename moves it), every file is fsynced, and only then does that folder take the name.
+Replacing a checkpoint (force=True: the trainer's rolling checkpoint) renames the old folder to
+`<name>.old-<pid>-<ns>`, the new one into place, and only then deletes the old one. A kill at any
+moment therefore leaves a complete checkpoint: at `<name>`, or, in the instant between the two
+renames, at `<name>.old-*`, which the next save or load renames back. What a killed save leaves
+(`<name>.partial-*`, or a half-deleted `<name>.old-*`) is deleted by the next save of the same
+folder. One writer per checkpoint folder at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from earkit import __version__
+
+CHECKPOINT_FORMAT = "earkit-checkpoint"
+FORMAT_VERSION = 1
+TENSORS_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.json"
+CHECKPOINT_FILES = (TENSORS_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE)
+
+# Leaves that torch.load(weights_only=True) accepts: state.pt and optimizer.pt are checked against
+# these when saved, so a state that could not be loaded fails at the first save, not at resume.
+LOADABLE_LEAVES = (str, bytes, int, float, complex, bool, type(None), Tensor, torch.dtype, torch.device, torch.Size)
+LOADABLE_CONTAINERS = (dict, list, tuple, set)
+
+
+@dataclass
+class Checkpoint:
+    tensors: dict[str, Tensor]  # on the CPU, as saved
+    optimizer_state: dict  # optimizer.load_state_dict() takes it; tensors on the CPU, it moves them
+    state: dict  # the trainer's dict, as given to save_checkpoint
+    config: dict  # the trainer's config, as given to save_checkpoint
+    base_model: str | None = None
+    earkit_version: str | None = None
+    folder: Path | None = None
+
+
+# ---------------------------------------------------------------- atomic folders
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk. Windows cannot open a folder to flush it."""
+    if path.is_dir() and os.name == "nt":
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under a folder, then the folders themselves, deepest first."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_path(Path(root) / name)
+        fsync_path(Path(root))
+
+
+def temporary_sibling(folder: Path, kind: str) -> Path:
+    return folder.with_name(f"{folder.name}.{kind}-{os.getpid()}-{time.time_ns()}")
+
+
+def temporary_siblings(folder: Path, kind: str) -> list[Path]:
+    """The `<name>.<kind>-<pid>-<ns>` siblings of a folder, oldest first."""
+    prefix = f"{folder.name}.{kind}-"
+    found = []
+    if folder.parent.is_dir():
+        for path in folder.parent.iterdir():
+            pid, _, nanoseconds = path.name[len(prefix):].partition("-")
+            if path.name.startswith(prefix) and pid.isdigit() and nanoseconds.isdigit():
+                found.append((int(nanoseconds), path))
+    return [path for _, path in sorted(found)]
+
+
+def recover_interrupted_save(folder: str | os.PathLike) -> bool:
+    """Undo a replacing save killed between its two renames.
+
+    Then `folder` is missing and its complete previous version sits at `<name>.old-*`: rename that
+    back. Returns True when it did. save_checkpoint, load_checkpoint and export_model call it.
+    """
+    folder = Path(folder).expanduser().absolute()
+    if folder.exists():
+        return False
+    previous = temporary_siblings(folder, "old")
+    if not previous:
+        return False
+    os.rename(previous[-1], folder)
+    fsync_path(folder.parent)
+    return True
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Delete what killed saves of `folder` left behind: partial folders, and old ones once `folder` exists."""
+    leftovers = temporary_siblings(folder, "partial")
+    if folder.exists():
+        leftovers += temporary_siblings(folder, "old")
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def write_folder_atomically(folder: str | os.PathLike, write_into, *, force: bool, is_replaceable, what: str) -> Path:
+    """Create `folder` with write_into(temporary_folder), so that it appears complete or not at all.
+
+    An existing `folder` is replaced only with force, and only when is_replaceable(folder) says it
+    is the kind of folder this writes (force must never delete an unrelated folder).
+    """
+    folder = Path(folder).expanduser().absolute()
+    if not folder.name:
+        raise ValueError(f"{what} path {folder} has no folder name")
+    recover_interrupted_save(folder)
+    if folder.exists():
+        if not force:
+            raise FileExistsError(f"{what} {folder} already exists (pass force=True to replace it)")
+        if not folder.is_dir():
+            raise FileExistsError(f"{what} path {folder} exists and is not a folder; not replacing it")
+        if not is_replaceable(folder):
+            raise FileExistsError(f"not replacing {folder}: it is not empty and does not look like a {what}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(folder)
+
+    partial = temporary_sibling(folder, "partial")
+    partial.mkdir()
+    try:
+        write_into(partial)
+        fsync_tree(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+    if not folder.exists():
+        try:
+            os.rename(partial, folder)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        fsync_path(folder.parent)
+        return folder
+
+    old = temporary_sibling(folder, "old")
+    os.rename(folder, old)
+    try:
+        os.rename(partial, folder)
+    except BaseException:
+        os.rename(old, folder)  # put the previous version back before reporting the failure
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    fsync_path(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def is_empty_folder(folder: Path) -> bool:
+    return not any(folder.iterdir())
+
+
+def is_checkpoint_folder(folder: Path) -> bool:
+    if is_empty_folder(folder):
+        return True
+    try:
+        record = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") == CHECKPOINT_FORMAT
+
+
+def is_model_folder(folder: Path) -> bool:
+    return is_empty_folder(folder) or (folder / "config.json").is_file()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def check_loadable(value, where: str) -> None:
+    """Raise ValueError naming the first entry that torch.load(weights_only=True) would refuse."""
+    if isinstance(value, LOADABLE_LEAVES):
+        return
+    if not isinstance(value, LOADABLE_CONTAINERS):
+        raise ValueError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}: a checkpoint holds "
+                         "only tensors, numbers, strings, None and lists/tuples/dicts of them, so that it loads with "
+                         "torch.load(weights_only=True) (convert it, e.g. a numpy array with torch.from_numpy)")
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        if isinstance(value, dict) and not isinstance(key, (str, int)):
+            raise ValueError(f"{where} has a key of type {type(key).__name__} ({key!r}); use str or int keys")
+        check_loadable(item, f"{where}[{key!r}]")
+
+
+def cpu_contiguous(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors as safetensors stores them: detached, on the CPU, contiguous, each with its own storage."""
+    if not isinstance(tensors, dict) or not tensors:
+        raise ValueError("tensors must be a non-empty dict of parameter name -> tensor")
+    ready = {}
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not isinstance(tensor, Tensor):
+            raise ValueError(f"tensors[{name!r}]: expected str -> Tensor, got {type(name).__name__} -> "
+                             f"{type(tensor).__name__}")
+        tensor = tensor.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share storage (views of one buffer): give those their own.
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()
+        ready[name] = tensor
+    return ready
+
+
+def source_text(source) -> str | None:
+    """A base model source as config.json records it: an existing local folder as its absolute path."""
+    if source is None:
+        return None
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    return str(path.absolute()) if path.exists() else text
+
+
+def json_default(value):
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    raise TypeError(f"{type(value).__name__} {value!r} is not JSON-able")
+
+
+def save_checkpoint(folder: str | os.PathLike, *, tensors: dict[str, Tensor], optimizer_state: dict, state: dict,
+                    config: dict, base_model: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Write a checkpoint folder atomically (see the module docstring); returns its absolute path.
+
+    base_model: the model the run started from (a local folder or a hub id), recorded so that
+    export_checkpoint can find it; when None, config["base_model"] is used if present.
+    """
+    tensors = cpu_contiguous(tensors)
+    for name, value in (("optimizer_state", optimizer_state), ("state", state), ("config", config)):
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a dict, got {type(value).__name__}")
+    check_loadable(optimizer_state, "optimizer_state")
+    check_loadable(state, "state")
+    if base_model is None:
+        base_model = config.get("base_model")
+    record = {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION, "earkit_version": __version__,
+              "base_model": source_text(base_model), "tensors": len(tensors), "config": config}
+    try:
+        config_text = json.dumps(record, indent=2, default=json_default) + "\n"
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"config is not JSON-able: {error}") from error
+
+    def write_into(partial: Path) -> None:
+        save_file(tensors, str(partial / TENSORS_FILE), metadata={"format": "pt"})
+        # CUDA (and bitsandbytes paged) tensors are written as CPU tensors by torch.save's copy;
+        # load maps them to the CPU and optimizer.load_state_dict moves them to each parameter.
+        torch.save(optimizer_state, partial / OPTIMIZER_FILE)
+        torch.save(state, partial / STATE_FILE)
+        (partial / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+
+    return write_folder_atomically(folder, write_into, force=force, is_replaceable=is_checkpoint_folder,
+                                   what="checkpoint")
+
+
+def checked_checkpoint_folder(folder: str | os.PathLike) -> Path:
+    """The folder, after recovering an interrupted save; FileNotFoundError naming what is missing."""
+    folder = Path(folder).expanduser()
+    recover_interrupted_save(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {folder} is incomplete: {', '.join(missing)} missing")
+    return folder
+
+
+def read_checkpoint_record(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"checkpoint {folder}: {CONFIG_FILE} is unreadable or corrupt ({error})") from error
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT or "config" not in record:
+        raise ValueError(f"checkpoint {folder}: {CONFIG_FILE} is not an earkit checkpoint config "
+                         f"(no \"format\": \"{CHECKPOINT_FORMAT}\" and \"config\")")
+    if record.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"checkpoint {folder} has format version {record['format_version']}; this earkit "
+                         f"({__version__}) reads up to {FORMAT_VERSION}")
+    return record
+
+
+def read_checkpoint_tensors(folder: Path) -> dict[str, Tensor]:
+    path = folder / TENSORS_FILE
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as error:  # safetensors raises its own SafetensorError (and OSError)
+        raise ValueError(f"checkpoint {folder}: {TENSORS_FILE} is unreadable or corrupt ({error})") from error
+    if not tensors:
+        raise ValueError(f"checkpoint {folder}: {TENSORS_FILE} holds no tensors")
+    return tensors
+
+
+def read_torch_file(folder: Path, name: str) -> dict:
+    try:
+        value = torch.load(folder / name, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file raises any of several error types
+        raise ValueError(f"checkpoint {folder}: {name} is unreadable or corrupt ({error})") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"checkpoint {folder}: {name} holds a {type(value).__name__}, expected a dict")
+    return value
+
+
+def load_checkpoint(folder: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint folder (tensors on the CPU). FileNotFoundError when the folder or one of its
+    files is missing, ValueError when a file is corrupt; both name the folder and the file."""
+    folder = checked_checkpoint_folder(folder)
+    record = read_checkpoint_record(folder)
+    return Checkpoint(
+        tensors=read_checkpoint_tensors(folder),
+        optimizer_state=read_torch_file(folder, OPTIMIZER_FILE),
+        state=read_torch_file(folder, STATE_FILE),
+        config=record["config"],
+        base_model=record.get("base_model"),
+        earkit_version=record.get("earkit_version"),
+        folder=folder,
+    )
+
+
+# ---------------------------------------------------------------- applying and exporting
+
+
+def trainable_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
+    """The parameters that require grad, by full name: what save_checkpoint's tensors are."""
+    return {name: parameter.detach() for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+@torch.no_grad()
+def apply_trainable(model: torch.nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Copy checkpoint tensors into the model's parameters of the same names (casting to each
+    parameter's dtype and device). Every name is checked before anything is copied, so a
+    ValueError (unknown names, shape mismatches) leaves the model as it was."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    unknown = sorted(name for name in tensors if name not in parameters)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise ValueError(f"{len(unknown)} checkpoint tensor(s) are not parameters of this "
+                         f"{type(model).__name__}: {shown}")
+    problems = []
+    for name, tensor in tensors.items():
+        parameter = parameters[name]
+        if tensor.shape != parameter.shape:
+            problems.append(f"{name}: checkpoint {tuple(tensor.shape)}, model {tuple(parameter.shape)}")
+        elif tensor.is_floating_point() and not parameter.is_floating_point():
+            problems.append(f"{name}: the model's parameter is {parameter.dtype} (quantized?), the checkpoint's "
+                            f"{tensor.dtype}")
+    if problems:
+        raise ValueError(f"{len(problems)} checkpoint tensor(s) do not fit the model: " + "; ".join(problems[:5]))
+    for name, tensor in tensors.items():
+        parameters[name].copy_(tensor)
+
+
+def export_model(model, tokenizer, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write a full model folder (save_pretrained of model and tokenizer), atomically, that
+    JanusForConditionalGeneration.from_pretrained and AutoTokenizer.from_pretrained load.
+    An existing out_dir is replaced only with force, and only if it is a model folder or empty."""
+
+    def write_into(partial: Path) -> None:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+
+    return write_folder_atomically(out_dir, write_into, force=force, is_replaceable=is_model_folder,
+                                   what="model folder")
+
+
+def stored_dtype(source: str) -> torch.dtype:
+    """The dtype a model folder (or hub id) was saved in, by its config; float32 when it says none."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def export_checkpoint(base_model_source: str | os.PathLike | None, checkpoint_folder: str | os.PathLike,
+                      out_dir: str | os.PathLike, *, force: bool = False,
+                      dtype: str | torch.dtype | None = None) -> Path:
+    """Base model + a checkpoint's trainable tensors -> a full model folder (see export_model).
+
+    base_model_source None uses the one the checkpoint recorded. dtype None keeps the base
+    model's stored dtype (its config), so a bf16 Janus-Pro exports in bf16, not float32.
+    """
+    from .model import check_model_source, load_janus
+
+    folder = checked_checkpoint_folder(checkpoint_folder)
+    record = read_checkpoint_record(folder)
+    source = base_model_source if base_model_source is not None else record.get("base_model")
+    if source is None:
+        raise ValueError(f"checkpoint {folder} records no base model; give the base model source")
+    out = Path(out_dir).expanduser()
+    if out.exists() and not force:  # before spending minutes loading the base model
+        raise FileExistsError(f"model folder {out} already exists (pass force=True to replace it)")
+    tensors = read_checkpoint_tensors(folder)
+    source = check_model_source(source)
+    model, tokenizer = load_janus(source, device="cpu", dtype=dtype if dtype is not None else stored_dtype(source))
+    apply_trainable(model, tensors)
+    return export_model(model, tokenizer, out, force=force)

@@ -1,0 +1,413 @@
+"""Erase a concept from Janus: EAR's fine-tuning with Windowed Gradient Accumulation and
+Thresholded Loss Masking, teacher-forced (DESIGN.md, "The method", steps 1-6).
+
+    from earkit.engine import EraseConfig, erase
+    result = erase(EraseConfig(model="deepseek-community/Janus-Pro-7B", concept="church", anchor="cinema"))
+
+One step, for a batch of (concept prompt, anchor prompt) pairs:
+  1. the frozen teacher samples image tokens x under the concept prompt, with CFG;
+  2. the teacher scores x under the concept and the anchor prompt (one teacher-forced pass each);
+  3. the student (the same model, its trainable modules swapped in) scores x under the concept;
+  4-6. the objective (token-kl through the fused kernel, or hidden-mse) with the token threshold
+     and the window gate; `parallel` WGA backpropagates all windows at once and steps once,
+     `sequential` steps once per window, as the paper does.
+The teacher is not a second model: only the trainable tensors are kept twice, and swapped.
+
+Everything that decides a step (the pair order, the sampling seed) is a function of the run's
+seed and the step number, and checkpoints hold the trainable tensors, the optimizer state and
+the step, so a killed run resumed with `resume=True` ends bit-for-bit where an uninterrupted
+one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import objectives
+from .checkpoint import apply_trainable, load_checkpoint, save_checkpoint
+from .model import check_model_source, encode_prompts, image_hidden_states, image_logits, load_janus
+from .pairs import PromptPair, load_pairs, pairs_from_concept
+from .sampler import sample_image_tokens
+
+OPTIMIZERS = ("adamw8bit", "paged-adamw8bit", "adamw")
+WGA_MODES = ("parallel", "sequential")
+DEFAULT_TRAINABLE = ("model.language_model.layers.[0-4].self_attn.*",)
+
+
+@dataclass
+class EraseConfig:
+    """Everything one erasure run needs; `earkit erase --help` documents the same fields."""
+
+    model: str
+    out: str = "erased"
+    concept: str | None = None
+    anchor: str | None = None
+    pairs: str | None = None  # a file of prompt pairs (JSONL, or the released EAR files)
+    objective: str = "token-kl"
+    eta: float = 1.0
+    window: int = 48  # the released code: 48 (church), 100 (nudity), 12 (style)
+    token_threshold: float | None = None
+    window_threshold: float | None = None  # hidden-mse uses 0.05 when None, as the released code
+    wga: str = "parallel"
+    trainable: tuple[str, ...] = DEFAULT_TRAINABLE  # globs over parameter names
+    optimizer: str = "adamw8bit"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    epochs: int = 1
+    steps: int | None = None  # overrides epochs
+    batch_size: int = 1  # prompt pairs per step
+    images_per_prompt: int = 1
+    grad_clip: float | None = 1.0
+    gradient_checkpointing: bool = False
+    guidance_scale: float = 5.0
+    temperature: float = 1.0
+    seed: int = 0
+    dtype: str = "auto"
+    device: str | None = None
+    load_in_8bit: bool = False
+    save_every: int = 0  # steps between rolling checkpoints; 0 = only at the end
+    resume: bool = False
+    force: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        def finite(name, value, allow_none=True):
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+        if self.objective not in objectives.OBJECTIVES:
+            raise ValueError(f"objective must be one of {objectives.OBJECTIVES}, got {self.objective!r}")
+        if self.wga not in WGA_MODES:
+            raise ValueError(f"wga must be one of {WGA_MODES}, got {self.wga!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name in ("window", "epochs", "batch_size", "images_per_prompt"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if not isinstance(self.save_every, int) or self.save_every < 0:
+            raise ValueError(f"save_every must be an integer >= 0, got {self.save_every!r}")
+        for name in ("eta", "lr", "weight_decay", "guidance_scale", "temperature"):
+            finite(name, getattr(self, name), allow_none=False)
+        for name in ("token_threshold", "window_threshold", "grad_clip"):
+            finite(name, getattr(self, name))
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.guidance_scale < 1:
+            raise ValueError(f"guidance_scale must be >= 1, got {self.guidance_scale}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 (or None), got {self.grad_clip}")
+        if not self.trainable:
+            raise ValueError("trainable must name at least one glob of parameter names")
+        if self.pairs is None and (self.concept is None or self.anchor is None):
+            raise ValueError("give either pairs (a file) or both concept and anchor")
+
+    def effective_window_threshold(self) -> float | None:
+        if self.window_threshold is None and self.objective == "hidden-mse":
+            return 0.05
+        return self.window_threshold
+
+    def prompt_pairs(self) -> list[PromptPair]:
+        if self.pairs is not None:
+            return load_pairs(self.pairs)
+        return pairs_from_concept(self.concept, self.anchor)
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["trainable"] = list(self.trainable)
+        return data
+
+
+@dataclass
+class EraseResult:
+    out: Path
+    checkpoint: Path
+    steps: int
+    optimizer_steps: int
+    losses: list[float] = field(default_factory=list)
+    kept_fractions: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------- trainable modules and the teacher
+
+
+def select_trainable(model, patterns) -> dict[str, torch.nn.Parameter]:
+    """Parameters whose full names match any glob; everything else is frozen."""
+    chosen = {}
+    for name, parameter in model.named_parameters():
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            chosen[name] = parameter
+        parameter.requires_grad_(False)
+    if not chosen:
+        raise ValueError(f"trainable pattern(s) {list(patterns)} match no parameter of the model "
+                         f"(names look like {next(iter(dict(model.named_parameters())))!r})")
+    for parameter in chosen.values():
+        if not parameter.is_floating_point():
+            raise ValueError("trainable parameters must be floating point (8-bit frozen weights cannot be trained)")
+        parameter.requires_grad_(True)
+    return chosen
+
+
+def check_trainable_patterns(source: str, patterns) -> None:
+    """Match the globs against the parameter names of the model's config, built on the meta
+    device (no weights read), so a typo fails in a second rather than after loading 14 GB."""
+    from transformers import AutoConfig, JanusForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(check_model_source(source))
+    with torch.device("meta"):
+        skeleton = JanusForConditionalGeneration(config)
+    select_trainable(skeleton, patterns)
+
+
+class FrozenTeacher:
+    """A frozen copy of the trainable tensors only; `active()` swaps it into the model's
+    parameters (a pointer swap of .data, no copy) and swaps the student back afterwards."""
+
+    def __init__(self, trainable: dict[str, torch.nn.Parameter]):
+        self.trainable = trainable
+        self.tensors = {name: parameter.detach().clone() for name, parameter in trainable.items()}
+
+    def _swap(self):
+        for name, parameter in self.trainable.items():
+            parameter.data, self.tensors[name] = self.tensors[name], parameter.data
+
+    @contextlib.contextmanager
+    def active(self):
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute the language model's layer activations in backward (non-reentrant: the inputs
+    need no grad). transformers 5.2x renamed the switch; 5.17 has only the old name."""
+    language_model = model.model.language_model
+    if hasattr(language_model, "activation_checkpointing_enable"):
+        language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    language_model.train()  # transformers only checkpoints in training mode (Llama has no dropout)
+
+
+def make_optimizer(name: str, parameters, lr: float, weight_decay: float):
+    parameters = list(parameters)
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    # bitsandbytes' CPU backend warns at import that Hugging Face's optional `kernels` package is absent.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as error:
+        raise RuntimeError(f"optimizer {name} needs bitsandbytes ({error}); use --optimizer adamw") from error
+    factory = bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.PagedAdamW8bit
+    return factory(parameters, lr=lr, weight_decay=weight_decay)
+
+
+# ---------------------------------------------------------------- the schedule
+
+
+def steps_per_epoch(n_pairs: int, batch_size: int) -> int:
+    return -(-n_pairs // batch_size)
+
+
+def batch_for_step(pairs: list[PromptPair], step: int, batch_size: int, seed: int) -> list[PromptPair]:
+    """The pairs of a step: a fresh permutation each epoch, from (seed, epoch) alone."""
+    per_epoch = steps_per_epoch(len(pairs), batch_size)
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+    return [pairs[i] for i in order[index * batch_size:(index + 1) * batch_size]]
+
+
+def sampling_seed(seed: int, step: int) -> int:
+    return seed * 1_000_003 + step
+
+
+def windows(n_tokens: int, window: int, mode: str) -> list[tuple[int, int]]:
+    """The position ranges backpropagated together: all at once (parallel) or one window at a time."""
+    if mode == "parallel":
+        return [(0, n_tokens)]
+    return [(start, min(start + window, n_tokens)) for start in range(0, n_tokens, window)]
+
+
+# ---------------------------------------------------------------- one step
+
+
+@dataclass
+class TeacherTargets:
+    """What the frozen teacher hands the student for one batch (DESIGN.md steps 1-2)."""
+
+    concept_batch: object  # PromptBatch of the concept prompts (the student's context too)
+    tokens: Tensor  # (B, T) image tokens sampled under the concept prompts
+    concept: Tensor  # teacher logits (token-kl) or hidden states (hidden-mse) under the concept
+    anchor: Tensor  # the same under the anchor prompts
+
+
+def teacher_targets(model, tokenizer, teacher: FrozenTeacher, batch: list[PromptPair], step: int,
+                    config: EraseConfig) -> TeacherTargets:
+    device = next(model.parameters()).device
+    concept_prompts = [pair.concept_prompt for pair in batch for _ in range(config.images_per_prompt)]
+    anchor_prompts = [pair.anchor_prompt for pair in batch for _ in range(config.images_per_prompt)]
+    concept_batch = encode_prompts(tokenizer, concept_prompts, device)
+    anchor_batch = encode_prompts(tokenizer, anchor_prompts, device)
+    with teacher.active(), torch.no_grad():
+        tokens = sample_image_tokens(model, tokenizer, concept_prompts, guidance_scale=config.guidance_scale,
+                                     temperature=config.temperature, seed=sampling_seed(config.seed, step),
+                                     progress=False)
+        concept_hidden = image_hidden_states(model, concept_batch, tokens)
+        anchor_hidden = image_hidden_states(model, anchor_batch, tokens)
+        if config.objective == "token-kl":
+            # The head may be trainable too: the teacher's targets come from the teacher's head.
+            return TeacherTargets(concept_batch, tokens, image_logits(model, concept_hidden),
+                                  image_logits(model, anchor_hidden))
+        return TeacherTargets(concept_batch, tokens, concept_hidden, anchor_hidden)
+
+
+def student_update(model, optimizer, targets: TeacherTargets, config: EraseConfig, trainable_parameters) -> dict:
+    """Steps 3-6: the student over the sampled tokens, the objective, and the optimizer step(s)."""
+    window_threshold = config.effective_window_threshold()
+    losses, kept, optimizer_steps = [], [], 0
+    for start, end in windows(targets.tokens.shape[1], config.window, config.wga):
+        optimizer.zero_grad(set_to_none=True)
+        # Positions after `end` do not influence this window: the student pass stops there.
+        student_hidden = image_hidden_states(model, targets.concept_batch, targets.tokens[:, :end])[:, start:end]
+        window_targets = objectives.TeacherStates(targets.concept[:, start:end], targets.anchor[:, start:end])
+        options = dict(eta=config.eta, token_threshold=config.token_threshold, window=config.window,
+                       window_threshold=window_threshold)
+        if config.objective == "token-kl":
+            loss, weight = objectives.token_kl(model, student_hidden, window_targets, **options)
+        else:
+            loss, weight = objectives.hidden_mse(student_hidden, window_targets, **options)
+        losses.append(float(loss.detach()))
+        kept.append(float(weight.float().mean()))
+        if float(weight.sum()) == 0.0:
+            continue  # every token masked or gated: nothing to learn, and no momentum-only update
+        loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(trainable_parameters, config.grad_clip)
+        optimizer.step()
+        optimizer_steps += 1
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": sum(losses) / len(losses), "kept": sum(kept) / len(kept), "optimizer_steps": optimizer_steps}
+
+
+def train_step(model, tokenizer, teacher: FrozenTeacher, optimizer, batch: list[PromptPair], step: int,
+               config: EraseConfig, trainable_parameters) -> dict:
+    targets = teacher_targets(model, tokenizer, teacher, batch, step, config)
+    return student_update(model, optimizer, targets, config, trainable_parameters)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def erase(config: EraseConfig, *, progress: bool = True, on_step=None) -> EraseResult:
+    """Run an erasure; returns where the checkpoint is and the per-step losses.
+
+    The output folder holds `checkpoint/` (trainable tensors, optimizer state, step, config) and
+    `metrics.json`. An existing output folder is refused unless `resume` (continue from its
+    checkpoint) or `force` (start over) is set. `on_step(step, stats)` is called after each step.
+    """
+    from tqdm.auto import tqdm
+
+    config.validate()
+    pairs = config.prompt_pairs()
+    if not pairs:
+        raise ValueError("no prompt pairs to train on")
+    out = Path(config.out)
+    checkpoint_dir = out / "checkpoint"
+    resumed = None
+    if config.resume:
+        resumed = load_checkpoint(checkpoint_dir)  # also completes a save that a kill interrupted
+        saved = dict(resumed.config.get("erase", {}))
+        for name in ("model", "objective", "wga", "window", "seed", "batch_size", "optimizer", "trainable"):
+            if name in saved and saved[name] != config.to_json()[name]:
+                raise ValueError(f"resume: {name} differs from the checkpoint's ({saved[name]!r} there, "
+                                 f"{config.to_json()[name]!r} now)")
+    elif out.exists() and any(out.iterdir()) and not config.force:
+        raise FileExistsError(f"output folder {out} exists and is not empty (use force to start over, or resume)")
+
+    check_trainable_patterns(config.model, config.trainable)  # before minutes of loading weights
+    model, tokenizer = load_janus(config.model, dtype=config.dtype, device=config.device,
+                                  load_in_8bit=config.load_in_8bit)
+    trainable = select_trainable(model, config.trainable)
+    teacher = FrozenTeacher(trainable)  # the base model's tensors, before a resumed student replaces them
+    if resumed is not None:
+        apply_trainable(model, resumed.tensors)
+    optimizer = make_optimizer(config.optimizer, trainable.values(), config.lr, config.weight_decay)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+
+    total_steps = config.steps or config.epochs * steps_per_epoch(len(pairs), config.batch_size)
+    history = {"losses": [], "kept": [], "optimizer_steps": 0, "seconds": 0.0}
+    start_step = 0
+    if resumed is not None:
+        optimizer.load_state_dict(resumed.optimizer_state)
+        start_step = resumed.state["step"]
+        history = resumed.state["history"]
+        _set_rng_state(resumed.state["rng"])
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(step: int) -> None:
+        save_checkpoint(
+            checkpoint_dir, tensors={name: p.detach() for name, p in trainable.items()},
+            optimizer_state=optimizer.state_dict(), state={"step": step, "history": history, "rng": _rng_state()},
+            config={"erase": config.to_json(), "total_steps": total_steps}, base_model=config.model, force=True,
+        )
+
+    parameters = list(trainable.values())
+    bar = tqdm(total=total_steps, initial=start_step, disable=not progress, desc="erase", unit="step")
+    started = time.perf_counter()
+    for step in range(start_step, total_steps):
+        batch = batch_for_step(pairs, step, config.batch_size, config.seed)
+        stats = train_step(model, tokenizer, teacher, optimizer, batch, step, config, parameters)
+        history["losses"].append(stats["loss"])
+        history["kept"].append(stats["kept"])
+        history["optimizer_steps"] += stats["optimizer_steps"]
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", kept=f"{stats['kept']:.2f}")
+        bar.update(1)
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
+            history["seconds"] += time.perf_counter() - started
+            started = time.perf_counter()
+            save(step + 1)
+        if on_step is not None:
+            on_step(step, stats)
+    bar.close()
+    history["seconds"] += time.perf_counter() - started
+    save(total_steps)
+    metrics = {"steps": total_steps, "optimizer_steps": history["optimizer_steps"], "losses": history["losses"],
+               "kept_fractions": history["kept"], "seconds": history["seconds"], "config": config.to_json()}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return EraseResult(out=out, checkpoint=checkpoint_dir, steps=total_steps,
+                       optimizer_steps=history["optimizer_steps"], losses=history["losses"],
+                       kept_fractions=history["kept"], seconds=history["seconds"])
+

@@ -1,0 +1,176 @@
+"""The erasure trainer on a tiny random Janus (real transformers classes) on CPU."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from earkit.cli import main as cli_main
+from earkit.engine.checkpoint import load_checkpoint
+from earkit.engine.model import encode_prompts, image_hidden_states, image_logits, load_janus
+from earkit.engine.pairs import pairs_from_concept
+from earkit.engine.tiny import save_tiny_janus
+from earkit.engine.trainer import (
+    EraseConfig, FrozenTeacher, erase, make_optimizer, select_trainable, train_step, windows,
+)
+
+WORDS = ["red", "blue", "circle", "square", "star", "cross", "triangle"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-janus")
+    save_tiny_janus(folder, WORDS, seed=0)  # 16 image tokens, 128 codes, 2 layers
+    return str(folder)
+
+
+def config(folder, out, **overrides):
+    options = dict(model=folder, out=str(out), concept="circle", anchor="square", window=5, steps=2,
+                   optimizer="adamw8bit", lr=1e-3, device="cpu", seed=3)
+    options.update(overrides)
+    return EraseConfig(**options)
+
+
+def test_windows_cover_every_position_once():
+    assert windows(16, 5, "sequential") == [(0, 5), (5, 10), (10, 15), (15, 16)]
+    assert windows(16, 5, "parallel") == [(0, 16)]
+
+
+@pytest.mark.parametrize("objective", ["token-kl", "hidden-mse"])
+def test_sequential_steps_once_per_window_parallel_once_per_batch(tiny_model_folder, tmp_path, objective):
+    # T = 16 tokens and W = 5 make 4 windows, the last one short.
+    sequential = erase(config(tiny_model_folder, tmp_path / "seq", wga="sequential", objective=objective),
+                       progress=False)
+    parallel = erase(config(tiny_model_folder, tmp_path / "par", wga="parallel", objective=objective),
+                     progress=False)
+    assert sequential.optimizer_steps == 2 * 4
+    assert parallel.optimizer_steps == 2
+    assert all(loss > 0 for loss in parallel.losses)
+
+
+def step_on_fresh_model(folder, **overrides):
+    model, tokenizer = load_janus(folder, device="cpu")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    run = config(folder, "unused", **overrides)
+    trainable = select_trainable(model, run.trainable)
+    teacher = FrozenTeacher(trainable)
+    optimizer = make_optimizer(run.optimizer, trainable.values(), run.lr, run.weight_decay)
+    pairs = pairs_from_concept("circle", "square")
+    stats = [train_step(model, tokenizer, teacher, optimizer, pairs[:2], step, run, list(trainable.values()))
+             for step in range(2)]
+    return model, before, trainable, teacher, stats
+
+
+def test_only_selected_modules_change_and_the_teacher_stays_frozen(tiny_model_folder):
+    model, before, trainable, teacher, stats = step_on_fresh_model(tiny_model_folder)
+    assert set(trainable) == {n for n in before if n.startswith("model.language_model.layers.") and ".self_attn." in n}
+    for name, parameter in model.named_parameters():
+        changed = not torch.equal(parameter.detach(), before[name])
+        assert changed == (name in trainable), name
+    for name, tensor in teacher.tensors.items():
+        assert torch.equal(tensor, before[name])
+    assert all(s["optimizer_steps"] == 1 for s in stats)
+
+
+def test_window_threshold_above_every_window_changes_no_weight(tiny_model_folder):
+    # The contract forbids an infinite threshold; 1e30 is above any window's loss.
+    model, before, _, _, stats = step_on_fresh_model(tiny_model_folder, window_threshold=1e30)
+    assert all(s["optimizer_steps"] == 0 and s["kept"] == 0.0 for s in stats)
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter.detach(), before[name]), name
+
+
+def test_teacher_forced_student_matches_teacher_before_any_step(tiny_model_folder):
+    # At step 0 the student is the teacher: with anchor == concept the token-kl loss is 0.
+    model, tokenizer = load_janus(tiny_model_folder, device="cpu")
+    batch = encode_prompts(tokenizer, ["a red circle"])
+    tokens = torch.randint(0, 128, (1, 16))
+    logits = image_logits(model, image_hidden_states(model, batch, tokens))
+    from earkit.kernels import guided_cross_entropy
+
+    assert float(guided_cross_entropy(logits, logits, logits).detach()) < 1e-6
+
+
+KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys
+    from earkit.engine.trainer import EraseConfig, erase
+    def die_after_second_step(step, stats):
+        if step == 1:  # the checkpoint of step 2 is on disk; the run would go on to step 4
+            os.kill(os.getpid(), signal.SIGKILL)
+    erase(EraseConfig(model=sys.argv[1], out=sys.argv[2], concept="circle", anchor="square", window=5, steps=4,
+                      optimizer="adamw8bit", lr=1e-3, device="cpu", seed=3, save_every=1, batch_size=2),
+          progress=False, on_step=die_after_second_step)
+""")
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_model_folder, tmp_path):
+    killed = tmp_path / "killed"
+    # cwd away from the repository root, whose earkit/ folder would shadow the installed package.
+    process = subprocess.run([sys.executable, "-c", KILLED_RUN, tiny_model_folder, str(killed)], capture_output=True,
+                             text=True, timeout=300, cwd=tmp_path)
+    assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
+    assert load_checkpoint(killed / "checkpoint").state["step"] == 2
+    resumed = erase(config(tiny_model_folder, killed, steps=4, save_every=1, batch_size=2, resume=True),
+                    progress=False)
+    straight = erase(config(tiny_model_folder, tmp_path / "straight", steps=4, save_every=1, batch_size=2),
+                     progress=False)
+    assert resumed.losses == straight.losses
+    got = load_checkpoint(resumed.checkpoint).tensors
+    want = load_checkpoint(straight.checkpoint).tensors
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_export_round_trip_gives_the_trained_logits(tiny_model_folder, tmp_path):
+    run = erase(config(tiny_model_folder, tmp_path / "run"), progress=False)
+    exported = tmp_path / "exported"
+    assert cli_main(["export", "--model", tiny_model_folder, "--checkpoint", str(run.checkpoint),
+                     "--out", str(exported)]) == 0
+    trained, tokenizer = load_janus(tiny_model_folder, device="cpu")
+    from earkit.engine.checkpoint import apply_trainable
+
+    apply_trainable(trained, load_checkpoint(run.checkpoint).tensors)
+    reloaded, reloaded_tokenizer = load_janus(exported, device="cpu")
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle", "a blue star"]
+    want = image_logits(trained, image_hidden_states(trained, encode_prompts(tokenizer, prompts), tokens))
+    got = image_logits(reloaded, image_hidden_states(reloaded, encode_prompts(reloaded_tokenizer, prompts), tokens))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    base, _ = load_janus(tiny_model_folder, device="cpu")
+    assert not torch.equal(image_logits(base, image_hidden_states(base, encode_prompts(tokenizer, prompts), tokens)),
+                           want)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--model", "{tmp}/no-such-model"], "does not exist"),
+        (["--concept", "circle", "--anchor", " Circle "], "concept"),
+        (["--pairs", "{tmp}/empty.jsonl"], "empty"),
+        (["--pairs", "{tmp}/broken.jsonl"], "broken.jsonl"),
+        (["--window", "0"], "window"),
+        (["--trainable", "model.no_such_module.*"], "match no parameter"),
+        (["--out", "{tmp}/occupied"], "exists"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(tiny_model_folder, tmp_path, capsys, arguments, message):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "broken.jsonl").write_text('{"concept_prompt": "a circle", "anchor_prompt": "a square"}\n{oops\n')
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "something").write_text("keep me")
+    base = {"--model": tiny_model_folder, "--out": str(tmp_path / "out"), "--concept": "circle",
+            "--anchor": "square"}
+    given = [a.format(tmp=tmp_path) for a in arguments]
+    for flag in list(base):
+        if flag in given or (flag in ("--concept", "--anchor") and "--pairs" in given):
+            base.pop(flag)
+    argv = ["erase", "--steps", "1", "--device", "cpu"] + [x for kv in base.items() for x in kv] + given
+    assert cli_main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and message in error, error
+    assert (tmp_path / "occupied" / "something").read_text() == "keep me"
