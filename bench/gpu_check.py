@@ -21,6 +21,9 @@
     mask and mean), the eager chain after .float(), and torch.compile of the eager chain.
     Median of --reps CUDA-event timings after warmup, each on a fresh clone of the logits;
     peak extra memory = max_memory_allocated during one fwd+bwd minus what was allocated before.
+(d) Engine: `earkit bench engine` (bench/engine.py) at the Janus-Pro-7B and -1B shapes with
+    random weights: sampler ms per decode step at batch 1 and 16, one erasure step per pair,
+    peak memory, projected time for a 50-pair concept (--engine-sizes; smoke: a tiny Janus).
 (c) Report: both tables as markdown, printed and appended to bench/RESULTS.md (or --out) with
     the card, date, torch and triton versions. Exit status 1 when a correctness check fails.
 
@@ -420,6 +423,26 @@ def machine_line(device) -> str:
     return f"{card}; torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}"
 
 
+def run_engine(sizes: str, device: str) -> list[dict]:
+    """The engine benchmark (bench/engine.py) at each size; a size that fails is reported and skipped."""
+    from earkit.bench.engine import run as run_engine_benchmark
+
+    reports = []
+    for size in [s.strip() for s in sizes.split(",") if s.strip() and s.strip() != "none"]:
+        started = time.perf_counter()
+        try:
+            batches = (1, 2) if size == "tiny" else (1, 16)
+            reports.append(run_engine_benchmark(size=size, device=device, sampler_batches=batches,
+                                                train_batch=2 if size == "tiny" else 8))
+            print(f"engine {size} done in {time.perf_counter() - started:.0f} s", flush=True)
+        except Exception:
+            print(f"[engine {size}] failed:")
+            traceback.print_exc()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return reports
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Correctness, speed and memory of earkit's loss ops on a GPU.")
     parser.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes (for CI)")
@@ -428,6 +451,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 5; smoke 1)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--no-timing", action="store_true", help="correctness only")
+    parser.add_argument("--engine-sizes", default=None,
+                        help="Janus-Pro shapes for the engine benchmark, comma-separated (default 7b,1b; smoke tiny; "
+                             "'none' to skip)")
     args = parser.parse_args(argv)
 
     if args.smoke:
@@ -448,6 +474,7 @@ def main(argv=None) -> int:
     check_rows = run_checks(checks, device)
     print(f"correctness done in {time.perf_counter() - started:.0f} s", flush=True)
     time_rows = [] if args.no_timing else run_timings(timings, device, reps, warmup, compile_backend)
+    engine_reports = run_engine(args.engine_sizes or ("tiny" if args.smoke else "7b,1b"), device)
     total_s = time.perf_counter() - started
 
     n_pass = sum(r["status"] == "PASS" for r in check_rows)
@@ -466,6 +493,10 @@ def main(argv=None) -> int:
             f"after {warmup} warmup; peak extra = max allocated during one fwd+bwd above the inputs; "
             f"speedup = eager ms / row ms, memory ratio = row MB / eager MB.\n\n{timing_table(time_rows)}\n"
         )
+    if engine_reports:
+        from earkit.bench.engine import format_report
+
+        report += "".join("\n" + format_report(engine) + "\n" for engine in engine_reports)
     print()
     print(report)
     with open(out_path, "a") as f:

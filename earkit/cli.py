@@ -113,6 +113,9 @@ def run_sample(args) -> None:
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompts-file")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:  # before minutes of loading weights
+        raise FileExistsError(f"output folder {out} is not empty (pass --force to replace it)")
     model, tokenizer = load_janus(args.model, dtype=args.dtype, device=args.device)
     if args.checkpoint:
         apply_trainable(model, load_checkpoint(args.checkpoint).tensors)

@@ -1,0 +1,34 @@
+"""The `earkit` command's sample and bench paths (erase and export are in test_trainer.py)."""
+
+import json
+
+from earkit.cli import main as cli_main
+from earkit.engine.tiny import save_tiny_janus
+
+
+def test_sample_writes_pngs_grid_and_prompts_and_refuses_to_overwrite(tmp_path, capsys):
+    model = tmp_path / "model"
+    save_tiny_janus(model, ["red", "circle", "blue", "square"])
+    out = tmp_path / "samples"
+    argv = ["sample", "--model", str(model), "--prompt", "a red circle", "--prompt", "a blue square",
+            "--images-per-prompt", "2", "--out", str(out), "--device", "cpu"]
+    assert cli_main(argv) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["000_00.png", "000_01.png", "001_00.png", "001_01.png", "grid.png", "prompts.json"]
+    assert json.loads((out / "prompts.json").read_text())["prompts"] == ["a red circle", "a blue square"]
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and str(out) in error[0]
+    assert cli_main(argv + ["--force"]) == 0
+
+
+def test_sample_without_prompts_is_a_usage_error(tmp_path, capsys):
+    assert cli_main(["sample", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "prompt" in capsys.readouterr().err
+
+
+def test_bench_engine_tiny_runs(capsys):
+    assert cli_main(["bench", "engine", "--size", "tiny", "--random-weights", "--device", "cpu",
+                     "--sampler-batches", "1", "--train-batch", "1"]) == 0
+    assert "projected_s_per_50_pairs" in capsys.readouterr().out
