@@ -73,7 +73,9 @@ print(json.dumps(report))
 
 def test_every_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "EARKIT_BACKEND")}
-    result = subprocess.run([sys.executable, "-c", COMPILE_ALL], env=env, capture_output=True, text=True, timeout=600)
+    # cwd: not the repository root, whose earkit/ source folder would shadow the installed package.
+    result = subprocess.run([sys.executable, "-c", COMPILE_ALL], env=env, capture_output=True, text=True, timeout=600,
+                            cwd=os.path.dirname(__file__))
     if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr:
         pytest.skip("this triton install has no bundled ptxas")
     assert result.returncode == 0, result.stderr[-3000:]
