@@ -27,7 +27,9 @@ def add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     from earkit.engine.objectives import OBJECTIVES
 
     defaults = EraseConfig(model="")
-    parser.add_argument("--model", required=True, help="Janus model folder or hub id (e.g. deepseek-community/Janus-Pro-1B)")
+    parser.add_argument("--model", default=None,
+                        help="Janus model folder or hub id (e.g. deepseek-community/Janus-Pro-1B); default: the "
+                             "shipped ShapesWorld, erasing circle (-> square), evaluated before and after")
     parser.add_argument("--out", default=defaults.out, help="output folder: checkpoint/ and metrics.json (default: %(default)s)")
     parser.add_argument("--concept", help="the concept to erase, e.g. church")
     parser.add_argument("--anchor", help="what to draw instead, e.g. cinema")
@@ -65,6 +67,8 @@ def add_erase_arguments(parser: argparse.ArgumentParser) -> None:
 def run_erase(args) -> None:
     from earkit.engine.trainer import DEFAULT_TRAINABLE, EraseConfig, erase
 
+    if args.model is None:
+        return run_default_erase(args)
     config = EraseConfig(
         model=args.model, out=args.out, concept=args.concept, anchor=args.anchor, pairs=args.pairs,
         objective=args.objective, eta=args.eta, window=args.window, token_threshold=args.token_threshold,
@@ -81,8 +85,46 @@ def run_erase(args) -> None:
           f"last loss {last:.4f}; checkpoint {result.checkpoint}")
 
 
+def run_default_erase(args) -> None:
+    """`earkit erase` with no model: the ShapesWorld demonstration, measured before and after."""
+    from earkit.engine import shapesworld
+
+    report = shapesworld.erase_and_evaluate(
+        out=args.out, concept=args.concept or shapesworld.DEFAULT_CONCEPT,
+        anchor=args.anchor or shapesworld.DEFAULT_ANCHOR, seed=args.seed, force=args.force,
+    )
+    print(report)
+
+
+def add_world_arguments(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="world_command", required=True)
+    build = commands.add_parser("build", help="train ShapesWorld's VQ tokenizer, generator and judge")
+    build.add_argument("--out", required=True, help="the world folder to write")
+    build.add_argument("--quick", action="store_true", help="a tiny budget (plumbing only, not quality)")
+    build.add_argument("--force", action="store_true", help="rebuild into an existing folder")
+    check = commands.add_parser("check", help="measure a world: judge accuracy, generator shape/colour rates")
+    check.add_argument("--world", default=None, help="a world folder (default: the shipped one)")
+    check.add_argument("--prompts-per-shape", type=int, default=40)
+    check.add_argument("--judge-images", type=int, default=1000)
+    check.add_argument("--seed", type=int, default=12345)
+
+
+def run_world(args) -> None:
+    import json
+
+    from earkit.engine import shapesworld
+
+    if args.world_command == "build":
+        out = shapesworld.build_world(args.out, quick=args.quick, force=args.force)
+        print(f"built ShapesWorld in {out}: {(out / 'world.json').read_text()}")
+    else:
+        report = shapesworld.check_world(args.world, n_per_shape=args.prompts_per_shape,
+                                         judge_images=args.judge_images, seed=args.seed)
+        print(json.dumps(report, indent=1))
+
+
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Janus model folder or hub id")
+    parser.add_argument("--model", default=None, help="Janus model folder or hub id (default: the shipped ShapesWorld)")
     parser.add_argument("--checkpoint", help="an erasure checkpoint folder to apply to the model")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
     parser.add_argument("--prompts-file", help="a text file, one prompt per line")
@@ -116,6 +158,10 @@ def run_sample(args) -> None:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:  # before minutes of loading weights
         raise FileExistsError(f"output folder {out} is not empty (pass --force to replace it)")
+    if args.model is None:
+        from earkit.engine.shapesworld import generator_folder
+
+        args.model = str(generator_folder())
     model, tokenizer = load_janus(args.model, dtype=args.dtype, device=args.device)
     if args.checkpoint:
         apply_trainable(model, load_checkpoint(args.checkpoint).tensors)
@@ -146,6 +192,7 @@ def main(argv=None) -> int:
     add_erase_arguments(commands.add_parser("erase", help="fine-tune a Janus model to erase a concept"))
     add_sample_arguments(commands.add_parser("sample", help="draw images with the CFG sampler"))
     add_export_arguments(commands.add_parser("export", help="write a checkpoint as a full model folder"))
+    add_world_arguments(commands.add_parser("world", help="ShapesWorld, the embedded default: build, check"))
     bench = commands.add_parser("bench", help="benchmarks (python -m earkit.bench)")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="bench arguments, e.g. kernels --quick")
     args = parser.parse_args(argv)
@@ -155,7 +202,7 @@ def main(argv=None) -> int:
 
         bench_main(args.rest)
         return 0
-    runner = {"erase": run_erase, "sample": run_sample, "export": run_export}[args.command]
+    runner = {"erase": run_erase, "sample": run_sample, "export": run_export, "world": run_world}[args.command]
     try:
         runner(args)
     except USAGE_ERRORS as error:

@@ -1,0 +1,166 @@
+"""ShapesWorld, the embedded default: build it, check it, and erase a shape from it.
+
+    earkit world build --out DIR     # VQ tokenizer + tiny Janus generator + open_clip judge
+    earkit world check [--world DIR] # judge accuracy, and how often the generator draws what is asked
+    earkit erase                     # no arguments: erase "circle" (-> "square") from the shipped world
+
+A built world is a folder with `generator/` (a JanusForConditionalGeneration folder with its
+tokenizer: what `--model` points at), `judge/` (the open_clip judge) and `world.json`. The one
+shipped inside the package (`engine/shapesworld/`) is what every command uses when no model is
+given, so nothing is built or downloaded at first run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import world
+
+DEFAULT_WORLD = Path(__file__).resolve().parent / "shapesworld"
+DEFAULT_CONCEPT, DEFAULT_ANCHOR = "circle", "square"
+EVAL_TEMPLATES = ("a {colour} {shape}", "a photo of a {colour} {shape}", "a picture of a {size} {colour} {shape}")
+PAIR_TEMPLATES = ("a {colour} {shape}", "a photo of a {colour} {shape}", "a {size} {colour} {shape}",
+                  "a {colour} {shape} on a {background} background", "an image of a {colour} {shape}")
+
+
+def default_world() -> Path:
+    if not (DEFAULT_WORLD / "generator" / "config.json").is_file():
+        raise FileNotFoundError(f"the shipped ShapesWorld is missing from {DEFAULT_WORLD} (build one with "
+                                "`earkit world build --out DIR` and pass --model DIR/generator)")
+    return DEFAULT_WORLD
+
+
+def generator_folder(world_folder: str | Path | None = None) -> Path:
+    return Path(world_folder or default_world()) / "generator"
+
+
+def judge_folder(world_folder: str | Path | None = None) -> Path:
+    return Path(world_folder or default_world()) / "judge"
+
+
+def load_judge(world_folder: str | Path | None = None):
+    from .world_judge import WorldJudge
+
+    return WorldJudge.load(judge_folder(world_folder))
+
+
+def erasure_pairs(concept: str = DEFAULT_CONCEPT, anchor: str = DEFAULT_ANCHOR, seed: int = 0):
+    """Concept/anchor prompt pairs in ShapesWorld's own words: every colour, several templates."""
+    from .pairs import PromptPair
+
+    rng = random.Random(seed)
+    pairs = []
+    for colour in world.COLOURS:
+        for template in PAIR_TEMPLATES:
+            words = dict(colour=colour, size=rng.choice(list(world.SIZES)),
+                         background=rng.choice(list(world.BACKGROUNDS)))
+            pairs.append(PromptPair(template.format(shape=concept, **words), template.format(shape=anchor, **words),
+                                    concept, anchor))
+    return pairs
+
+
+def evaluation_prompts(shape: str, n: int, seed: int) -> list[str]:
+    rng = random.Random(f"{seed}-{shape}")
+    return [rng.choice(EVAL_TEMPLATES).format(shape=shape, colour=rng.choice(list(world.COLOURS)),
+                                              size=rng.choice(list(world.SIZES))) for _ in range(n)]
+
+
+@dataclass
+class ShapeRates:
+    """Per requested shape: the share of images the judge sees that shape in, and the right colour."""
+
+    shape: dict[str, float]
+    colour: dict[str, float]
+    n_per_shape: int
+
+
+def shape_rates(model, tokenizer, judge, *, shapes=world.SHAPES, n_per_shape: int = 40, seed: int = 0,
+                guidance_scale: float = 5.0, batch_size: int = 64) -> ShapeRates:
+    """Sample n_per_shape images per shape (random colours and templates) and judge them."""
+    from .sampler import decode_images, sample_image_tokens
+
+    shape_rate, colour_rate = {}, {}
+    for index, shape in enumerate(shapes):
+        prompts = evaluation_prompts(shape, n_per_shape, seed)
+        tokens = sample_image_tokens(model, tokenizer, prompts, guidance_scale=guidance_scale, seed=seed + index,
+                                     batch_size=batch_size, progress=False)
+        verdicts = judge.classify(decode_images(model, tokens))
+        shape_rate[shape] = sum(v["shape"] == shape for v in verdicts) / len(verdicts)
+        colour_rate[shape] = sum(v["colour"] in p.split() for v, p in zip(verdicts, prompts)) / len(verdicts)
+    return ShapeRates(shape_rate, colour_rate, n_per_shape)
+
+
+def rates_table(before: ShapeRates, after: ShapeRates | None = None, concept: str | None = None) -> str:
+    header = "| shape | drawn as asked, before |" + (" after | change |" if after else "")
+    lines = [header, "| --- | ---: |" + (" ---: | ---: |" if after else "")]
+    for shape, rate in before.shape.items():
+        name = f"{shape} (erased)" if shape == concept else shape
+        row = f"| {name} | {100 * rate:.0f}% |"
+        if after:
+            row += f" {100 * after.shape[shape]:.0f}% | {100 * (after.shape[shape] - rate):+.0f} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- build and check
+
+
+def build_world(out: str | Path, *, quick: bool = False, force: bool = False, progress: bool = True) -> Path:
+    """Train the VQ tokenizer, the generator and the judge into `out` (quick: a tiny budget, for tests)."""
+    from .world_judge import JudgeConfig, train_judge
+    from .world_model import GeneratorConfig, VQConfig, build_generator
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"world folder {out} exists and is not empty (use --force to rebuild it)")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    vq_config, generator_config, judge_config = VQConfig(), GeneratorConfig(), JudgeConfig()
+    if quick:
+        vq_config, generator_config, judge_config = quick_configs(vq_config, generator_config, judge_config)
+    build_generator(out / "generator", vq_config=vq_config, generator_config=generator_config, progress=progress)
+    generator_seconds = time.perf_counter() - started
+    judge = train_judge(judge_config, progress=progress)
+    judge.save(out / "judge")
+    record = {"quick": quick, "seconds": time.perf_counter() - started, "generator_seconds": generator_seconds,
+              "judge_seconds": time.perf_counter() - started - generator_seconds}
+    (out / "world.json").write_text(json.dumps(record, indent=1))
+    return out
+
+
+def quick_configs(vq_config, generator_config, judge_config):
+    """The same pipeline at a budget of seconds: for tests of the plumbing, not of quality."""
+    import dataclasses
+
+    def shrink(config):
+        changes = {}
+        for field in dataclasses.fields(config):
+            if field.name in ("steps", "epochs"):
+                changes[field.name] = 2 if field.name == "steps" else 1
+            elif field.name in ("n_images", "n_train_images", "train_images"):
+                changes[field.name] = 64
+        return dataclasses.replace(config, **changes)
+
+    return shrink(vq_config), shrink(generator_config), shrink(judge_config)
+
+
+def check_world(world_folder: str | Path | None = None, *, n_per_shape: int = 40, judge_images: int = 1000,
+                seed: int = 12345) -> dict:
+    """The measured quality of a world: judge accuracy on held-out renders, generator rates by the judge."""
+    from .model import load_janus
+
+    world_folder = Path(world_folder or default_world())
+    judge = load_judge(world_folder)
+    accuracy = judge.accuracy(n=judge_images, seed=seed)
+    model, tokenizer = load_janus(generator_folder(world_folder), device="cpu")
+    rates = shape_rates(model, tokenizer, judge, n_per_shape=n_per_shape, seed=seed)
+    return {"judge_accuracy": accuracy, "judge_images": judge_images, "generator_shape_rate": rates.shape,
+            "generator_colour_rate": rates.colour, "prompts": n_per_shape * len(rates.shape),
+            "mean_shape_rate": sum(rates.shape.values()) / len(rates.shape),
+            "mean_colour_rate": sum(rates.colour.values()) / len(rates.colour)}
