@@ -164,3 +164,43 @@ def check_world(world_folder: str | Path | None = None, *, n_per_shape: int = 40
             "generator_colour_rate": rates.colour, "prompts": n_per_shape * len(rates.shape),
             "mean_shape_rate": sum(rates.shape.values()) / len(rates.shape),
             "mean_colour_rate": sum(rates.colour.values()) / len(rates.colour)}
+
+
+# ---------------------------------------------------------------- the default erasure
+
+# The engine's defaults, except what a 64-token world needs: one window of 48 would gate most of
+# a 64-token image at once, so W = 16; and a few epochs over the 30 pairs.
+SHAPESWORLD_ERASE = dict(window=16, epochs=4, batch_size=4, lr=1e-4)
+
+
+def erase_and_evaluate(out: str | Path = "erased", concept: str = DEFAULT_CONCEPT, anchor: str = DEFAULT_ANCHOR, *,
+                       seed: int = 0, force: bool = False, n_per_shape: int = 40, eval_seed: int = 2024,
+                       progress: bool = True, **overrides) -> str:
+    """Erase `concept` from the shipped world and measure every shape's rate before and after."""
+    from .checkpoint import apply_trainable, load_checkpoint
+    from .model import load_janus
+    from .trainer import EraseConfig, erase
+
+    if concept not in world.SHAPES or anchor not in world.SHAPES:
+        raise ValueError(f"concept and anchor must be ShapesWorld shapes {world.SHAPES}, got {concept!r}, {anchor!r}")
+    config = EraseConfig(model=str(generator_folder()), out=str(out), concept=concept, anchor=anchor, device="cpu",
+                         seed=seed, force=force, **{**SHAPESWORLD_ERASE, **overrides})
+    config.validate()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"output folder {out} exists and is not empty (use --force to start over)")
+    started = time.perf_counter()
+    judge = load_judge()
+    model, tokenizer = load_janus(config.model, device="cpu")
+    before = shape_rates(model, tokenizer, judge, n_per_shape=n_per_shape, seed=eval_seed)
+    result = erase(config, pairs=erasure_pairs(concept, anchor, seed), progress=progress)
+    apply_trainable(model, load_checkpoint(result.checkpoint).tensors)
+    after = shape_rates(model, tokenizer, judge, n_per_shape=n_per_shape, seed=eval_seed)
+    seconds = time.perf_counter() - started
+    evaluation = {"concept": concept, "anchor": anchor, "before": before.shape, "after": after.shape,
+                  "colour_before": before.colour, "colour_after": after.colour, "n_per_shape": n_per_shape,
+                  "erase_seconds": result.seconds, "total_seconds": seconds, "config": config.to_json()}
+    (out / "evaluation.json").write_text(json.dumps(evaluation, indent=1))
+    return (f"ShapesWorld: erased {concept!r} (-> {anchor!r}) in {result.steps} steps, {result.seconds:.0f} s of "
+            f"training, {seconds:.0f} s in all; share of {n_per_shape} images per shape that the judge sees "
+            f"drawn as asked:\n\n{rates_table(before, after, concept)}\n\ncheckpoint: {result.checkpoint}")

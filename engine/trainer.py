@@ -330,17 +330,19 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def erase(config: EraseConfig, *, progress: bool = True, on_step=None) -> EraseResult:
+def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, progress: bool = True,
+          on_step=None) -> EraseResult:
     """Run an erasure; returns where the checkpoint is and the per-step losses.
 
     The output folder holds `checkpoint/` (trainable tensors, optimizer state, step, config) and
     `metrics.json`. An existing output folder is refused unless `resume` (continue from its
-    checkpoint) or `force` (start over) is set. `on_step(step, stats)` is called after each step.
+    checkpoint) or `force` (start over) is set. `pairs`, when given, replaces the pairs the config
+    names (library use: pairs made in code). `on_step(step, stats)` is called after each step.
     """
     from tqdm.auto import tqdm
 
     config.validate()
-    pairs = config.prompt_pairs()
+    pairs = list(pairs) if pairs is not None else config.prompt_pairs()
     if not pairs:
         raise ValueError("no prompt pairs to train on")
     out = Path(config.out)
