@@ -113,8 +113,10 @@ def vocabulary() -> list[str]:
     """Every word a ShapesWorld caption (or an erasure prompt) can use."""
     from .tiny import words_of
 
-    texts = list(CAPTION_TEMPLATES) + list(SHAPES) + list(COLOURS) + list(BACKGROUNDS) + list(SIZES)
-    return sorted(set(words_of(texts)) - {"{", "}", "colour", "shape", "size", "background"})
+    import re
+
+    templates = [re.sub(r"\{\w+\}", " ", template) for template in CAPTION_TEMPLATES]  # placeholders out
+    return sorted(set(words_of(templates + list(SHAPES) + list(COLOURS) + list(BACKGROUNDS) + list(SIZES))))
 
 
 def make_dataset(n: int, seed: int, image_size: int = 64) -> tuple[np.ndarray, list[str], list[Scene]]:
