@@ -3,6 +3,8 @@
     earkit erase  --model FOLDER_OR_HUB_ID --concept church --anchor cinema --out runs/church
     earkit sample --model FOLDER_OR_HUB_ID --prompt "a church on a hill" --out samples/
     earkit export --model BASE --checkpoint runs/church/checkpoint --out janus-no-church/
+    earkit pairs  --concept church --backend template --backend openai:URL:MODEL --n 200 --out pairs.jsonl
+    earkit world build --out DIR | earkit world check
     earkit bench kernels | earkit bench engine --size 7b --random-weights
 
 Bad input (a missing model folder, a concept equal to its anchor, an empty or malformed pairs
@@ -15,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
 
 def _optional_float(text: str):
@@ -193,6 +195,9 @@ def main(argv=None) -> int:
     add_sample_arguments(commands.add_parser("sample", help="draw images with the CFG sampler"))
     add_export_arguments(commands.add_parser("export", help="write a checkpoint as a full model folder"))
     add_world_arguments(commands.add_parser("world", help="ShapesWorld, the embedded default: build, check"))
+    from earkit.ecgvf.pairs import add_pairs_arguments, run_pairs
+
+    add_pairs_arguments(commands.add_parser("pairs", help="generate target/replacement prompt pairs (ECGVF)"))
     bench = commands.add_parser("bench", help="benchmarks (python -m earkit.bench)")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="bench arguments, e.g. kernels --quick")
     args = parser.parse_args(argv)
@@ -202,7 +207,8 @@ def main(argv=None) -> int:
 
         bench_main(args.rest)
         return 0
-    runner = {"erase": run_erase, "sample": run_sample, "export": run_export, "world": run_world}[args.command]
+    runner = {"erase": run_erase, "sample": run_sample, "export": run_export, "world": run_world,
+              "pairs": run_pairs}[args.command]
     try:
         runner(args)
     except USAGE_ERRORS as error:
