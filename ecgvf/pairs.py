@@ -36,10 +36,11 @@ import random
 import re
 import socket
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from earkit.engine.pairs import write_text_atomic
 
 TEMPLATE_NAME = "ecgvf-pairs"
 TEMPLATE_VERSION = 1
@@ -756,21 +757,6 @@ def generate_pairs(concept: str, *, backends, n_pairs: int, seed: int = 0, retri
 # ---------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """A temporary file beside `path`, flushed to disk, then renamed over it (as engine.pairs does)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}-{time.time_ns()}")
-    try:
-        with open(temporary, "w", encoding="utf-8", newline="\n") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 def summary_path(path) -> Path:
     """Where write_generated puts the summary beside a pairs file: pairs.jsonl -> pairs.summary.json."""
     path = Path(path).expanduser()
@@ -800,8 +786,8 @@ def write_generated(pairs, path, *, force: bool = False, summary: dict | None = 
     _refuse_existing(path, force)
     if summary is not None:
         _refuse_existing(summary_path(path), force)
-        _write_atomic(summary_path(path), json.dumps(summary, ensure_ascii=False, indent=1) + "\n")
-    _write_atomic(path, "\n".join(lines) + "\n")
+        write_text_atomic(summary_path(path), json.dumps(summary, ensure_ascii=False, indent=1) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -251,11 +251,18 @@ def write_pairs_jsonl(pairs: list[PromptPair], path: str | os.PathLike, *, force
         raise IsADirectoryError(f"{path} is a folder, not a pairs file")
     if path.exists() and not force:
         raise FileExistsError(f"{path} already exists (pass force=True to replace it)")
+    return write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write text to a temporary file beside `path`, flush it to disk, then rename it over `path`:
+    a crash leaves the old file or the new one, never half of one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.partial-{os.getpid()}-{time.time_ns()}")
     try:
         with open(temporary, "w", encoding="utf-8", newline="\n") as file:
-            file.write("\n".join(lines) + "\n")
+            file.write(text)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)

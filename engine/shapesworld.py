@@ -18,8 +18,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from . import world
 
 DEFAULT_WORLD = Path(__file__).resolve().parent / "shapesworld"
