@@ -29,8 +29,8 @@ PAIR_TEMPLATES = ("a {colour} {shape}", "a photo of a {colour} {shape}", "a {siz
 
 def default_world() -> Path:
     if not (DEFAULT_WORLD / "generator" / "config.json").is_file():
-        raise FileNotFoundError(f"the shipped ShapesWorld is missing from {DEFAULT_WORLD} (build one with "
-                                "`earkit world build --out DIR` and pass --model DIR/generator)")
+        raise FileNotFoundError(f"this install has no ShapesWorld default at {DEFAULT_WORLD}: pass --model with "
+                                "a Janus model folder (or a world built by `earkit world build`, DIR/generator)")
     return DEFAULT_WORLD
 
 
