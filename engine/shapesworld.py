@@ -136,16 +136,11 @@ def quick_configs(vq_config, generator_config, judge_config):
     """The same pipeline at a budget of seconds: for tests of the plumbing, not of quality."""
     import dataclasses
 
-    def shrink(config):
-        changes = {}
-        for field in dataclasses.fields(config):
-            if field.name in ("steps", "epochs"):
-                changes[field.name] = 2 if field.name == "steps" else 1
-            elif field.name in ("n_images", "n_train_images", "train_images"):
-                changes[field.name] = 64
-        return dataclasses.replace(config, **changes)
+    from .world_model import tiny_budget
 
-    return shrink(vq_config), shrink(generator_config), shrink(judge_config)
+    vq_config, generator_config = tiny_budget()
+    judge_config = dataclasses.replace(judge_config, n_train_images=64, steps=3, batch_size=32, warmup_steps=1)
+    return vq_config, generator_config, judge_config
 
 
 def check_world(world_folder: str | Path | None = None, *, n_per_shape: int = 40, judge_images: int = 1000,
