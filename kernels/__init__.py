@@ -1,19 +1,32 @@
-"""earkit.kernels: fused cross-entropy with thresholded token masking and windowed reduction.
+"""earkit.kernels: fused cross-entropy with thresholded token masking and windowed reduction,
+alone or fused with the head's last Linear layer.
 
     from earkit.kernels import masked_cross_entropy, guided_cross_entropy
     from earkit.kernels import MaskedCrossEntropyLoss, GuidedCrossEntropyLoss
+    from earkit.kernels import linear_masked_cross_entropy, linear_guided_cross_entropy
+    from earkit.kernels import LinearMaskedCrossEntropyLoss, LinearGuidedCrossEntropyLoss
 
 The ops are also registered as torch.ops.earkit.* custom ops. See DESIGN.md, "Kernels: the
 contract", for the math; `reference.py` is the readable spec.
 """
 
 from .cross_entropy import backend_name, guided_cross_entropy, masked_cross_entropy
-from .modules import GuidedCrossEntropyLoss, MaskedCrossEntropyLoss
+from .linear_cross_entropy import linear_guided_cross_entropy, linear_masked_cross_entropy
+from .modules import (
+    GuidedCrossEntropyLoss,
+    LinearGuidedCrossEntropyLoss,
+    LinearMaskedCrossEntropyLoss,
+    MaskedCrossEntropyLoss,
+)
 
 __all__ = [
     "masked_cross_entropy",
     "guided_cross_entropy",
     "MaskedCrossEntropyLoss",
     "GuidedCrossEntropyLoss",
+    "linear_masked_cross_entropy",
+    "linear_guided_cross_entropy",
+    "LinearMaskedCrossEntropyLoss",
+    "LinearGuidedCrossEntropyLoss",
     "backend_name",
 ]

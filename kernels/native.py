@@ -16,6 +16,11 @@ opened with ctypes on first use. Arguments are not validated beyond what memory 
 Logits-like inputs may have strided rows but are copied when their last dimension is not
 contiguous. The calls release the GIL and run on as many OpenMP threads as
 `torch.get_num_threads()`.
+
+The linear ops' three matmul helpers (linear_weight, linear_logits, linear_target_logits) are
+the reference's fp32 torch ones: the BLAS torch links is faster than any GEMM worth writing
+here, and the part of those ops that wants fusing (softmax, masks, gradient over a chunk of
+logits) is the five functions above.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import threading
 
 import torch
 
+from .reference import linear_logits, linear_target_logits, linear_weight  # noqa: F401  (BLAS through torch)
+
 __all__ = [
     "available",
     "load_error",
@@ -33,6 +40,9 @@ __all__ = [
     "window_weights",
     "hard_grad",
     "guided_grad",
+    "linear_weight",
+    "linear_logits",
+    "linear_target_logits",
 ]
 
 ABI_VERSION = 1

@@ -87,3 +87,33 @@ def guided_grad(student, concept, anchor, eta: float, lse_student, lse_target, r
     p = torch.exp(guided_target(concept, anchor, eta) - lse_target[:, None])
     grad = (torch.exp(student.float() - lse_student[:, None]) - p) * row_scale[:, None]
     out.copy_(torch.where(row_scale[:, None] == 0, torch.zeros_like(grad), grad))
+
+
+# ---------------------------------------------------------------- the linear head (fused linear + loss ops)
+#
+# The linear ops (earkit.kernels.linear_cross_entropy) compute logits = hidden @ weight.T + bias
+# one chunk of rows at a time and hand each chunk to the five functions above. Every backend
+# supplies these three; here (and in the native twin, which has no matmul of its own: BLAS
+# through torch beats any GEMM worth writing in C++) they are plain fp32 torch.
+
+
+def linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as the matmuls of this backend want it: fp32, converted once per call."""
+    return weight.float()
+
+
+def linear_logits(hidden, weight, bias, out) -> None:
+    """out (M, V) fp32 = hidden (M, H) @ weight.T + bias, in fp32."""
+    torch.mm(hidden.float(), weight.float().t(), out=out)
+    if bias is not None:
+        out += bias.float()
+
+
+def linear_target_logits(h_concept, h_anchor, weight, bias, eta: float, out) -> None:
+    """out = (1 + eta) (h_anchor W^T + b) - eta (h_concept W^T + b): the guided target's logits,
+    each product in fp32 before they are combined (never ((1 + eta) h_a - eta h_c) W^T, which
+    would round the combination to the input dtype first)."""
+    linear_logits(h_anchor, weight, bias, out)
+    concept = torch.empty_like(out)
+    linear_logits(h_concept, weight, bias, concept)
+    out.mul_(1.0 + eta).sub_(concept, alpha=eta)

@@ -1,0 +1,503 @@
+"""The fused linear + loss ops: the head's last Linear and the loss, without the N x V logits.
+
+    linear_masked_cross_entropy(hidden, weight, target, bias=None, ...)
+        = masked_cross_entropy(hidden @ weight.T + bias, target, ...)
+    linear_guided_cross_entropy(h_student, h_concept, h_anchor, weight, bias=None, ...)
+        = guided_cross_entropy(h_s W^T + b, h_c W^T + b, h_a W^T + b, ...)
+
+How, per chunk of C rows (C ~ 512 on a GPU, 256 on a CPU; whole sequences when windowed, so
+every window lies in one chunk):
+  1. the chunk's logits in fp32 (guided: the student's, and the target's t = (1 + eta) z_a -
+     eta z_c from one kernel with both teacher products combined in registers);
+  2. the backend's row kernels: online softmax, loss, token threshold, then the window gate;
+  3. the gradient of the chunk's rows, a_i (softmax - onehot) (or - p_i), written over the
+     logits (or into a half-precision copy for the tensor cores), and multiplied into
+     d hidden = G W, and d weight += G^T h, d bias += sum G only when those require grad.
+One C x V buffer (two for the guided loss) is reused for the whole call: no N x V tensor is
+ever written, and d weight accumulates chunk after chunk in fp32, in a fixed order, with no
+atomics: the result is deterministic.
+
+Why the gradient is computed in the forward: it costs 2NHV flops once, whereas waiting for the
+backward means computing the logits a second time (another 2NHV, 4NHV for the guided target).
+The gradient's only unknown at forward time is the upstream gradient g and the mean's
+normaliser, and d hidden row i depends on row i alone, so the forward stores the unscaled
+d hidden and the backward multiplies row i by g_i (or g / sum a). d weight sums over rows: for
+a scalar upstream ("mean", "sum") it is scaled the same way; for reduction="none" the
+backward recomputes it chunk by chunk with the per-row upstream gradient.
+
+The backends are those of the logits-level ops (cross_entropy.py): Triton (the row kernels of
+triton_cross_entropy.py, the logits kernel of triton_linear_cross_entropy.py, cuBLAS for the
+gradient products), the native C++ twin (its row kernels, fp32 BLAS through torch for the
+products), the pure-torch reference. `inplace_backward` is accepted for the contract's sake and
+changes nothing: there is no logits buffer of the caller's to reuse.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .cross_entropy import (
+    _backend,
+    _check_common,
+    _check_finite,
+    _check_float_tensor,
+    _check_target_values,
+    _reduce,
+)
+
+# Rows per chunk: enough to fill the GPU with the row kernels, few enough that the chunk's
+# fp32 logits stay small (512 x 16384 x 4 B = 32 MB). Tests force tiny chunks.
+CHUNK_ROWS = {"cuda": 512, "cpu": 256}
+force_chunk_rows: int | None = None
+
+
+def _linear_backend(device: torch.device) -> SimpleNamespace:
+    """The row functions of the logits-level backend plus its three matmul helpers."""
+    rows = _backend(device)
+    if rows.__name__.endswith("triton_cross_entropy"):
+        from . import triton_linear_cross_entropy as products
+    else:
+        products = rows  # native re-exports the reference's fp32 torch helpers
+    return SimpleNamespace(
+        hard_rows=rows.hard_rows, guided_rows=rows.guided_rows, window_weights=rows.window_weights,
+        hard_grad=rows.hard_grad, guided_grad=rows.guided_grad,
+        linear_weight=products.linear_weight, linear_logits=products.linear_logits,
+        linear_target_logits=products.linear_target_logits,
+    )
+
+
+def _chunk_rows(n_rows: int, seq_len: Optional[int], device: torch.device) -> int:
+    wanted = force_chunk_rows or CHUNK_ROWS.get(device.type, CHUNK_ROWS["cuda"])
+    if seq_len is not None:  # windowed: whole sequences, so the gate sees every window whole
+        wanted = seq_len * max(1, wanted // seq_len)
+    return max(1, min(wanted, n_rows))
+
+
+def _mm_into_fp32(accumulator: Tensor, a: Tensor, b: Tensor) -> None:
+    """accumulator (fp32) += a @ b with fp32 accumulation and no rounding of the product."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        accumulator.addmm_(a, b)
+    elif a.is_cuda:
+        accumulator.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        accumulator.addmm_(a.float(), b.float())
+
+
+class _GradientSink:
+    """Where each chunk's logits gradient G goes: d hidden rows, d weight, d bias."""
+
+    def __init__(self, hidden_rows: Tensor, weight_mm: Tensor, n_cols: int, need_hidden: bool, need_weight: bool,
+                 need_bias: bool):
+        n_rows, n_inner = hidden_rows.shape
+        device = hidden_rows.device
+        self.weight_mm = weight_mm
+        self.hidden = torch.empty((n_rows, n_inner), dtype=hidden_rows.dtype, device=device) if need_hidden else None
+        self.weight = torch.zeros((n_cols, n_inner), dtype=torch.float32, device=device) if need_weight else None
+        self.bias = torch.zeros(n_cols, dtype=torch.float32, device=device) if need_bias else None
+
+    @property
+    def active(self) -> bool:
+        return self.hidden is not None or self.weight is not None or self.bias is not None
+
+    def add(self, grad: Tensor, hidden_chunk: Tensor, start: int, end: int) -> None:
+        if self.hidden is not None:
+            if self.hidden.dtype == grad.dtype:
+                torch.mm(grad, self.weight_mm, out=self.hidden[start:end])
+            else:
+                self.hidden[start:end] = torch.mm(grad, self.weight_mm)
+        if self.weight is not None:
+            _mm_into_fp32(self.weight, grad.t(), hidden_chunk)
+        if self.bias is not None:
+            self.bias += grad.sum(0, dtype=torch.float32)
+
+    def outputs(self, like: Tensor, hidden_shape) -> tuple[Tensor, Tensor, Tensor]:
+        # Custom-op outputs must not alias each other: a fresh empty tensor for each one absent.
+        return (
+            self.hidden.view(hidden_shape) if self.hidden is not None else like.new_empty(0),
+            self.weight if self.weight is not None else like.new_empty(0, dtype=torch.float32),
+            self.bias if self.bias is not None else like.new_empty(0, dtype=torch.float32),
+        )
+
+
+def _buffers(rows: int, n_cols: int, hidden: Tensor, weight_mm: Tensor, count: int, need_grad: bool):
+    """`count` fp32 logits buffers of rows x V, and the buffer the gradient goes into: the first
+    logits buffer itself when the products run in fp32, else a half-precision one."""
+    logits = [torch.empty((rows, n_cols), dtype=torch.float32, device=hidden.device) for _ in range(count)]
+    grad = None
+    if need_grad:
+        grad = logits[0] if weight_mm.dtype == torch.float32 else torch.empty(
+            (rows, n_cols), dtype=weight_mm.dtype, device=hidden.device)
+    return logits, grad
+
+
+def _hard_chunks(hidden, weight, bias, target, ignore_index, threshold, window, window_threshold,
+                 need_hidden, need_weight, need_bias, row_scale=None):
+    """Steps 1-3 over every chunk. With row_scale given (the backward's recompute), the gradient
+    uses it instead of the weights a_i and the loss outputs are not wanted."""
+    backend = _linear_backend(hidden.device)
+    hidden_rows = hidden.reshape(-1, hidden.shape[-1])
+    target_rows = target.reshape(-1).contiguous()
+    n_rows, n_cols = hidden_rows.shape[0], weight.shape[0]
+    _check_target_values(target_rows, n_cols, ignore_index)
+    weight_mm = backend.linear_weight(weight)
+    sink = _GradientSink(hidden_rows, weight_mm, n_cols, need_hidden, need_weight, need_bias)
+    loss, weights, lse = (torch.empty(n_rows, dtype=torch.float32, device=hidden.device) for _ in range(3))
+    seq_len = hidden.shape[1] if window is not None else None
+    chunk = _chunk_rows(n_rows, seq_len, hidden.device)
+    (logits,), grad = _buffers(chunk, n_cols, hidden, weight_mm, 1, sink.active)
+    for start in range(0, n_rows, chunk):
+        end = min(start + chunk, n_rows)
+        h, z, y = hidden_rows[start:end], logits[: end - start], target_rows[start:end]
+        backend.linear_logits(h, weight_mm, bias, z)
+        if row_scale is None:
+            loss_c, keep_c, lse_c = backend.hard_rows(z, y, ignore_index, threshold)
+            weight_c = keep_c if window is None else backend.window_weights(
+                loss_c, keep_c, seq_len, window, window_threshold)
+            loss[start:end], weights[start:end], lse[start:end] = loss_c, weight_c, lse_c
+            scale_c = weight_c
+        else:
+            lse_c = row_scale[1][start:end]
+            scale_c = row_scale[0][start:end]
+        if sink.active:
+            g = grad[: end - start]
+            backend.hard_grad(z, y, lse_c, scale_c.contiguous(), g)
+            sink.add(g, h, start, end)
+    return loss, weights, lse, sink
+
+
+def _guided_chunks(h_student, h_concept, h_anchor, weight, bias, eta, threshold, window, window_threshold,
+                   need_hidden, need_weight, need_bias, row_scale=None):
+    backend = _linear_backend(h_student.device)
+    n_inner = h_student.shape[-1]
+    s_rows, c_rows, a_rows = (x.reshape(-1, n_inner) for x in (h_student, h_concept, h_anchor))
+    n_rows, n_cols = s_rows.shape[0], weight.shape[0]
+    weight_mm = backend.linear_weight(weight)
+    sink = _GradientSink(s_rows, weight_mm, n_cols, need_hidden, need_weight, need_bias)
+    loss, weights, lse_student, lse_target = (
+        torch.empty(n_rows, dtype=torch.float32, device=h_student.device) for _ in range(4))
+    seq_len = h_student.shape[1] if window is not None else None
+    chunk = _chunk_rows(n_rows, seq_len, h_student.device)
+    (student, target), grad = _buffers(chunk, n_cols, h_student, weight_mm, 2, sink.active)
+    for start in range(0, n_rows, chunk):
+        end = min(start + chunk, n_rows)
+        s, t = student[: end - start], target[: end - start]
+        backend.linear_logits(s_rows[start:end], weight_mm, bias, s)
+        backend.linear_target_logits(c_rows[start:end], a_rows[start:end], weight_mm, bias, eta, t)
+        # The row kernels take concept and anchor logits; given t as both with eta = 0 they
+        # form 1 * t - 0 * t = t, exactly, for the finite logits a linear layer produces.
+        if row_scale is None:
+            loss_c, keep_c, lse_s, lse_t = backend.guided_rows(s, t, t, 0.0, threshold)
+            weight_c = keep_c if window is None else backend.window_weights(
+                loss_c, keep_c, seq_len, window, window_threshold)
+            loss[start:end], weights[start:end] = loss_c, weight_c
+            lse_student[start:end], lse_target[start:end] = lse_s, lse_t
+            scale_c = weight_c
+        else:
+            scale_c, lse_s, lse_t = (x[start:end] for x in row_scale)
+        if sink.active:
+            g = grad[: end - start]
+            backend.guided_grad(s, t, t, 0.0, lse_s, lse_t, scale_c.contiguous(), g)
+            sink.add(g, s_rows[start:end], start, end)
+    return loss, weights, lse_student, lse_target, sink
+
+
+# ---------------------------------------------------------------- backward pieces shared by both ops
+
+
+def _upstream_factor(weight: Tensor, grad_loss: Tensor, reduction: str) -> Tensor:
+    """What the forward's unscaled gradient (a_i times softmax - target) still needs: the
+    upstream gradient, over the mean's count. Per row for "none", else a scalar."""
+    grad_loss = grad_loss.float()
+    if reduction == "none":
+        return grad_loss.reshape(-1)
+    if reduction == "mean":
+        return grad_loss / weight.sum().clamp_min(1.0)
+    return grad_loss
+
+
+def _scaled_hidden_grad(grad_hidden: Tensor, factor: Tensor, hidden: Tensor) -> Tensor:
+    """grad_hidden rows times factor (per row or scalar) in fp32, chunk by chunk so that no
+    fp32 copy of the whole N x H gradient is made; returned in the hidden's dtype and shape."""
+    rows = grad_hidden.reshape(-1, grad_hidden.shape[-1])
+    out = torch.empty_like(rows)
+    per_row = factor.dim() == 1
+    chunk = 4096
+    for start in range(0, rows.shape[0], chunk):
+        end = min(start + chunk, rows.shape[0])
+        f = factor[start:end, None] if per_row else factor
+        out[start:end] = rows[start:end].float() * f
+    return out.view(hidden.shape)
+
+
+def _fake_linear_outputs(hidden, weight, reduction, n_row_vectors, need_hidden, need_weight, need_bias):
+    rows_shape = hidden.shape[:-1]
+    n_cols, n_inner = weight.shape
+    loss = hidden.new_empty(rows_shape if reduction == "none" else (), dtype=torch.float32)
+    vectors = tuple(hidden.new_empty(rows_shape, dtype=torch.float32) for _ in range(n_row_vectors))
+    forward_weight = reduction != "none"
+    return (loss,) + vectors + (
+        hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty(0),
+        hidden.new_empty((n_cols, n_inner), dtype=torch.float32) if need_weight and forward_weight
+        else hidden.new_empty(0, dtype=torch.float32),
+        hidden.new_empty(n_cols, dtype=torch.float32) if need_bias and forward_weight
+        else hidden.new_empty(0, dtype=torch.float32),
+    )
+
+
+def _weight_grads(ctx, grad_weight, grad_bias, factor):
+    """The final d weight and d bias from the forward's fp32 sums (scalar upstream)."""
+    weight_dtype = ctx.weight_dtype
+    dw = (grad_weight * factor).to(weight_dtype) if ctx.need_weight_grad else None
+    db = (grad_bias * factor).to(ctx.bias_dtype) if ctx.need_bias_grad else None
+    return dw, db
+
+
+# ---------------------------------------------------------------- hard labels
+
+
+@torch.library.custom_op("earkit::linear_masked_cross_entropy", mutates_args=())
+def _linear_masked_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, threshold: Optional[float],
+    ignore_index: int, window: Optional[int], window_threshold: Optional[float], reduction: str,
+    need_hidden_grad: bool, need_weight_grad: bool, need_bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # d weight needs the per-row upstream gradient for reduction="none": the backward does it.
+    forward_weight = reduction != "none"
+    loss, weights, lse, sink = _hard_chunks(
+        hidden, weight, bias, target, ignore_index, threshold, window, window_threshold,
+        need_hidden_grad, need_weight_grad and forward_weight, need_bias_grad and forward_weight,
+    )
+    rows_shape = hidden.shape[:-1]
+    return (_reduce(loss, weights, reduction, rows_shape), weights.reshape(rows_shape), lse.reshape(rows_shape),
+            *sink.outputs(hidden, hidden.shape))
+
+
+@_linear_masked_op.register_fake
+def _(hidden, weight, bias, target, threshold, ignore_index, window, window_threshold, reduction,
+      need_hidden_grad, need_weight_grad, need_bias_grad):
+    return _fake_linear_outputs(hidden, weight, reduction, 2, need_hidden_grad, need_weight_grad, need_bias_grad)
+
+
+@torch.library.custom_op("earkit::linear_masked_cross_entropy_weight_backward", mutates_args=())
+def _linear_masked_weight_backward_op(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int, lse: Tensor,
+    row_scale: Tensor, need_weight_grad: bool, need_bias_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    _, _, _, sink = _hard_chunks(hidden, weight, bias, target, ignore_index, None, None, None, False,
+                                 need_weight_grad, need_bias_grad, row_scale=(row_scale, lse.reshape(-1)))
+    _, dw, db = sink.outputs(hidden, hidden.shape)
+    return dw, db
+
+
+@_linear_masked_weight_backward_op.register_fake
+def _(hidden, weight, bias, target, ignore_index, lse, row_scale, need_weight_grad, need_bias_grad):
+    n_cols, n_inner = weight.shape
+    return (hidden.new_empty((n_cols, n_inner) if need_weight_grad else 0, dtype=torch.float32),
+            hidden.new_empty(n_cols if need_bias_grad else 0, dtype=torch.float32))
+
+
+def _linear_masked_setup_context(ctx, inputs, output):
+    (hidden, weight, bias, target, _, ignore_index, _, _, reduction, need_hidden_grad, need_weight_grad,
+     need_bias_grad) = inputs
+    _, weights, lse, grad_hidden, grad_weight, grad_bias = output
+    ctx.save_for_backward(hidden, weight, bias, target, weights, lse, grad_hidden, grad_weight, grad_bias)
+    ctx.ignore_index, ctx.reduction = ignore_index, reduction
+    ctx.need_hidden_grad, ctx.need_weight_grad, ctx.need_bias_grad = need_hidden_grad, need_weight_grad, need_bias_grad
+    ctx.weight_dtype = weight.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else weight.dtype
+    ctx.mark_non_differentiable(weights, lse, grad_hidden, grad_weight, grad_bias)
+
+
+def _linear_masked_backward(ctx, grad_loss, *_unused):
+    hidden, weight, bias, target, weights, lse, grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+    factor = _upstream_factor(weights.reshape(-1), grad_loss, ctx.reduction)
+    dh = _scaled_hidden_grad(grad_hidden, factor, hidden) if ctx.need_hidden_grad else None
+    if ctx.reduction == "none" and (ctx.need_weight_grad or ctx.need_bias_grad):
+        grad_weight, grad_bias = torch.ops.earkit.linear_masked_cross_entropy_weight_backward(
+            hidden, weight, bias, target, ctx.ignore_index, lse, (weights.reshape(-1) * factor).contiguous(),
+            ctx.need_weight_grad, ctx.need_bias_grad)
+        factor = torch.ones((), device=hidden.device)
+    dw, db = _weight_grads(ctx, grad_weight, grad_bias, factor)
+    return dh, dw, db, None, None, None, None, None, None, None, None, None
+
+
+_linear_masked_op.register_autograd(_linear_masked_backward, setup_context=_linear_masked_setup_context)
+
+
+# ---------------------------------------------------------------- guided soft target
+
+
+@torch.library.custom_op("earkit::linear_guided_cross_entropy", mutates_args=())
+def _linear_guided_op(
+    h_student: Tensor, h_concept: Tensor, h_anchor: Tensor, weight: Tensor, bias: Optional[Tensor], eta: float,
+    threshold: Optional[float], window: Optional[int], window_threshold: Optional[float], reduction: str,
+    need_hidden_grad: bool, need_weight_grad: bool, need_bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    forward_weight = reduction != "none"
+    loss, weights, lse_student, lse_target, sink = _guided_chunks(
+        h_student, h_concept, h_anchor, weight, bias, eta, threshold, window, window_threshold,
+        need_hidden_grad, need_weight_grad and forward_weight, need_bias_grad and forward_weight,
+    )
+    rows_shape = h_student.shape[:-1]
+    return (_reduce(loss, weights, reduction, rows_shape), weights.reshape(rows_shape),
+            lse_student.reshape(rows_shape), lse_target.reshape(rows_shape), *sink.outputs(h_student, h_student.shape))
+
+
+@_linear_guided_op.register_fake
+def _(h_student, h_concept, h_anchor, weight, bias, eta, threshold, window, window_threshold, reduction,
+      need_hidden_grad, need_weight_grad, need_bias_grad):
+    return _fake_linear_outputs(h_student, weight, reduction, 3, need_hidden_grad, need_weight_grad, need_bias_grad)
+
+
+@torch.library.custom_op("earkit::linear_guided_cross_entropy_weight_backward", mutates_args=())
+def _linear_guided_weight_backward_op(
+    h_student: Tensor, h_concept: Tensor, h_anchor: Tensor, weight: Tensor, bias: Optional[Tensor], eta: float,
+    lse_student: Tensor, lse_target: Tensor, row_scale: Tensor, need_weight_grad: bool, need_bias_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    *_, sink = _guided_chunks(h_student, h_concept, h_anchor, weight, bias, eta, None, None, None, False,
+                              need_weight_grad, need_bias_grad,
+                              row_scale=(row_scale, lse_student.reshape(-1), lse_target.reshape(-1)))
+    _, dw, db = sink.outputs(h_student, h_student.shape)
+    return dw, db
+
+
+@_linear_guided_weight_backward_op.register_fake
+def _(h_student, h_concept, h_anchor, weight, bias, eta, lse_student, lse_target, row_scale, need_weight_grad,
+      need_bias_grad):
+    n_cols, n_inner = weight.shape
+    return (h_student.new_empty((n_cols, n_inner) if need_weight_grad else 0, dtype=torch.float32),
+            h_student.new_empty(n_cols if need_bias_grad else 0, dtype=torch.float32))
+
+
+def _linear_guided_setup_context(ctx, inputs, output):
+    (h_student, h_concept, h_anchor, weight, bias, eta, _, _, _, reduction, need_hidden_grad, need_weight_grad,
+     need_bias_grad) = inputs
+    _, weights, lse_student, lse_target, grad_hidden, grad_weight, grad_bias = output
+    ctx.save_for_backward(h_student, h_concept, h_anchor, weight, bias, weights, lse_student, lse_target,
+                          grad_hidden, grad_weight, grad_bias)
+    ctx.eta, ctx.reduction = eta, reduction
+    ctx.need_hidden_grad, ctx.need_weight_grad, ctx.need_bias_grad = need_hidden_grad, need_weight_grad, need_bias_grad
+    ctx.weight_dtype = weight.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else weight.dtype
+    ctx.mark_non_differentiable(weights, lse_student, lse_target, grad_hidden, grad_weight, grad_bias)
+
+
+def _linear_guided_backward(ctx, grad_loss, *_unused):
+    (h_student, h_concept, h_anchor, weight, bias, weights, lse_student, lse_target, grad_hidden, grad_weight,
+     grad_bias) = ctx.saved_tensors
+    factor = _upstream_factor(weights.reshape(-1), grad_loss, ctx.reduction)
+    dh = _scaled_hidden_grad(grad_hidden, factor, h_student) if ctx.need_hidden_grad else None
+    if ctx.reduction == "none" and (ctx.need_weight_grad or ctx.need_bias_grad):
+        grad_weight, grad_bias = torch.ops.earkit.linear_guided_cross_entropy_weight_backward(
+            h_student, h_concept, h_anchor, weight, bias, ctx.eta, lse_student, lse_target,
+            (weights.reshape(-1) * factor).contiguous(), ctx.need_weight_grad, ctx.need_bias_grad)
+        factor = torch.ones((), device=h_student.device)
+    dw, db = _weight_grads(ctx, grad_weight, grad_bias, factor)
+    # The teachers' hidden states are constants of the objective: they never get a gradient.
+    return dh, None, None, dw, db, None, None, None, None, None, None, None, None
+
+
+_linear_guided_op.register_autograd(_linear_guided_backward, setup_context=_linear_guided_setup_context)
+
+
+# ---------------------------------------------------------------- validation and the public functions
+
+
+def _check_head(hidden_name: str, hidden: Tensor, weight, bias) -> None:
+    _check_float_tensor(hidden_name, hidden)
+    _check_float_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (V, H), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}: its H ({weight.shape[1]}) must be "
+                         f"{hidden_name}'s last dimension ({hidden.shape[-1]})")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but {hidden_name} is on {hidden.device}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight has dtype {weight.dtype} but {hidden_name} has {hidden.dtype}")
+    if bias is not None:
+        _check_float_tensor("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({weight.shape[0]},) (weight's V)")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but {hidden_name} is on {hidden.device}")
+        if bias.dtype != hidden.dtype:
+            raise ValueError(f"bias has dtype {bias.dtype} but {hidden_name} has {hidden.dtype}")
+
+
+def _wants_grad(tensor: Optional[Tensor]) -> bool:
+    return tensor is not None and torch.is_grad_enabled() and tensor.requires_grad
+
+
+def linear_masked_cross_entropy(
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, *, threshold: float | None = None,
+    ignore_index: int = -100, window: int | None = None, window_threshold: float | None = None,
+    reduction: str = "mean", inplace_backward: bool = False,
+) -> Tensor:
+    """masked_cross_entropy(hidden @ weight.T + bias, target, ...) without the N x V logits.
+
+    hidden (..., H) (with `window`: (B, T, H)), weight (V, H), bias (V,) or None, all of one
+    float dtype; target (...) integer class ids. Threshold, ignore_index, windows and reduction
+    as in masked_cross_entropy. hidden gets a gradient; weight and bias get one only when they
+    require grad. inplace_backward is accepted and changes nothing (there is no logits buffer).
+    """
+    _check_head("hidden", hidden, weight, bias)
+    threshold, window_threshold = _check_common("hidden", hidden, threshold, window, window_threshold, reduction)
+    if not isinstance(target, Tensor):
+        raise ValueError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class ids, got dtype {target.dtype}")
+    if target.shape != hidden.shape[:-1]:
+        raise ValueError(f"target has shape {tuple(target.shape)}; expected {tuple(hidden.shape[:-1])} (hidden without H)")
+    if target.device != hidden.device:
+        raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    loss, *_ = torch.ops.earkit.linear_masked_cross_entropy(
+        hidden, weight, bias, target.long(), threshold, ignore_index, window, window_threshold, reduction,
+        _wants_grad(hidden), _wants_grad(weight), _wants_grad(bias),
+    )
+    return loss
+
+
+def linear_guided_cross_entropy(
+    h_student: Tensor, h_concept: Tensor, h_anchor: Tensor, weight: Tensor, bias: Tensor | None = None, *,
+    eta: float = 1.0, threshold: float | None = None, window: int | None = None,
+    window_threshold: float | None = None, reduction: str = "mean", inplace_backward: bool = False,
+) -> Tensor:
+    """guided_cross_entropy(h_s W^T + b, h_c W^T + b, h_a W^T + b, ...) without any N x V logits.
+
+    The three hidden states (..., H) (with `window`: (B, T, H)) share the head weight (V, H) and
+    bias (V,): the student's and both teachers' logits come from the same layer. Only h_student
+    (and weight, bias when they require grad) get a gradient.
+    """
+    _check_head("h_student", h_student, weight, bias)
+    for name, tensor in (("h_concept", h_concept), ("h_anchor", h_anchor)):
+        _check_float_tensor(name, tensor)
+        if tensor.shape != h_student.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)} but h_student has {tuple(h_student.shape)}")
+        if tensor.device != h_student.device:
+            raise ValueError(f"{name} is on {tensor.device} but h_student is on {h_student.device}")
+        if tensor.dtype != h_student.dtype:
+            raise ValueError(f"{name} has dtype {tensor.dtype} but h_student has {h_student.dtype}")
+    eta = _check_finite("eta", eta, allow_none=False)
+    threshold, window_threshold = _check_common("h_student", h_student, threshold, window, window_threshold,
+                                                reduction)
+    loss, *_ = torch.ops.earkit.linear_guided_cross_entropy(
+        h_student, h_concept.detach(), h_anchor.detach(), weight, bias, eta, threshold, window, window_threshold,
+        reduction, _wants_grad(h_student), _wants_grad(weight), _wants_grad(bias),
+    )
+    return loss
+
+
+def flops(n_rows: int, n_inner: int, n_cols: int, op: str, weight_grad: bool = False) -> int:
+    """Matmul flops of one fwd+bwd: 2NHV per product (logits, target's two, d hidden, d weight)."""
+    products = {"hard": 2, "guided": 4}[op] + (1 if weight_grad else 0)
+    return 2 * n_rows * n_inner * n_cols * products
+
+
+__all__ = ["linear_masked_cross_entropy", "linear_guided_cross_entropy", "flops"]

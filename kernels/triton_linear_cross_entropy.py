@@ -1,0 +1,150 @@
+"""Triton kernel of the fused linear + loss ops: one chunk of head logits, straight to fp32.
+
+The linear ops (linear_cross_entropy.py) never hold the N x V logits: they walk the rows in
+chunks of C rows and, per chunk, (1) compute the chunk's logits here, (2) run the row kernels
+of triton_cross_entropy.py on them (online softmax, threshold, window gate, then the gradient
+written over the same buffer), (3) multiply the gradient into d hidden (and d weight, d bias)
+with cuBLAS. One C x V fp32 buffer (two for the guided loss) lives for the whole call.
+
+Why logits in fp32 and not the input dtype: the loss kernels do fp32 math on whatever they
+read; a bf16 logit rounded before the softmax would put 2^-8 relative noise on every gradient
+entry, which the fused path has no reason to pay (torch's bf16 head does pay it).
+
+The guided loss's target logits t = (1 + eta) z_a - eta z_c come out of one kernel with two
+accumulators (anchor and concept) combined in fp32 in registers: the two teacher logit
+tensors are never written, only t.
+
+Layout: a 2-D grid over (row tiles, column tiles) with the row tile varying fastest, so the
+programs that run together share one weight tile (read from DRAM once per chunk) and the
+chunk's hidden rows (C x H, a few MB) stay in L2. For small N the column tiles alone fill the
+GPU (1152 rows x 16384 columns are 9 x 128 tiles of 128 x 128): this is the split-V layout.
+
+Under the Triton interpreter (TRITON_INTERPRET=1, the tests) tl.dot cannot take bf16 or fp16
+operands, so tiles are cast to fp32 first (DOT_IN_FP32); on a GPU half-precision tiles go to
+the tensor cores as they are, and fp32 tiles use IEEE fp32 products (never TF32, whose 10-bit
+mantissa would be coarser than the bf16 path's fp32 accumulation).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Tests set these to exercise ragged tiles and the K loop at tiny shapes.
+force_blocks: tuple[int, int, int] | None = None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _dot_tile(acc, h_tile, w_tile, DOT_IN_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """acc += h_tile (BM x BK) @ w_tile.T (BK x BN), accumulated in fp32."""
+    if DOT_IN_FP32:
+        h_tile = h_tile.to(tl.float32)
+        w_tile = w_tile.to(tl.float32)
+    if IEEE:
+        return tl.dot(h_tile, tl.trans(w_tile), acc, input_precision="ieee")
+    return tl.dot(h_tile, tl.trans(w_tile), acc)
+
+
+@triton.jit
+def _linear_logits_kernel(
+    h_ptr, h_row_stride, h_col_stride, h2_ptr, h2_row_stride, h2_col_stride,
+    w_ptr, w_row_stride, w_col_stride, b_ptr, out_ptr, out_row_stride,
+    n_rows, n_cols, n_inner, scale, scale2,
+    HAS_BIAS: tl.constexpr, TWO_INPUTS: tl.constexpr, DOT_IN_FP32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out = scale (h W^T + b) [- scale2 (h2 W^T + b)], fp32, one (BLOCK_M x BLOCK_N) tile."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, n_inner, BLOCK_K):
+        inner = k0 + tl.arange(0, BLOCK_K)
+        inner_ok = inner < n_inner
+        w_tile = tl.load(
+            w_ptr + cols64[:, None] * w_row_stride + inner[None, :] * w_col_stride,
+            mask=col_ok[:, None] & inner_ok[None, :], other=0.0,
+        )
+        h_tile = tl.load(
+            h_ptr + rows64[:, None] * h_row_stride + inner[None, :] * h_col_stride,
+            mask=row_ok[:, None] & inner_ok[None, :], other=0.0,
+        )
+        acc = _dot_tile(acc, h_tile, w_tile, DOT_IN_FP32, IEEE)
+        if TWO_INPUTS:
+            h2_tile = tl.load(
+                h2_ptr + rows64[:, None] * h2_row_stride + inner[None, :] * h2_col_stride,
+                mask=row_ok[:, None] & inner_ok[None, :], other=0.0,
+            )
+            acc2 = _dot_tile(acc2, h2_tile, w_tile, DOT_IN_FP32, IEEE)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+        if TWO_INPUTS:
+            acc2 += bias[None, :]
+    result = acc
+    if TWO_INPUTS:
+        # The same combination, in the same order, as reference.guided_target.
+        result = scale * acc - scale2 * acc2
+    tl.store(out_ptr + rows64[:, None] * out_row_stride + cols64[None, :], result,
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _blocks(n_rows: int, n_cols: int, n_inner: int, two_inputs: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    if force_blocks is not None:
+        bm, bn, bk = force_blocks
+        return bm, bn, bk, 4, 1
+    if _interpreting():
+        # The interpreter runs each program in numpy: few, large-ish tiles are fastest.
+        cap = lambda x, c: min(triton.next_power_of_2(max(x, 1)), c)  # noqa: E731
+        return cap(n_rows, 64), cap(n_cols, 128), cap(n_inner, 64), 4, 1
+    # Hopper: 128 x 128 fp32 accumulators (two for the target) over 8 warps; three pipeline
+    # stages of bf16 tiles fit the shared memory, two with the second input.
+    return 128, 128, 64, 8, 2 if two_inputs else 3
+
+
+def linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Half-precision weights feed the tensor cores as they are: nothing to convert."""
+    return weight
+
+
+def _launch(hidden, hidden2, weight, bias, out, scale: float, scale2: float) -> None:
+    n_rows, n_inner = hidden.shape
+    n_cols = weight.shape[0]
+    if n_rows == 0:
+        return
+    two = hidden2 is not None
+    bm, bn, bk, warps, stages = _blocks(n_rows, n_cols, n_inner, two)
+    h2 = hidden2 if two else hidden
+    grid = (triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))
+    _linear_logits_kernel[grid](
+        hidden, hidden.stride(0), hidden.stride(1), h2, h2.stride(0), h2.stride(1),
+        weight, weight.stride(0), weight.stride(1), bias if bias is not None else out, out, out.stride(0),
+        n_rows, n_cols, n_inner, float(scale), float(scale2),
+        HAS_BIAS=bias is not None, TWO_INPUTS=two, DOT_IN_FP32=_interpreting(),
+        IEEE=hidden.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=warps, num_stages=stages,
+    )
+
+
+def linear_logits(hidden, weight, bias, out) -> None:
+    """out (M, V) fp32 = hidden (M, H) @ weight.T + bias (reference.linear_logits' API)."""
+    _launch(hidden, None, weight, bias, out, 1.0, 0.0)
+
+
+def linear_target_logits(h_concept, h_anchor, weight, bias, eta: float, out) -> None:
+    """out = (1 + eta) (h_anchor W^T + b) - eta (h_concept W^T + b), in one pass over W."""
+    _launch(h_anchor, h_concept, weight, bias, out, 1.0 + eta, eta)

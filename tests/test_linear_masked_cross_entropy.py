@@ -1,0 +1,250 @@
+"""linear_masked_cross_entropy on every backend against a float64 reference written here from DESIGN.md:
+the head's logits hidden @ weight.T + bias, then the thresholded, windowed hard-label loss."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from earkit.kernels import LinearMaskedCrossEntropyLoss, linear_masked_cross_entropy
+from earkit.kernels import linear_cross_entropy, triton_linear_cross_entropy
+from helpers import DTYPES, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, reduce, threshold_in_gap, windowed_weights
+
+# Gradients here are sums over V (d hidden) or N (d weight) of rounded terms, so an entry near
+# zero carries the rounding of much larger terms: compare against the largest entry.
+GRAD_SCALE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def expected(hidden, weight, target, bias=None, *, threshold=None, ignore_index=-100, window=None,
+             window_threshold=None, reduction="mean", grad_output=None):
+    """Loss and gradients (hidden, weight, bias) in float64; masks are constants."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    b = bias.detach().double().requires_grad_() if bias is not None else None
+    logits = h @ w.t() + (b if b is not None else 0.0)
+    n_classes = w.shape[0]
+    labels = target.reshape(-1)
+    valid = labels != ignore_index
+    log_probs = torch.log_softmax(logits.reshape(-1, n_classes), dim=-1)
+    picked = log_probs.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)
+    token_loss = torch.where(valid, -picked, torch.zeros_like(picked))
+    with torch.no_grad():
+        keep = valid & ~(token_loss <= threshold) if threshold is not None else valid
+        weights, window_sums = windowed_weights(token_loss, keep, target.shape, window, window_threshold)
+    loss = reduce(weights, token_loss, reduction, target.shape)
+    upstream = torch.ones_like(loss) if grad_output is None else grad_output.double()
+    leaves = [h, w] + ([b] if b is not None else [])
+    grads = torch.autograd.grad(loss, leaves, upstream)
+    return loss.detach(), grads, token_loss.detach(), window_sums
+
+
+def run_op(hidden, weight, target, bias=None, grad_output=None, train_head=True, **kwargs):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_(train_head)
+    b = bias.detach().clone().requires_grad_(train_head) if bias is not None else None
+    loss = linear_masked_cross_entropy(h, w, target, b, **kwargs)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), [h.grad, w.grad] + ([b.grad] if b is not None else [])
+
+
+def assert_grad_close(got, want, dtype):
+    assert got is not None and got.dtype == dtype
+    tol = GRAD_SCALE_TOL[dtype] * float(want.abs().max())
+    torch.testing.assert_close(got.double(), want, rtol=GRAD_TOL[dtype]["rtol"], atol=tol)
+
+
+def check(hidden, weight, target, bias=None, grad_output=None, train_head=True, **kwargs):
+    loss, grads = run_op(hidden, weight, target, bias, grad_output, train_head, **kwargs)
+    want_loss, want_grads, _, _ = expected(hidden, weight, target, bias, grad_output=grad_output, **kwargs)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
+    assert_grad_close(grads[0], want_grads[0], hidden.dtype)
+    if train_head:
+        for got, want in zip(grads[1:], want_grads[1:]):
+            assert_grad_close(got, want, hidden.dtype)
+    else:
+        assert all(g is None for g in grads[1:])
+
+
+def head_case(dtype, seed=0, batch=2, seq_len=7, n_inner=12, n_classes=37):
+    """Random hidden states and head, some ignored rows, thresholds that drop some tokens and windows."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, seq_len, n_inner, generator=generator).to(dtype)
+    weight = (torch.randn(n_classes, n_inner, generator=generator) / math.sqrt(n_inner) * 3).to(dtype)
+    bias = torch.randn(n_classes, generator=generator).to(dtype)
+    target = torch.randint(0, n_classes, (batch, seq_len), generator=generator)
+    target[0, 2] = -100
+    target[1, 5] = -100
+    _, _, token_loss, _ = expected(hidden, weight, target, bias)
+    threshold = threshold_in_gap(token_loss[target.reshape(-1) != -100], 0.3)
+    _, _, _, window_sums = expected(hidden, weight, target, bias, threshold=threshold, window=3, window_threshold=1e9)
+    window_threshold = threshold_in_gap(window_sums, 0.4)
+    return (hidden, weight, target, bias), dict(threshold=threshold, window=3, window_threshold=window_threshold)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of a few rows, so every test crosses chunk boundaries (windowed: one sequence each)."""
+    monkeypatch.setattr(linear_cross_entropy, "force_chunk_rows", 4)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference_with_threshold_and_windows(backend, small_chunks, dtype, reduction):
+    # T = 7 is not a multiple of W = 3, V = 37 and H = 12 are not powers of two; "none" takes
+    # the backward's recompute path for d weight and d bias.
+    tensors, options = head_case(dtype)
+    upstream = torch.randn(tensors[2].shape, generator=torch.Generator().manual_seed(5))
+    check(*tensors, upstream if reduction == "none" else None, reduction=reduction, **options)
+    _, _, token_loss, window_sums = expected(*tensors, **options)
+    assert 0 < (token_loss <= options["threshold"]).sum() < token_loss.numel() - 2
+    assert 0 < (window_sums <= options["window_threshold"]).sum() < window_sums.numel()
+
+
+def test_triton_tiles_and_layouts(triton_layout, small_chunks, monkeypatch):
+    # 8 x 8 x 4 tiles: ragged row and column tiles and a K loop of three steps at H = 12.
+    monkeypatch.setenv("EARKIT_BACKEND", "triton")
+    monkeypatch.setattr(triton_linear_cross_entropy, "force_blocks", (8, 8, 4))
+    for dtype in (torch.float32, torch.bfloat16):
+        tensors, options = head_case(dtype, seed=3)
+        check(*tensors, reduction="mean", **options)
+        check(*tensors, torch.randn(tensors[2].shape), reduction="none", threshold=options["threshold"])
+
+
+def test_frozen_head_gets_no_gradient_and_bias_is_optional(backend):
+    (hidden, weight, target, bias), options = head_case(torch.float32, seed=1)
+    check(hidden, weight, target, bias, train_head=False, reduction="mean", **options)
+    check(hidden, weight, target, None, reduction="sum", **options)
+    check(hidden, weight, target, None, torch.randn(target.shape), reduction="none")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_without_threshold_is_linear_then_cross_entropy(backend, reduction):
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(13, 6, generator=generator)
+    target = torch.randint(0, 29, (13,), generator=generator)
+    target[[2, 7]] = 4
+    ours = LinearMaskedCrossEntropyLoss(6, 29, ignore_index=4, reduction=reduction)
+    theirs = torch.nn.Linear(6, 29)
+    theirs.load_state_dict(ours.state_dict())
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    loss = ours(h1, target)
+    want = F.cross_entropy(theirs(h2), target, ignore_index=4, reduction=reduction)
+    loss.backward(torch.ones_like(loss))
+    want.backward(torch.ones_like(want))
+    torch.testing.assert_close(loss, want, **LOSS_TOL)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, rtol=1e-4, atol=1e-6)
+    assert "out_features=29" in repr(ours)
+
+
+def test_everything_masked_and_all_ignored(backend):
+    (hidden, weight, target, bias), _ = head_case(torch.float32, seed=7)
+    loss, grads = run_op(hidden, weight, target, bias, reduction="mean", threshold=1e6)
+    assert loss.item() == 0.0 and not any(g.any() for g in grads)
+    loss, grads = run_op(hidden, weight, torch.full_like(target, -100), bias, reduction="mean")
+    assert loss.item() == 0.0 and not any(g.any() for g in grads)
+
+
+def test_no_grad_needs_no_gradient_work(backend):
+    (hidden, weight, target, bias), options = head_case(torch.float32, seed=8)
+    with torch.no_grad():
+        loss = linear_masked_cross_entropy(hidden.requires_grad_(), weight, target, bias, **options)
+    want, _, _, _ = expected(hidden, weight, target, bias, **options)
+    torch.testing.assert_close(loss.double(), want, **LOSS_TOL)
+
+
+def test_nan_hidden_propagates_through_the_threshold(backend):
+    (hidden, weight, target, bias), options = head_case(torch.float32, seed=4)
+    hidden[1, 4, 0] = math.nan
+    target[1, 4] = 3
+    loss, grads = run_op(hidden, weight, target, bias, reduction="mean", **options)
+    assert math.isnan(loss.item())
+    assert grads[0][1, 4].isnan().all()
+    loss, _ = run_op(hidden, weight, target, bias, reduction="none", **options)
+    assert loss[1, 4].isnan() and not loss[0].isnan().any()
+
+
+@pytest.mark.parametrize(
+    "make_args, name",
+    [
+        (lambda h, w, y, b: ((h.long(), w, y, b), {}), "hidden"),
+        (lambda h, w, y, b: ((h.double(), w, y, b), {}), "hidden"),
+        (lambda h, w, y, b: ((h, w[:, :-1], y, b), {}), "weight"),
+        (lambda h, w, y, b: ((h, w[None], y, b), {}), "weight"),
+        (lambda h, w, y, b: ((h, w.half(), y, b), {}), "weight"),
+        (lambda h, w, y, b: ((h, w.to("meta"), y, b), {}), "weight"),
+        (lambda h, w, y, b: ((h, w, y, b[:-1]), {}), "bias"),
+        (lambda h, w, y, b: ((h, w, y, b.half()), {}), "bias"),
+        (lambda h, w, y, b: ((h, w, y[:, :-1], b), {}), "target"),
+        (lambda h, w, y, b: ((h, w, y.float(), b), {}), "target"),
+        (lambda h, w, y, b: ((h, w, y.flatten().index_fill(0, torch.tensor([3]), 37).view(y.shape), b), {}), "target"),
+        (lambda h, w, y, b: ((h, w, y.flatten().index_fill(0, torch.tensor([3]), -5).view(y.shape), b), {}), "target"),
+        (lambda h, w, y, b: ((h, w, y, b), {"window": 0}), "window"),
+        (lambda h, w, y, b: ((h.flatten(0, 1), w, y.flatten(), b), {"window": 3}), "hidden"),
+        (lambda h, w, y, b: ((h, w, y, b), {"threshold": math.nan}), "threshold"),
+        (lambda h, w, y, b: ((h, w, y, b), {"window": 3, "window_threshold": math.inf}), "window_threshold"),
+        (lambda h, w, y, b: ((h, w, y, b), {"reduction": "avg"}), "reduction"),
+        (lambda h, w, y, b: ((h, w, y, b), {"ignore_index": 1.5}), "ignore_index"),
+    ],
+)
+def test_bad_input_names_the_argument(backend, make_args, name):
+    tensors, _ = head_case(torch.float32)
+    hidden, weight, target, bias = tensors
+    args, kwargs = make_args(hidden, weight, target.clamp_min(0), bias)
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        linear_masked_cross_entropy(*args, **kwargs)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    (hidden, _, target, _), options = head_case(torch.float32, seed=6)
+    module = LinearMaskedCrossEntropyLoss(12, 37, reduction="mean", **options)
+
+    def loss_and_grads(fn):
+        module.zero_grad()
+        h = hidden.clone().requires_grad_()
+        loss = fn(h, target)
+        loss.backward()
+        return loss.detach(), [h.grad, module.weight.grad, module.bias.grad]
+
+    want_loss, want_grads = loss_and_grads(module)
+    loss, grads = loss_and_grads(torch.compile(module, fullgraph=True))
+    torch.testing.assert_close(loss, want_loss)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    backend_name=st.sampled_from(["reference", "native", "triton"]),
+    batch=st.integers(1, 3),
+    seq_len=st.integers(1, 6),
+    n_inner=st.integers(1, 9),
+    n_classes=st.integers(1, 30),
+    reduction=st.sampled_from(REDUCTIONS),
+    chunk=st.integers(1, 8),
+)
+def test_fuzz_shapes_thresholds_and_chunks(data, backend_name, batch, seq_len, n_inner, n_classes, reduction, chunk):
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    hidden = torch.randn(batch, seq_len, n_inner, generator=generator)
+    weight = torch.randn(n_classes, n_inner, generator=generator)
+    bias = data.draw(st.sampled_from([None, torch.randn(n_classes, generator=generator)]))
+    target = torch.randint(0, n_classes, (batch, seq_len), generator=generator)
+    target[torch.rand(batch, seq_len, generator=generator) < 0.15] = -100
+    window = data.draw(st.none() | st.integers(1, seq_len + 2))
+    threshold = data.draw(st.none() | st.floats(-0.5, 4.0))
+    window_threshold = data.draw(st.none() | st.floats(-0.5, 10.0)) if window else None
+    options = dict(threshold=threshold, window=window, window_threshold=window_threshold, reduction=reduction)
+    _, _, token_loss, window_sums = expected(hidden, weight, target, bias, **options)
+    assume(far_from(token_loss, threshold) and far_from(window_sums, window_threshold))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EARKIT_BACKEND", backend_name)
+        patch.setattr(linear_cross_entropy, "force_chunk_rows", chunk)
+        check(hidden, weight, target, bias, torch.randn(target.shape, generator=generator)
+              if reduction == "none" else None, **options)
