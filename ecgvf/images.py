@@ -1,0 +1,77 @@
+"""Images for ECGVF: the model (with an erasure checkpoint applied, or not) and its samples per prompt
+and seed, through the engine's own loader and sampler, the same code paths as for Janus-Pro.
+
+    model, tokenizer = load_generator("deepseek-community/Janus-Pro-7B", delta="runs/church/checkpoint")
+    images = sample_prompt_images(model, tokenizer, prompts, seeds=[0, 1, 2])   # images[p][s]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def resolve_model(model) -> str:
+    """The --model value, or the shipped ShapesWorld generator when it is None."""
+    if model is not None:
+        return str(model)
+    from earkit.engine.shapesworld import generator_folder
+
+    return str(generator_folder())
+
+
+def resolve_delta(delta) -> Path | None:
+    """An erasure checkpoint folder: the folder itself, or a run folder holding checkpoint/."""
+    if delta is None:
+        return None
+    path = Path(delta).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"--delta {path} does not exist (an erasure checkpoint folder, OUT/checkpoint)")
+    if (path / "checkpoint" / "trainable.safetensors").is_file() and not (path / "trainable.safetensors").is_file():
+        path = path / "checkpoint"
+    return path
+
+
+def load_generator(model, *, delta=None, device: str | None = None, dtype: str = "auto"):
+    """load_janus, then the checkpoint's trainable tensors copied in (apply_trainable), as `earkit sample` does."""
+    from earkit.engine.checkpoint import apply_trainable, load_checkpoint
+    from earkit.engine.model import load_janus
+
+    model, tokenizer = load_janus(resolve_model(model), dtype=dtype, device=device)
+    delta = resolve_delta(delta)
+    if delta is not None:
+        apply_trainable(model, load_checkpoint(delta).tensors)
+    return model, tokenizer
+
+
+def check_seeds(seeds) -> list[int]:
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("seeds is empty: at least one seed is needed")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seeds must be integers, got {seed!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds repeat: {seeds}")
+    return seeds
+
+
+def sample_prompt_images(model, tokenizer, prompts, seeds, *, guidance_scale: float = 5.0, temperature: float = 1.0,
+                         batch_size: int | None = 16, progress: bool = True, desc: str = "images") -> list[list]:
+    """images[p][s]: PIL images, one per prompt and seed. Each seed is one sampler call over all
+    the prompts (the sampler's generator is seeded once per call), so the images of a prompt
+    depend on the prompt list and batch_size as well as the seed: keep both fixed to compare models."""
+    from tqdm.auto import tqdm
+
+    from earkit.engine.sampler import decode_images, sample_image_tokens
+
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts to sample")
+    seeds = check_seeds(seeds)
+    per_seed = []
+    for seed in tqdm(seeds, desc=desc, unit="seed", disable=not progress, file=sys.stderr):
+        tokens = sample_image_tokens(model, tokenizer, prompts, guidance_scale=guidance_scale, temperature=temperature,
+                                     seed=seed, batch_size=batch_size, progress=False)
+        per_seed.append(decode_images(model, tokens))
+    return [[per_seed[s][p] for s in range(len(seeds))] for p in range(len(prompts))]
