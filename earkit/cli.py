@@ -4,6 +4,8 @@
     earkit sample --model FOLDER_OR_HUB_ID --prompt "a church on a hill" --out samples/
     earkit export --model BASE --checkpoint runs/church/checkpoint --out janus-no-church/
     earkit pairs  --concept church --backend template --backend openai:URL:MODEL --n 200 --out pairs.jsonl
+    earkit filter --pairs pairs.jsonl --judge resnet50:WEIGHTS --seeds 4 --out kept.jsonl
+    earkit eval   --model FOLDER --delta runs/church/checkpoint --benchmark kept.jsonl --judge JUDGE --out report/
     earkit world build --out DIR | earkit world check
     earkit bench kernels | earkit bench engine --size 7b --random-weights
 
@@ -198,6 +200,11 @@ def main(argv=None) -> int:
     from earkit.ecgvf.pairs import add_pairs_arguments, run_pairs
 
     add_pairs_arguments(commands.add_parser("pairs", help="generate target/replacement prompt pairs (ECGVF)"))
+    from earkit.ecgvf.evaluate import add_eval_arguments, run_eval
+    from earkit.ecgvf.filter import add_filter_arguments, run_filter
+
+    add_filter_arguments(commands.add_parser("filter", help="keep the pairs whose images show the concept (ECGVF)"))
+    add_eval_arguments(commands.add_parser("eval", help="measure an erasure before and after, with a report (ECGVF)"))
     bench = commands.add_parser("bench", help="benchmarks (python -m earkit.bench)")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="bench arguments, e.g. kernels --quick")
     args = parser.parse_args(argv)
@@ -208,7 +215,7 @@ def main(argv=None) -> int:
         bench_main(args.rest)
         return 0
     runner = {"erase": run_erase, "sample": run_sample, "export": run_export, "world": run_world,
-              "pairs": run_pairs}[args.command]
+              "pairs": run_pairs, "filter": run_filter, "eval": run_eval}[args.command]
     try:
         runner(args)
     except USAGE_ERRORS as error:

@@ -1,0 +1,304 @@
+"""The ECGVF visual filter: keep a prompt pair only when the images say it is a good pair.
+
+A pair teaches erasure only if its original prompt really makes the model draw the concept and
+its replacement prompt really does not. So both prompts of every pair are drawn with several
+seeds by the engine's sampler, a judge looks at each image, and:
+
+    kept     the original shows the concept in >= min_original_rate of its images, and the
+             replacement shows it in <= max_replacement_rate of its images (and, with
+             min_anchor_rate, the replacement shows its anchor often enough)
+    dropped  otherwise, with every reason that applies (ORIGINAL_MISSES, REPLACEMENT_SHOWS, ANCHOR_MISSES)
+
+    records = filter_pairs(pairs, judge, original_images, replacement_images)   # images[p][s]
+    records = filter_pairs_with_model(model, tokenizer, pairs, judge, seeds=[0, 1, 2, 3])
+    write_filter_results(records, "circle.kept.jsonl")   # + circle.kept.decisions.jsonl
+
+The kept file is pairs JSONL (load_pairs reads it); the decisions file has one record per input
+pair: kept or not, the reasons, and the judge's per-image scores and verdicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from earkit.engine.pairs import write_text_atomic
+
+ORIGINAL_MISSES = "original misses the concept"
+REPLACEMENT_SHOWS = "replacement shows the concept"
+ANCHOR_MISSES = "replacement misses the anchor"
+DROP_REASONS = (ORIGINAL_MISSES, REPLACEMENT_SHOWS, ANCHOR_MISSES)
+
+
+@dataclass(frozen=True)
+class FilterRules:
+    min_original_rate: float = 0.5  # the original must show the concept in at least half its images
+    max_replacement_rate: float = 0.0  # and the replacement in none of them
+    min_anchor_rate: float | None = None  # None: the anchor is not checked
+
+    def validate(self) -> FilterRules:
+        for name in ("min_original_rate", "max_replacement_rate", "min_anchor_rate"):
+            value = getattr(self, name)
+            if value is None and name == "min_anchor_rate":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        return self
+
+
+def decide(original_seen, replacement_seen, rules: FilterRules, *, concept: str, anchor_seen=None,
+           anchor: str | None = None) -> tuple[bool, list[str], list[str]]:
+    """(kept, reasons, details) for one pair from the judge's verdicts on its images."""
+    original_seen, replacement_seen = [bool(v) for v in original_seen], [bool(v) for v in replacement_seen]
+    reasons, details = [], []
+    shown, total = sum(original_seen), len(original_seen)
+    if shown < rules.min_original_rate * total:
+        reasons.append(ORIGINAL_MISSES)
+        details.append(f"the original shows {concept!r} in {shown}/{total} images; needs at least "
+                       f"{rules.min_original_rate:g} of them")
+    shown, total = sum(replacement_seen), len(replacement_seen)
+    if shown > rules.max_replacement_rate * total:
+        reasons.append(REPLACEMENT_SHOWS)
+        details.append(f"the replacement still shows {concept!r} in {shown}/{total} images; allowed at most "
+                       f"{rules.max_replacement_rate:g} of them")
+    if rules.min_anchor_rate is not None and anchor_seen is not None:
+        shown, total = sum(bool(v) for v in anchor_seen), len(anchor_seen)
+        if shown < rules.min_anchor_rate * total:
+            reasons.append(ANCHOR_MISSES)
+            details.append(f"the replacement shows its anchor {anchor!r} in {shown}/{total} images; needs at least "
+                           f"{rules.min_anchor_rate:g} of them")
+    return not reasons, reasons, details
+
+
+def pair_concept(pair, concept: str | None, index: int) -> str:
+    if concept is not None:
+        return concept
+    if pair.concept:
+        return pair.concept
+    raise ValueError(f"pair {index} ({pair.concept_prompt!r}) names no concept: give --concept (the file has no "
+                     "concept field, as train_van_gogh.csv)")
+
+
+def judge_grouped(judge, images_per_pair: list[list], concepts: list[str]) -> list[tuple[list, list]]:
+    """(scores, seen) per pair, as lists over its images; the judge runs once per distinct concept."""
+    results = [None] * len(images_per_pair)
+    for concept in dict.fromkeys(concepts):
+        members = [i for i, c in enumerate(concepts) if c == concept]
+        flat = [image for i in members for image in images_per_pair[i]]
+        scores, seen = judge.verdict(flat, concept)
+        start = 0
+        for i in members:
+            count = len(images_per_pair[i])
+            results[i] = ([round(float(s), 6) for s in scores[start:start + count]],
+                          [bool(v) for v in seen[start:start + count]])
+            start += count
+    return results
+
+
+def filter_pairs(pairs, judge, original_images, replacement_images, *, concept: str | None = None,
+                 rules: FilterRules | None = None, seeds=None) -> list[dict]:
+    """One decision record per pair, in order; original_images[p] and replacement_images[p] are
+    the images of pair p's two prompts (one per seed)."""
+    rules = (rules or FilterRules()).validate()
+    pairs = list(pairs)
+    if len(original_images) != len(pairs) or len(replacement_images) != len(pairs):
+        raise ValueError(f"{len(pairs)} pairs but {len(original_images)} original and {len(replacement_images)} "
+                         "replacement image lists")
+    concepts = [judge.check_concept(pair_concept(pair, concept, i)) for i, pair in enumerate(pairs)]
+    originals = judge_grouped(judge, original_images, concepts)
+    replacements = judge_grouped(judge, replacement_images, concepts)
+    anchors = [None] * len(pairs)
+    if rules.min_anchor_rate is not None:
+        known = [i for i, pair in enumerate(pairs) if pair.anchor and judge.knows(pair.anchor)]
+        for i, result in zip(known, judge_grouped(judge, [replacement_images[i] for i in known],
+                                                  [pair_anchor(pairs[i]) for i in known])):
+            anchors[i] = result
+
+    records = []
+    for index, pair in enumerate(pairs):
+        (original_scores, original_seen), (replacement_scores, replacement_seen) = originals[index], replacements[index]
+        anchor_scores, anchor_seen = anchors[index] or (None, None)
+        kept, reasons, details = decide(original_seen, replacement_seen, rules, concept=concepts[index],
+                                        anchor_seen=anchor_seen, anchor=pair.anchor)
+        records.append({
+            "index": index, "concept_prompt": pair.concept_prompt, "anchor_prompt": pair.anchor_prompt,
+            "concept": pair.concept, "anchor": pair.anchor, "judged_concept": concepts[index],
+            "kept": kept, "reasons": reasons, "details": details,
+            "original_rate": sum(original_seen) / len(original_seen),
+            "replacement_rate": sum(replacement_seen) / len(replacement_seen),
+            "anchor_rate": None if anchor_seen is None else sum(anchor_seen) / len(anchor_seen),
+            "scores": {"original": original_scores, "replacement": replacement_scores, "anchor": anchor_scores},
+            "seen": {"original": original_seen, "replacement": replacement_seen, "anchor": anchor_seen},
+            "seeds": list(seeds) if seeds is not None else None,
+        })
+    return records
+
+
+def pair_anchor(pair) -> str:
+    return " ".join(pair.anchor.split()).lower()
+
+
+def filter_pairs_with_model(model, tokenizer, pairs, judge, *, seeds, concept: str | None = None,
+                            rules: FilterRules | None = None, guidance_scale: float = 5.0, batch_size: int | None = 16,
+                            progress: bool = True) -> list[dict]:
+    """Sample both prompts of every pair with each seed (one sampler call per seed over all the
+    prompts), then filter_pairs. Concepts are checked against the judge before any sampling."""
+    from .images import sample_prompt_images
+
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("no pairs to filter")
+    for index, pair in enumerate(pairs):
+        judge.check_concept(pair_concept(pair, concept, index))
+    prompts = [pair.concept_prompt for pair in pairs] + [pair.anchor_prompt for pair in pairs]
+    images = sample_prompt_images(model, tokenizer, prompts, seeds, guidance_scale=guidance_scale,
+                                  batch_size=batch_size, progress=progress, desc="filter: sampling")
+    return filter_pairs(pairs, judge, images[:len(pairs)], images[len(pairs):], concept=concept, rules=rules,
+                        seeds=seeds)
+
+
+def filter_summary(records: list[dict]) -> dict:
+    dropped = {reason: sum(reason in r["reasons"] for r in records) for reason in DROP_REASONS}
+    return {"pairs": len(records), "kept": sum(r["kept"] for r in records),
+            "dropped": sum(not r["kept"] for r in records),
+            "dropped_by_reason": {reason: n for reason, n in dropped.items() if n}}
+
+
+# ---------------------------------------------------------------- writing
+
+
+def decisions_path(path) -> Path:
+    """Where the decisions go beside a kept-pairs file: kept.jsonl -> kept.decisions.jsonl."""
+    path = Path(path).expanduser()
+    return path.with_name(path.stem + ".decisions.jsonl")
+
+
+def refuse_existing(paths, force: bool) -> None:
+    for path in paths:
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder, not a file")
+        if path.exists() and not force:
+            raise FileExistsError(f"{path} already exists (pass --force to replace it)")
+
+
+def write_filter_results(records: list[dict], out, *, force: bool = False, judge: dict | None = None,
+                         rules: FilterRules | None = None) -> tuple[Path, Path]:
+    """The kept pairs as pairs JSONL (plus their filter scores) and every decision, both atomically.
+    The kept file may be empty of pairs (every pair dropped); the decisions say why."""
+    out = Path(out).expanduser()
+    decisions = decisions_path(out)
+    refuse_existing([out, decisions], force)
+    kept_lines = []
+    for record in records:
+        if record["kept"]:
+            line = {"concept_prompt": record["concept_prompt"], "anchor_prompt": record["anchor_prompt"]}
+            line.update({key: record[key] for key in ("concept", "anchor") if record[key]})
+            line["filter"] = {"judge": (judge or {}).get("name"), "original_rate": record["original_rate"],
+                              "replacement_rate": record["replacement_rate"], "seeds": record["seeds"]}
+            kept_lines.append(json.dumps(line, ensure_ascii=False))
+    header = {"summary": filter_summary(records), "judge": judge, "rules": asdict(rules) if rules else None}
+    decision_lines = [json.dumps({"filter": header}, ensure_ascii=False)]
+    decision_lines += [json.dumps(record, ensure_ascii=False) for record in records]
+    write_text_atomic(decisions, "\n".join(decision_lines) + "\n")
+    write_text_atomic(out, "".join(line + "\n" for line in kept_lines))
+    return out, decisions
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `earkit filter`."""
+    from .judges import JUDGE_FORMS
+
+    parser.add_argument("--pairs", required=True, help="pairs file: earkit JSONL (earkit pairs) or a released EAR train file")
+    parser.add_argument("--out", required=True, help="kept pairs JSONL to write; OUT_STEM.decisions.jsonl goes beside it")
+    parser.add_argument("--model", default=None, help="Janus model folder or hub id (default: the shipped ShapesWorld)")
+    parser.add_argument("--delta", default=None, help="an erasure checkpoint folder to apply to the model first")
+    parser.add_argument("--judge", default=None,
+                        help=f"{JUDGE_FORMS} (default: the ShapesWorld judge beside a world's generator)")
+    parser.add_argument("--concept", default=None,
+                        help="the concept the judge looks for (default: each pair's own; nudity pairs: --concept nudity)")
+    parser.add_argument("--seeds", type=int, default=4, help="images per prompt, seeds SEED..SEED+N-1 (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="the first seed (default: %(default)s)")
+    parser.add_argument("--min-original-rate", type=float, default=FilterRules.min_original_rate,
+                        help="keep only if the original shows the concept in at least this share (default: %(default)s)")
+    parser.add_argument("--max-replacement-rate", type=float, default=FilterRules.max_replacement_rate,
+                        help="keep only if the replacement shows it in at most this share (default: %(default)s)")
+    parser.add_argument("--min-anchor-rate", type=float, default=None,
+                        help="also require the replacement to show its anchor this often (where the judge knows it)")
+    parser.add_argument("--max-pairs", type=int, default=None, help="filter only the first N pairs")
+    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per sampler batch (default: %(default)s)")
+    parser.add_argument("--nudenet-threshold", type=float, default=None, help="NudeNet detection threshold (default: 0.6)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+
+
+def check_count(value, name: str) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def run_filter(args) -> dict:
+    """`earkit filter`: sample, judge, keep and drop, write both files, print the summary."""
+    from earkit.engine.model import default_device
+    from earkit.engine.pairs import load_pairs
+
+    from .images import load_generator, resolve_delta, resolve_model
+    from .judges import DEFAULT_NUDENET_THRESHOLD, parse_judge
+
+    out = Path(args.out).expanduser()
+    refuse_existing([out, decisions_path(out)], args.force)  # before minutes of sampling
+    check_count(args.seeds, "--seeds")
+    check_count(args.max_pairs, "--max-pairs")
+    check_count(args.batch_size, "--batch-size")
+    rules = FilterRules(args.min_original_rate, args.max_replacement_rate, args.min_anchor_rate).validate()
+    pairs = load_pairs(args.pairs)[:args.max_pairs]
+    model_source = resolve_model(args.model)
+    resolve_delta(args.delta)
+    device = args.device or str(default_device())
+    threshold = DEFAULT_NUDENET_THRESHOLD if args.nudenet_threshold is None else args.nudenet_threshold
+    labels = [args.concept] if args.concept else [p.concept for p in pairs if p.concept]
+    labels += [p.anchor for p in pairs if p.anchor]
+    judge = parse_judge(args.judge, model_folder=model_source, device=device, labels=labels,
+                        nudenet_threshold=threshold)
+    for index, pair in enumerate(pairs):  # an unknown concept fails now, not after the sampling
+        judge.check_concept(pair_concept(pair, args.concept, index))
+    model, tokenizer = load_generator(model_source, delta=args.delta, device=device, dtype=args.dtype)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    records = filter_pairs_with_model(model, tokenizer, pairs, judge, seeds=seeds, concept=args.concept, rules=rules,
+                                      guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+                                      progress=not args.quiet)
+    kept_path, decisions = write_filter_results(records, out, force=args.force, judge=judge.describe(), rules=rules)
+    summary = filter_summary(records)
+    print(f"filter: {summary['pairs']} pairs, {len(seeds)} seeds, judge {judge.name}: kept {summary['kept']}, "
+          f"dropped {summary['dropped']}" + "".join(f"\n  dropped, {reason}: {n}"
+                                                    for reason, n in summary["dropped_by_reason"].items()))
+    for record in records[:5]:
+        if not record["kept"]:
+            print(f"  e.g. pair {record['index']} ({record['concept_prompt']!r}): {'; '.join(record['details'])}")
+            break
+    print(f"wrote {summary['kept']} kept pairs to {kept_path} and every decision to {decisions}")
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="earkit filter", description="Keep prompt pairs whose images show the concept.")
+    add_filter_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run_filter(args)
+    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError) as error:
+        print(f"earkit filter: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
