@@ -17,7 +17,7 @@ tensors are never written, only t.
 Layout: a 2-D grid over (row tiles, column tiles) with the row tile varying fastest, so the
 programs that run together share one weight tile (read from DRAM once per chunk) and the
 chunk's hidden rows (C x H, a few MB) stay in L2. For small N the column tiles alone fill the
-GPU (1152 rows x 16384 columns are 9 x 128 tiles of 128 x 128): this is the split-V layout.
+GPU (a 512-row chunk x 16384 columns is 4 x 256 tiles of 128 x 64): this is the split-V layout.
 
 Under the Triton interpreter (TRITON_INTERPRET=1, the tests) tl.dot cannot take bf16 or fp16
 operands, so tiles are cast to fp32 first (DOT_IN_FP32); on a GPU half-precision tiles go to
@@ -54,55 +54,64 @@ def _dot_tile(acc, h_tile, w_tile, DOT_IN_FP32: tl.constexpr, IEEE: tl.constexpr
 
 @triton.jit
 def _linear_logits_kernel(
-    h_ptr, h_row_stride, h_col_stride, h2_ptr, h2_row_stride, h2_col_stride,
-    w_ptr, w_row_stride, w_col_stride, b_ptr, out_ptr, out_row_stride,
+    h_ptr, h_row_stride, h2_ptr, h2_row_stride, w_ptr, w_row_stride, b_ptr, out_ptr, out_row_stride,
     n_rows, n_cols, n_inner, scale, scale2,
     HAS_BIAS: tl.constexpr, TWO_INPUTS: tl.constexpr, DOT_IN_FP32: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out = scale (h W^T + b) [- scale2 (h2 W^T + b)], fp32, one (BLOCK_M x BLOCK_N) tile."""
+    """out = scale (h W^T + b) [- scale2 (h2 W^T + b)], fp32, one (BLOCK_M x BLOCK_N) tile.
+
+    h, h2 and W have unit stride along H (the launcher makes sure). Out-of-range rows and
+    columns are clamped to the last valid one for the loads (no row or column mask in the K
+    loop) and masked at the store only; H needs a mask only when BLOCK_K does not divide it.
+    """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    col_ok = cols < n_cols
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
+    load_rows = tl.minimum(rows, n_rows - 1)
+    load_cols = tl.minimum(cols, n_cols - 1)
+    inner = tl.arange(0, BLOCK_K)
+    # 64-bit row offsets (a 9216 x 16384 chunk passes 2^31 elements), advanced by BLOCK_K a step.
+    w_ptrs = w_ptr + load_cols.to(tl.int64)[:, None] * w_row_stride + inner[None, :]
+    h_ptrs = h_ptr + load_rows.to(tl.int64)[:, None] * h_row_stride + inner[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if TWO_INPUTS:
+        h2_ptrs = h2_ptr + load_rows.to(tl.int64)[:, None] * h2_row_stride + inner[None, :]
+        acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, n_inner, BLOCK_K):
-        inner = k0 + tl.arange(0, BLOCK_K)
-        inner_ok = inner < n_inner
-        w_tile = tl.load(
-            w_ptr + cols64[:, None] * w_row_stride + inner[None, :] * w_col_stride,
-            mask=col_ok[:, None] & inner_ok[None, :], other=0.0,
-        )
-        h_tile = tl.load(
-            h_ptr + rows64[:, None] * h_row_stride + inner[None, :] * h_col_stride,
-            mask=row_ok[:, None] & inner_ok[None, :], other=0.0,
-        )
+        if EVEN_K:
+            w_tile = tl.load(w_ptrs)
+            h_tile = tl.load(h_ptrs)
+        else:
+            k_ok = (k0 + inner) < n_inner
+            w_tile = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+            h_tile = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
         acc = _dot_tile(acc, h_tile, w_tile, DOT_IN_FP32, IEEE)
         if TWO_INPUTS:
-            h2_tile = tl.load(
-                h2_ptr + rows64[:, None] * h2_row_stride + inner[None, :] * h2_col_stride,
-                mask=row_ok[:, None] & inner_ok[None, :], other=0.0,
-            )
+            if EVEN_K:
+                h2_tile = tl.load(h2_ptrs)
+            else:
+                h2_tile = tl.load(h2_ptrs, mask=k_ok[None, :], other=0.0)
             acc2 = _dot_tile(acc2, h2_tile, w_tile, DOT_IN_FP32, IEEE)
+            h2_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+        h_ptrs += BLOCK_K
     if HAS_BIAS:
-        bias = tl.load(b_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + load_cols).to(tl.float32)
         acc += bias[None, :]
         if TWO_INPUTS:
             acc2 += bias[None, :]
-    result = acc
     if TWO_INPUTS:
         # The same combination, in the same order, as reference.guided_target.
-        result = scale * acc - scale2 * acc2
-    tl.store(out_ptr + rows64[:, None] * out_row_stride + cols64[None, :], result,
-             mask=row_ok[:, None] & col_ok[None, :])
+        acc = scale * acc - scale2 * acc2
+    out_ptrs = out_ptr + (pid_m * BLOCK_M).to(tl.int64) * out_row_stride + (
+        tl.arange(0, BLOCK_M)[:, None] * out_row_stride + cols[None, :])
+    tl.store(out_ptrs, acc, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :])
 
 
-def _blocks(n_rows: int, n_cols: int, n_inner: int, two_inputs: bool) -> tuple[int, int, int, int, int]:
+def _blocks(n_rows: int, n_cols: int, n_inner: int, two_inputs: bool,
+            half_precision: bool = True) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
     if force_blocks is not None:
         bm, bn, bk = force_blocks
@@ -111,9 +120,14 @@ def _blocks(n_rows: int, n_cols: int, n_inner: int, two_inputs: bool) -> tuple[i
         # The interpreter runs each program in numpy: few, large-ish tiles are fastest.
         cap = lambda x, c: min(triton.next_power_of_2(max(x, 1)), c)  # noqa: E731
         return cap(n_rows, 64), cap(n_cols, 128), cap(n_inner, 64), 4, 1
-    # Hopper: 128 x 128 fp32 accumulators (two for the target) over 8 warps; three pipeline
-    # stages of bf16 tiles fit the shared memory, two with the second input.
-    return 128, 128, 64, 8, 2 if two_inputs else 3
+    # The largest tiles that compile for sm_90 without spilling (tests compile them, no GPU
+    # needed); picked by ptxas's register report, not yet timed on a GPU.
+    if half_precision:
+        # tensor cores (wgmma): one 128 x 64 fp32 accumulator over 8 warps; the target's two
+        # accumulators fit at 64 x 64 over 4 warps.
+        return (64, 64, 32, 4, 2) if two_inputs else (128, 64, 64, 8, 3)
+    # fp32 in IEEE precision runs on the FMA units.
+    return (32, 32, 32, 4, 2) if two_inputs else (64, 64, 32, 4, 2)
 
 
 def linear_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -127,15 +141,19 @@ def _launch(hidden, hidden2, weight, bias, out, scale: float, scale2: float) -> 
     if n_rows == 0:
         return
     two = hidden2 is not None
-    bm, bn, bk, warps, stages = _blocks(n_rows, n_cols, n_inner, two)
-    h2 = hidden2 if two else hidden
+    unit_stride = lambda x: x if x.stride(-1) == 1 else x.contiguous()  # noqa: E731
+    hidden, weight = unit_stride(hidden), unit_stride(weight)
+    h2 = unit_stride(hidden2) if two else hidden
+    bias = bias.contiguous() if bias is not None else None
+    half = hidden.dtype != torch.float32
+    bm, bn, bk, warps, stages = _blocks(n_rows, n_cols, n_inner, two, half)
     grid = (triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bn))
     _linear_logits_kernel[grid](
-        hidden, hidden.stride(0), hidden.stride(1), h2, h2.stride(0), h2.stride(1),
-        weight, weight.stride(0), weight.stride(1), bias if bias is not None else out, out, out.stride(0),
+        hidden, hidden.stride(0), h2, h2.stride(0), weight, weight.stride(0),
+        bias if bias is not None else out, out, out.stride(0),
         n_rows, n_cols, n_inner, float(scale), float(scale2),
-        HAS_BIAS=bias is not None, TWO_INPUTS=two, DOT_IN_FP32=_interpreting(),
-        IEEE=hidden.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        HAS_BIAS=bias is not None, TWO_INPUTS=two, DOT_IN_FP32=_interpreting(), IEEE=not half,
+        EVEN_K=n_inner % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=warps, num_stages=stages,
     )
 

@@ -1,0 +1,239 @@
+"""linear_guided_cross_entropy on every backend against a float64 reference written here from DESIGN.md:
+student and teacher logits h W^T + b through one head, then KL(p || softmax(s)) thresholded and windowed."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from earkit.kernels import LinearGuidedCrossEntropyLoss, guided_cross_entropy, linear_guided_cross_entropy
+from earkit.kernels import linear_cross_entropy, triton_linear_cross_entropy
+from helpers import DTYPES, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, reduce, threshold_in_gap, windowed_weights
+
+GRAD_SCALE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def expected(h_student, h_concept, h_anchor, weight, bias=None, *, eta=1.0, threshold=None, window=None,
+             window_threshold=None, reduction="mean", grad_output=None):
+    """Loss and gradients (h_student, weight, bias) in float64; the teachers are constants."""
+    h = h_student.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    b = bias.detach().double().requires_grad_() if bias is not None else None
+    head = lambda x: x @ w.t() + (b if b is not None else 0.0)  # noqa: E731
+    n_classes = w.shape[0]
+    with torch.no_grad():
+        target_logits = (1 + eta) * head(h_anchor.double()) - eta * head(h_concept.double())
+        log_p = torch.log_softmax(target_logits.reshape(-1, n_classes), dim=-1)
+    log_q = torch.log_softmax(head(h).reshape(-1, n_classes), dim=-1)
+    p = log_p.exp()
+    token_loss = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    rows_shape = h_student.shape[:-1]
+    with torch.no_grad():
+        keep = ~(token_loss <= threshold) if threshold is not None else torch.ones_like(token_loss, dtype=torch.bool)
+        weights, window_sums = windowed_weights(token_loss, keep, rows_shape, window, window_threshold)
+    loss = reduce(weights, token_loss, reduction, rows_shape)
+    upstream = torch.ones_like(loss) if grad_output is None else grad_output.double()
+    leaves = [h, w] + ([b] if b is not None else [])
+    grads = torch.autograd.grad(loss, leaves, upstream)
+    return loss.detach(), grads, token_loss.detach(), window_sums
+
+
+def run_op(h_student, h_concept, h_anchor, weight, bias=None, grad_output=None, train_head=True, **kwargs):
+    h = h_student.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_(train_head)
+    b = bias.detach().clone().requires_grad_(train_head) if bias is not None else None
+    loss = linear_guided_cross_entropy(h, h_concept, h_anchor, w, b, **kwargs)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), [h.grad, w.grad] + ([b.grad] if b is not None else [])
+
+
+def assert_grad_close(got, want, dtype):
+    assert got is not None and got.dtype == dtype
+    tol = GRAD_SCALE_TOL[dtype] * float(want.abs().max())
+    torch.testing.assert_close(got.double(), want, rtol=GRAD_TOL[dtype]["rtol"], atol=tol)
+
+
+def check(h_student, h_concept, h_anchor, weight, bias=None, grad_output=None, train_head=True, **kwargs):
+    loss, grads = run_op(h_student, h_concept, h_anchor, weight, bias, grad_output, train_head, **kwargs)
+    want_loss, want_grads, _, _ = expected(h_student, h_concept, h_anchor, weight, bias, grad_output=grad_output,
+                                           **kwargs)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
+    assert_grad_close(grads[0], want_grads[0], h_student.dtype)
+    if train_head:
+        for got, want in zip(grads[1:], want_grads[1:]):
+            assert_grad_close(got, want, h_student.dtype)
+    else:
+        assert all(g is None for g in grads[1:])
+
+
+def teacher_student(dtype, seed=0, batch=2, seq_len=7, n_inner=12, n_classes=37):
+    """A student's hidden states near the concept teacher's, an anchor teacher's further off, one head."""
+    generator = torch.Generator().manual_seed(seed)
+    h_concept = torch.randn(batch, seq_len, n_inner, generator=generator)
+    h_anchor = h_concept + 0.7 * torch.randn(batch, seq_len, n_inner, generator=generator)
+    h_student = h_concept + 0.3 * torch.randn(batch, seq_len, n_inner, generator=generator)
+    weight = torch.randn(n_classes, n_inner, generator=generator) / math.sqrt(n_inner) * 3
+    bias = torch.randn(n_classes, generator=generator)
+    return tuple(x.to(dtype) for x in (h_student, h_concept, h_anchor, weight, bias))
+
+
+def windowed_case(dtype, seed=0, eta=1.0, **shape):
+    tensors = teacher_student(dtype, seed, **shape)
+    _, _, token_loss, _ = expected(*tensors, eta=eta)
+    threshold = threshold_in_gap(token_loss, 0.3)
+    _, _, _, window_sums = expected(*tensors, eta=eta, threshold=threshold, window=3, window_threshold=1e9)
+    window_threshold = threshold_in_gap(window_sums, 0.4)
+    return tensors, dict(eta=eta, threshold=threshold, window=3, window_threshold=window_threshold)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(linear_cross_entropy, "force_chunk_rows", 4)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference_with_threshold_and_windows(backend, small_chunks, dtype, reduction):
+    tensors, options = windowed_case(dtype)
+    upstream = torch.randn(tensors[0].shape[:-1], generator=torch.Generator().manual_seed(5))
+    check(*tensors, upstream if reduction == "none" else None, reduction=reduction, **options)
+    _, _, token_loss, window_sums = expected(*tensors, **options)
+    assert 0 < (token_loss <= options["threshold"]).sum() < token_loss.numel()
+    assert 0 < (window_sums <= options["window_threshold"]).sum() < window_sums.numel()
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 3.0])
+def test_eta(backend, eta):
+    tensors, options = windowed_case(torch.float32, seed=1, eta=eta)
+    check(*tensors, reduction="mean", **options)
+
+
+def test_triton_tiles_and_layouts(triton_layout, small_chunks, monkeypatch):
+    monkeypatch.setenv("EARKIT_BACKEND", "triton")
+    monkeypatch.setattr(triton_linear_cross_entropy, "force_blocks", (8, 8, 4))
+    for dtype in (torch.float32, torch.bfloat16):
+        tensors, options = windowed_case(dtype, seed=3)
+        check(*tensors, reduction="mean", **options)
+        check(*tensors, torch.randn(tensors[0].shape[:-1]), reduction="none", threshold=options["threshold"])
+
+
+def test_is_the_logits_op_on_the_head_outputs(backend):
+    # Same numbers as guided_cross_entropy given the three logit tensors (fp32: identical math).
+    (h_s, h_c, h_a, weight, bias), options = windowed_case(torch.float32, seed=2)
+    head = lambda x: x @ weight.t() + bias  # noqa: E731
+    loss = linear_guided_cross_entropy(h_s, h_c, h_a, weight, bias, reduction="none", **options)
+    want = guided_cross_entropy(head(h_s), head(h_c), head(h_a), reduction="none", **options)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_head_teachers_without_gradient_and_no_bias(backend):
+    (h_s, h_c, h_a, weight, bias), options = windowed_case(torch.float32, seed=4)
+    check(h_s, h_c, h_a, weight, bias, train_head=False, reduction="mean", **options)
+    check(h_s, h_c, h_a, weight, None, reduction="sum", **options)
+    h_c, h_a = h_c.clone().requires_grad_(), h_a.clone().requires_grad_()
+    student = h_s.clone().requires_grad_()
+    linear_guided_cross_entropy(student, h_c, h_a, weight, bias).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert h_c.grad is None and h_a.grad is None
+
+
+def test_loss_is_zero_when_the_student_matches_the_target(backend):
+    h_s, _, _, weight, bias = teacher_student(torch.float32, seed=6)
+    loss, grads = run_op(h_s, h_s, h_s, weight, bias, reduction="none", eta=2.0)
+    assert loss.abs().max() < 1e-5
+    assert all(g.abs().max() < 1e-5 for g in grads)
+
+
+def test_everything_masked(backend):
+    tensors, _ = windowed_case(torch.float32, seed=9)
+    loss, grads = run_op(*tensors, reduction="mean", threshold=1e6)
+    assert loss.item() == 0.0 and not any(g.any() for g in grads)
+    loss, grads = run_op(*tensors, reduction="mean", window=2, window_threshold=1e6)
+    assert loss.item() == 0.0 and not any(g.any() for g in grads)
+
+
+def test_nan_propagates_through_the_threshold(backend):
+    (h_s, h_c, h_a, weight, bias), options = windowed_case(torch.float32, seed=4)
+    h_c[0, 3, 1] = math.nan
+    loss, grads = run_op(h_s, h_c, h_a, weight, bias, reduction="mean", **options)
+    assert math.isnan(loss.item())
+    assert grads[0][0, 3].isnan().all()
+
+
+def test_module_and_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    (h_s, h_c, h_a, _, _), options = windowed_case(torch.float32, seed=5, eta=1.5)
+    options.pop("eta")
+    module = LinearGuidedCrossEntropyLoss(12, 37, eta=1.5, reduction="sum", **options)
+    assert "eta=1.5" in repr(module)
+
+    def loss_and_grads(fn):
+        module.zero_grad()
+        h = h_s.clone().requires_grad_()
+        loss = fn(h, h_c, h_a)
+        loss.backward()
+        return loss.detach(), [h.grad, module.weight.grad, module.bias.grad]
+
+    want_loss, want_grads = loss_and_grads(module)
+    loss, grads = loss_and_grads(torch.compile(module, fullgraph=True))
+    torch.testing.assert_close(loss, want_loss)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make_args, name",
+    [
+        (lambda s, c, a, w, b: ((s.double(), c, a, w, b), {}), "h_student"),
+        (lambda s, c, a, w, b: ((s, c[:, :-1], a, w, b), {}), "h_concept"),
+        (lambda s, c, a, w, b: ((s, c, a.half(), w, b), {}), "h_anchor"),
+        (lambda s, c, a, w, b: ((s, c, a.to("meta"), w, b), {}), "h_anchor"),
+        (lambda s, c, a, w, b: ((s, c, [1.0], w, b), {}), "h_anchor"),
+        (lambda s, c, a, w, b: ((s, c, a, w[:, :-1], b), {}), "weight"),
+        (lambda s, c, a, w, b: ((s, c, a, w.half(), b), {}), "weight"),
+        (lambda s, c, a, w, b: ((s, c, a, w, b[None]), {}), "bias"),
+        (lambda s, c, a, w, b: ((s, c, a, w, b), {"eta": math.nan}), "eta"),
+        (lambda s, c, a, w, b: ((s, c, a, w, b), {"threshold": -math.inf}), "threshold"),
+        (lambda s, c, a, w, b: ((s, c, a, w, b), {"window": -1}), "window"),
+        (lambda s, c, a, w, b: ((s.flatten(0, 1), c.flatten(0, 1), a.flatten(0, 1), w, b), {"window": 2}),
+         "h_student"),
+        (lambda s, c, a, w, b: ((s, c, a, w, b), {"window": 2, "window_threshold": math.nan}), "window_threshold"),
+        (lambda s, c, a, w, b: ((s, c, a, w, b), {"reduction": None}), "reduction"),
+    ],
+)
+def test_bad_input_names_the_argument(backend, make_args, name):
+    tensors, _ = windowed_case(torch.float32)
+    args, kwargs = make_args(*tensors)
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        linear_guided_cross_entropy(*args, **kwargs)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    backend_name=st.sampled_from(["reference", "native", "triton"]),
+    batch=st.integers(1, 3),
+    seq_len=st.integers(1, 6),
+    n_inner=st.integers(1, 9),
+    n_classes=st.integers(1, 30),
+    reduction=st.sampled_from(REDUCTIONS),
+    chunk=st.integers(1, 8),
+)
+def test_fuzz_shapes_thresholds_and_chunks(data, backend_name, batch, seq_len, n_inner, n_classes, reduction, chunk):
+    h_s, h_c, h_a, weight, bias = teacher_student(torch.float32, data.draw(st.integers(0, 2**16)), batch, seq_len,
+                                                  n_inner, n_classes)
+    bias = data.draw(st.sampled_from([None, bias]))
+    eta = data.draw(st.floats(0.0, 3.0))
+    window = data.draw(st.none() | st.integers(1, seq_len + 2))
+    threshold = data.draw(st.none() | st.floats(-0.1, 2.0))
+    window_threshold = data.draw(st.none() | st.floats(-0.1, 5.0)) if window else None
+    options = dict(eta=eta, threshold=threshold, window=window, window_threshold=window_threshold, reduction=reduction)
+    _, _, token_loss, window_sums = expected(h_s, h_c, h_a, weight, bias, **options)
+    assume(far_from(token_loss, threshold) and far_from(window_sums, window_threshold))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EARKIT_BACKEND", backend_name)
+        patch.setattr(linear_cross_entropy, "force_chunk_rows", chunk)
+        check(h_s, h_c, h_a, weight, bias, torch.randn(h_s.shape[:-1]) if reduction == "none" else None, **options)
