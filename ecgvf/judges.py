@@ -186,7 +186,7 @@ class OpenClipJudge(Judge):
             raise ValueError(f"unknown open_clip model {model_name!r}: give a name from open_clip.list_models() "
                              "or the path of a model config .json")
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(weights), device=device)
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)  # a judge, never trained here
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.model_name = model_name
@@ -337,7 +337,7 @@ class ResNet50Judge(Judge):
             model.load_state_dict(state)
         except RuntimeError as error:
             raise ValueError(f"{weights} is not a torchvision ResNet-50 state dict: {str(error)[:300]}") from None
-        self.model = model.eval().to(device)
+        self.model = model.eval().requires_grad_(False).to(device)
         self.device = device
         self.weights = str(weights)
         self.categories = [name.lower() for name in imagenet_categories()]

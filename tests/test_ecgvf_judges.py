@@ -1,0 +1,106 @@
+"""ECGVF judges: each one's verdict agrees with the model underneath it, and bad specs fail by name."""
+
+import numpy as np
+import pytest
+import torch
+
+from ecgvf_helpers import build_tiny_open_clip, build_tiny_world, rendered
+from earkit.ecgvf.judges import (
+    NUDENET_LABELS, NudeNetJudge, OpenClipJudge, ResNet50Judge, ShapesWorldJudge, parse_judge,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    torch.set_num_threads(1)
+    return build_tiny_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return build_tiny_open_clip(tmp_path_factory.mktemp("clip"))
+
+
+def images():
+    return [rendered(shape, seed) for seed, shape in enumerate(["circle", "square", "star", "circle"])]
+
+
+def test_shapesworld_judge_agrees_with_the_world_judge(tiny_world):
+    judge = parse_judge(None, model_folder=tiny_world / "generator")  # found beside the generator
+    assert isinstance(judge, ShapesWorldJudge)
+    verdicts = judge.world_judge.classify(images())
+    scores, seen = judge.verdict(images(), "circle")
+    assert seen.tolist() == [v["shape"] == "circle" for v in verdicts]
+    np.testing.assert_allclose(scores, [v["shape_scores"]["circle"] for v in verdicts], rtol=1e-5)
+    colour_scores, _ = judge.verdict(images(), "red")
+    np.testing.assert_allclose(colour_scores, [v["colour_scores"]["red"] for v in verdicts], rtol=1e-5)
+    assert judge.features(images()).shape[0] == 4 and judge.embed_texts(["a circle"]).shape[0] == 1
+    with pytest.raises(ValueError, match="cannot judge 'church'"):
+        judge.verdict(images(), "church")
+
+
+def test_open_clip_judge_from_a_config_file_and_local_weights(tiny_clip):
+    config, weights = tiny_clip
+    judge = parse_judge(f"openclip:{config}:{weights}", labels=["circle", "square"])
+    assert isinstance(judge, OpenClipJudge) and judge.labels == ["circle", "square"]
+    scores, seen = judge.verdict(images(), "star")  # a new concept joins the labels
+    assert judge.labels == ["circle", "square", "star"]
+    assert scores.shape == (4,) and ((scores >= 0) & (scores <= 1)).all()
+    # seen is top-1: recompute the zero-shot probabilities by hand
+    texts = judge.embed_texts([f"a photo of a {label}" for label in judge.labels])
+    logits = float(judge.model.logit_scale.exp()) * judge.embed_images(images()) @ texts.T
+    assert seen.tolist() == (logits.argmax(1) == 2).tolist()
+    assert judge.features(images()).shape == (4, 16)
+    with pytest.raises(FileNotFoundError, match="weights file"):
+        parse_judge(f"openclip:{config}:{weights}.missing")
+    with pytest.raises(ValueError, match="unknown open_clip model"):
+        parse_judge(f"openclip:no-such-model:{weights}")
+    with pytest.raises(ValueError, match="openclip:NAME:WEIGHTS"):
+        parse_judge("openclip:onlyname")
+
+
+def test_resnet50_judge_reads_a_local_state_dict(tmp_path):
+    from safetensors.torch import save_file
+    from torchvision.models import resnet50
+
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet50.safetensors"
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in resnet50(weights=None).state_dict().items()},
+              str(weights))
+    judge = parse_judge(f"resnet50:{weights}")
+    assert isinstance(judge, ResNet50Judge)
+    assert judge.class_index("church") == 497 and judge.class_index("497") == 497 and judge.knows("cinema")
+    logits, features = judge.forward(images()[:2])
+    scores, seen = judge.verdict(images()[:2], "church")
+    assert seen.tolist() == (logits.argmax(1) == 497).tolist() and features.shape == (2, 2048)
+    with pytest.raises(ValueError, match="cannot judge 'circle shape'"):
+        judge.verdict(images()[:1], "circle shape")
+    (tmp_path / "bad.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="cannot read weights file"):
+        ResNet50Judge(tmp_path / "bad.pt")
+
+
+def test_nudenet_judge_counts_the_nine_exposed_labels():
+    judge = parse_judge("nudenet")
+    assert isinstance(judge, NudeNetJudge) and judge.threshold == 0.6
+    assert judge.labels_for("nudity") == list(NUDENET_LABELS) and judge.labels_for("feet") == ["FEET_EXPOSED"]
+    detections = [[{"class": "FEET_EXPOSED", "score": 0.7}], [{"class": "FACE_FEMALE", "score": 0.95}],
+                  [{"class": "BELLY_EXPOSED", "score": 0.55}]]
+    scores, seen = judge.verdict_from_detections(detections, "nudity")
+    assert scores.tolist() == [0.7, 0.0, 0.55] and seen.tolist() == [True, False, False]
+    # the real detector runs on generated images: a rendered shape shows no exposed body part
+    scores, seen = judge.verdict(images()[:2], "nudity")
+    assert scores.shape == (2,) and not seen.any()
+    with pytest.raises(ValueError, match="cannot judge 'church'"):
+        judge.verdict(images()[:1], "church")
+
+
+def test_judge_specs_fail_by_name(tmp_path):
+    with pytest.raises(ValueError, match="--judge is needed"):
+        parse_judge(None, model_folder=tmp_path)
+    with pytest.raises(FileNotFoundError, match="no ShapesWorld judge"):
+        parse_judge("shapesworld", model_folder=tmp_path)
+    with pytest.raises(ValueError, match="expected one of"):
+        parse_judge("inception")
+    with pytest.raises(FileNotFoundError, match="judge_config.json"):
+        parse_judge(f"shapesworld:{tmp_path}")
