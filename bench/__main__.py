@@ -2,8 +2,11 @@
 
     python -m earkit.bench kernels [--n 2304 --v 16384 --dtypes fp32,bf16 --repeats 10 --threads 2 --out FILE]
     python -m earkit.bench kernels --quick
+    python -m earkit.bench kernels --linear-only --full-shapes --plot linear.png --out bench/RESULTS.md
 
-Subcommands: `kernels` (the loss ops on CPU against the torch eager chain, bench/kernels.py),
+Subcommands: `kernels` (the loss ops on CPU against the torch eager chain, bench/kernels.py, then
+the fused linear + loss ops against torch eager, torch.compile, Liger and cut-cross-entropy,
+bench/linear.py),
 `engine` (sampler and erasure step at the Janus-Pro shapes with random weights, bench/engine.py).
 The GPU check is its own script: python -m earkit.bench.gpu_check (bench/gpu_check.py).
 """
@@ -22,6 +25,15 @@ def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny shape (N=64, V=512), 2 repeats: a smoke test")
     parser.add_argument("--out", default=None, help="append the markdown report (with date and CPU) to this file")
+    # The fused linear + loss part (bench/linear.py).
+    parser.add_argument("--full-shapes", action="store_true",
+                        help="linear ops: N = 1152, 2304, 9216 x H = 2048, 4096 x V = 16384 (default on a GPU; "
+                             "on a CPU small shapes unless given)")
+    parser.add_argument("--linear-dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--no-compile", action="store_true", help="linear ops: leave out the torch.compile rows")
+    parser.add_argument("--no-linear", action="store_true", help="only the logits-level table")
+    parser.add_argument("--linear-only", action="store_true", help="only the fused linear + loss table")
+    parser.add_argument("--plot", default=None, help="linear ops: save a time / memory plot here (matplotlib)")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

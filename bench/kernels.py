@@ -3,6 +3,7 @@
     python -m earkit.bench kernels                       # N = 2304, V = 16384, fp32 and bf16
     python -m earkit.bench kernels --quick               # tiny shape, 2 repeats (for tests)
     python -m earkit.bench kernels --out bench/RESULTS.md
+    (then the fused linear + loss table of bench/linear.py; --no-linear / --linear-only)
 
 What one row measures: forward + backward of the loss given the logits (no linear layer; the
 gradient w.r.t. the logits via torch.autograd.grad), on a fresh leaf tensor each repeat (the
@@ -31,6 +32,7 @@ earkit._native is built, else "reference" (the slow pure-torch spec) unless EARK
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import math
@@ -251,18 +253,15 @@ def header(args, thresholds) -> str:
 
 
 def main(args) -> None:
-    if args.quick:
-        args.n, args.v, args.repeats, args.warmup = 64, 512, 2, 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype_names = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    unknown = [d for d in dtype_names if d not in DTYPES]
-    if unknown:
-        raise SystemExit(f"--dtypes: unknown {unknown}; choose from {', '.join(DTYPES)}")
-    print(f"earkit kernels benchmark: N={args.n} V={args.v} dtypes={dtype_names} repeats={args.repeats} "
-          f"threads={torch.get_num_threads()} backend={backend_name(torch.device('cpu'))}", flush=True)
-    results, thresholds = run(args.n, args.v, dtype_names, args.repeats, args.warmup, args.seed)
-    report = header(args, thresholds) + "\n" + markdown_table(results) + "\n"
+    report = ""
+    if not getattr(args, "linear_only", False):
+        report += logits_report(args)
+    if not getattr(args, "no_linear", False):
+        from . import linear
+
+        report += ("\n" if report else "") + linear.main(args)
     print()
     print(report)
     if args.out:
@@ -270,3 +269,16 @@ def main(args) -> None:
         with open(args.out, "a") as f:
             f.write("\n" + report)
         print(f"appended to {args.out}")
+
+
+def logits_report(args) -> str:
+    if args.quick:  # a copy: the linear part reads the caller's repeats
+        args = argparse.Namespace(**{**vars(args), "n": 64, "v": 512, "repeats": 2, "warmup": 1})
+    dtype_names = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    unknown = [d for d in dtype_names if d not in DTYPES]
+    if unknown:
+        raise SystemExit(f"--dtypes: unknown {unknown}; choose from {', '.join(DTYPES)}")
+    print(f"earkit kernels benchmark: N={args.n} V={args.v} dtypes={dtype_names} repeats={args.repeats} "
+          f"threads={torch.get_num_threads()} backend={backend_name(torch.device('cpu'))}", flush=True)
+    results, thresholds = run(args.n, args.v, dtype_names, args.repeats, args.warmup, args.seed)
+    return header(args, thresholds) + "\n" + markdown_table(results) + "\n"

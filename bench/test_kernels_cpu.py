@@ -7,7 +7,8 @@ Not part of the default test run (pyproject's testpaths is tests/). The same sha
 losses as `python -m earkit.bench kernels` (bench/kernels.py): N = 2304 tokens, V = 16384,
 fp32 and bf16, threshold = the median fp32 loss; each round gets a fresh clone of the logits,
 made in setup, outside the timed region (the in-place backward consumes it). Peak memory is
-not measured here: that is what `python -m earkit.bench kernels` adds.
+not measured here: that is what `python -m earkit.bench kernels` adds. The last cases are the
+fused linear + loss ops (bf16, N = 576, H = 256, V = 16384) against F.linear + the eager chain.
 """
 
 import pytest
@@ -67,4 +68,38 @@ def test_fwd_bwd(benchmark, inputs, op, impl, dtype):
 
     grad = benchmark.pedantic(lambda leaf: fwd_bwd(loss_fn, leaf), setup=fresh_leaf, rounds=ROUNDS,
                               warmup_rounds=1)
+    assert grad.shape == base.shape and torch.isfinite(grad).all()
+
+
+# ---------------------------------------------------------------- fused linear + loss (bench/linear.py)
+
+LINEAR_SHAPE = (576, 256, 16384)  # N = one image of 576 tokens, a small H, Janus-Pro's V
+
+
+@pytest.fixture(scope="module")
+def linear_inputs():
+    from earkit.bench.linear import make_inputs, token_losses
+
+    n, h, v = LINEAR_SHAPE
+    x = make_inputs(n, h, v, torch.bfloat16, torch.device("cpu"), seed=0)
+    thresholds = {op: float(token_losses(op, x).median()) for op in ("hard", "guided")}
+    return x, thresholds
+
+
+@pytest.mark.parametrize("impl", ["torch_eager", "earkit"])
+@pytest.mark.parametrize("op", ["hard", "guided"])
+def test_linear_fwd_bwd(benchmark, linear_inputs, op, impl):
+    from earkit.bench.linear import implementations
+
+    x, thresholds = linear_inputs
+    kept = torch.ones(LINEAR_SHAPE[0], dtype=torch.bool)
+    rows = {name.split(" (")[0]: fn for name, _, fn in implementations(op, x, thresholds[op], kept, compile_=False)}
+    fn = rows["torch eager" if impl == "torch_eager" else "earkit"]
+    base = x["hidden" if op == "hard" else "student"]
+    benchmark.group = f"linear {op} bf16 N,H,V={LINEAR_SHAPE}"
+
+    def fresh_leaf():
+        return (base.clone().requires_grad_(True),), {}
+
+    grad = benchmark.pedantic(lambda leaf: fwd_bwd(fn, leaf), setup=fresh_leaf, rounds=ROUNDS, warmup_rounds=1)
     assert grad.shape == base.shape and torch.isfinite(grad).all()

@@ -1,7 +1,9 @@
 """The two erasure objectives, on teacher-forced states at the T image positions (DESIGN.md step 4-6).
 
     token-kl    KL(p || softmax(s)), p = softmax((1 + eta) z_a - eta z_c): earkit's default, through
-                the fused guided_cross_entropy kernel (threshold, windows and gate inside it)
+                linear_guided_cross_entropy on the generation head's last Linear (threshold,
+                windows and gate inside it): neither the student's nor the teachers' B x T x V
+                logits are ever held, only their B x T x H' head features
     hidden-mse  mean over H of (h_s - (h_a - eta (h_c - h_a)))^2: the released EAR code's objective,
                 with the same token threshold and window gate, computed in torch
 
@@ -19,29 +21,60 @@ from torch import Tensor
 import earkit.kernels  # noqa: F401  (registers torch.ops.earkit.*)
 from earkit.kernels import reference
 
-from .model import image_logits
+from .model import generation_features, image_logits
 
 OBJECTIVES = ("token-kl", "hidden-mse")
 
 
 @dataclass
 class TeacherStates:
-    """The frozen teacher over the sampled tokens, under the concept and the anchor prompt: its
-    image logits (B, T, V) for token-kl, its last hidden states (B, T, H) for hidden-mse."""
+    """The frozen teacher over the sampled tokens, under the concept and the anchor prompt: for
+    token-kl what token_kl_teacher returns (head features, or logits when the head's last layer
+    is trained), for hidden-mse its last hidden states (B, T, H)."""
 
     concept: Tensor
     anchor: Tensor
 
 
+def _head_layer(model):
+    return model.model.generation_head.vision_head
+
+
+def fused_head(model) -> bool:
+    """Whether token-kl runs fused with the head's last Linear: only when that layer is frozen,
+    since the fused op puts the student's and the teacher's features through one weight."""
+    layer = _head_layer(model)
+    return not any(p.requires_grad for p in layer.parameters())
+
+
+def token_kl_teacher(model, hidden: Tensor) -> Tensor:
+    """What token_kl needs of the teacher at these hidden states: the head's features before its
+    last Linear (B, T, H') when that Linear is frozen, else the full logits (B, T, V)."""
+    return generation_features(model, hidden) if fused_head(model) else image_logits(model, hidden)
+
+
 def token_kl(model, student_hidden: Tensor, teacher: TeacherStates, *, eta: float, token_threshold, window: int,
              window_threshold) -> tuple[Tensor, Tensor]:
+    window = min(window, student_hidden.shape[1])
+    if fused_head(model):
+        # The op itself (not the public wrapper) also hands back the per-token weights; the
+        # trainer validated every argument when it read its config. The head's last Linear is
+        # frozen, so only d features is computed (into the rest of the head and the model).
+        layer = _head_layer(model)
+        features = generation_features(model, student_hidden)
+        teacher_features = (x.to(features.dtype) for x in (teacher.concept, teacher.anchor))
+        loss, weight, *_ = torch.ops.earkit.linear_guided_cross_entropy(
+            features, *teacher_features, layer.weight, layer.bias, float(eta), token_threshold, window,
+            window_threshold, "mean", torch.is_grad_enabled() and features.requires_grad, False, False,
+        )
+        return loss, weight
     student_logits = image_logits(model, student_hidden)
     # The op itself (not the public wrapper) also hands back the per-token weights; the trainer
     # validated every argument when it read its config. The gradient is written into the
     # student logits in place: one B x T x V buffer for it, not two.
     loss, weight, _, _ = torch.ops.earkit.guided_cross_entropy(
-        student_logits, teacher.concept, teacher.anchor, float(eta), token_threshold,
-        min(window, student_logits.shape[1]), window_threshold, "mean", True,
+        student_logits, teacher.concept, teacher.anchor, float(eta), token_threshold, window, window_threshold,
+        "mean", True,
     )
     return loss, weight
 

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from . import objectives
 from .checkpoint import apply_trainable, load_checkpoint, save_checkpoint
-from .model import check_model_source, encode_prompts, image_hidden_states, image_logits, load_janus
+from .model import check_model_source, encode_prompts, image_hidden_states, load_janus
 from .pairs import PromptPair, load_pairs, pairs_from_concept
 from .sampler import sample_image_tokens
 
@@ -274,9 +274,10 @@ def teacher_targets(model, tokenizer, teacher: FrozenTeacher, batch: list[Prompt
         concept_hidden = image_hidden_states(model, concept_batch, tokens)
         anchor_hidden = image_hidden_states(model, anchor_batch, tokens)
         if config.objective == "token-kl":
-            # The head may be trainable too: the teacher's targets come from the teacher's head.
-            return TeacherTargets(concept_batch, tokens, image_logits(model, concept_hidden),
-                                  image_logits(model, anchor_hidden))
+            # The head may be trainable too: the teacher's targets come from the teacher's head
+            # (its features when its last Linear is frozen and token-kl runs fused with it).
+            return TeacherTargets(concept_batch, tokens, objectives.token_kl_teacher(model, concept_hidden),
+                                  objectives.token_kl_teacher(model, anchor_hidden))
         return TeacherTargets(concept_batch, tokens, concept_hidden, anchor_hidden)
 
 

@@ -237,3 +237,39 @@ def test_fuzz_shapes_thresholds_and_chunks(data, backend_name, batch, seq_len, n
         patch.setenv("EARKIT_BACKEND", backend_name)
         patch.setattr(linear_cross_entropy, "force_chunk_rows", chunk)
         check(h_s, h_c, h_a, weight, bias, torch.randn(h_s.shape[:-1]) if reduction == "none" else None, **options)
+
+
+def test_engine_token_kl_runs_fused_on_a_frozen_head_and_matches_the_logits_path():
+    """The erasure objective on a tiny Janus: with the head's last Linear frozen the teacher hands
+    over head features and the loss runs fused; it equals the loss on the full logits."""
+    from earkit.engine import objectives
+    from earkit.engine.model import image_logits
+    from earkit.engine.tiny import build_tiny_janus
+
+    built = build_tiny_janus(["red", "circle"], seed=0)
+    model = built[0] if isinstance(built, tuple) else built
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    hidden_size = model.config.text_config.hidden_size
+    student, concept, anchor = (torch.randn(2, 6, hidden_size, generator=generator) for _ in range(3))
+    options = dict(eta=1.0, token_threshold=0.01, window=4, window_threshold=0.02)
+    assert objectives.fused_head(model)
+    teacher = objectives.TeacherStates(objectives.token_kl_teacher(model, concept),
+                                       objectives.token_kl_teacher(model, anchor))
+    assert teacher.concept.shape[-1] == model.model.generation_head.vision_head.in_features
+    student_leaf = student.clone().requires_grad_()
+    loss, weight = objectives.token_kl(model, student_leaf, teacher, **options)
+    loss.backward()
+
+    for parameter in model.model.generation_head.vision_head.parameters():
+        parameter.requires_grad_(True)  # a trained head: the logits path
+    assert not objectives.fused_head(model)
+    teacher = objectives.TeacherStates(image_logits(model, concept), image_logits(model, anchor))
+    assert objectives.token_kl_teacher(model, concept).shape == teacher.concept.shape
+    reference_leaf = student.clone().requires_grad_()
+    want_loss, want_weight = objectives.token_kl(model, reference_leaf, teacher, **options)
+    want_loss.backward()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weight, want_weight)
+    torch.testing.assert_close(student_leaf.grad, reference_leaf.grad, rtol=1e-4, atol=1e-7)
