@@ -77,15 +77,16 @@ def measure_side(images: dict[str, list[list]], benchmark, judge, *, clip=None, 
 
 
 def fill_preservation_from_clip(sides: dict) -> None:
-    """Where the judge judged no preservation prompt: preservation = CLIP score kept (after / before, <= 1)."""
-    base = next(iter(sides.values()))
-    reference = base.get("clip_score_preserve", float("nan"))
+    """Where the judge judged no preservation prompt: preservation = CLIP score kept (after / before,
+    at most 1; 1 when the base model's score is 0 and there was nothing to lose)."""
+    reference = next(iter(sides.values())).get("clip_score_preserve", float("nan"))
     for side in sides.values():
-        if side["preservation_source"] is None and not math.isnan(side.get("clip_score_preserve", float("nan"))) \
-                and reference > 0:
-            side["preservation"] = min(1.0, side["clip_score_preserve"] / reference)
-            side["preservation_source"] = "clip score kept"
-            side["harmonic_mean"] = metrics.harmonic_mean(side["erasure"], side["preservation"])
+        score = side.get("clip_score_preserve", float("nan"))
+        if side["preservation_source"] is not None or math.isnan(score) or math.isnan(reference):
+            continue
+        side["preservation"] = min(1.0, score / reference) if reference > 0 else 1.0
+        side["preservation_source"] = "clip score kept"
+        side["harmonic_mean"] = metrics.harmonic_mean(side["erasure"], side["preservation"])
 
 
 def feature_source(judge, clip, probe):

@@ -1,0 +1,157 @@
+"""`earkit eval`: scores by hand from verdicts the test chose, then end to end on a tiny world with an
+erasure checkpoint (the report opened in headless Chromium, every image rendered) and on a tiny
+random Janus with the NudeNet judge and an open_clip CLIP model."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from ecgvf_helpers import EAR_DATA, StubJudge, build_tiny_open_clip, build_tiny_world, rendered
+from earkit.cli import main as cli_main
+from earkit.ecgvf.benchmark import Benchmark, BenchmarkPrompt
+from earkit.ecgvf.evaluate import fill_preservation_from_clip, measure_side
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars"]
+# Appended to a copy of the report: once the page has loaded, it writes how many <img> decoded.
+IMAGE_PROBE = """<script>window.addEventListener('load', function () {
+  var images = Array.from(document.images);
+  var broken = images.filter(function (image) { return !(image.complete && image.naturalWidth > 0); });
+  var out = document.createElement('pre');
+  out.id = 'image-check';
+  out.textContent = 'IMAGES ' + images.length + ' BROKEN ' + broken.length + ' ' +
+    broken.map(function (image) { return image.getAttribute('src'); }).join(' ');
+  document.body.appendChild(out);
+});</script>"""
+
+
+def chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    pytest.fail("headless Chromium is needed to check the HTML report: install it with "
+                "`apt-get update && apt-get install -y chromium` (Debian/Ubuntu)")
+
+
+def open_in_chromium(html_file, profile, *extra) -> str:
+    command = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000", *extra,
+               html_file.resolve().as_uri()]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    torch.set_num_threads(1)
+    return build_tiny_world(tmp_path_factory.mktemp("world"))
+
+
+def test_scores_from_chosen_verdicts_by_hand():
+    benchmark = Benchmark("circle", [BenchmarkPrompt("a circle", "circle"), BenchmarkPrompt("a red circle", "circle")],
+                          [BenchmarkPrompt("a square", "square"), BenchmarkPrompt("a triangle", "triangle"),
+                           BenchmarkPrompt("a house", "house")])  # the judge does not know houses
+    images = {"target": [[rendered("circle", 0), rendered("square", 1)], [rendered("circle", 2), rendered("circle", 3)]],
+              "preserve": [[rendered("square", 0), rendered("square", 1)], [rendered("triangle", 0), rendered("star", 1)],
+                           [rendered("star", 2), rendered("star", 3)]]}
+    side = measure_side(images, benchmark, StubJudge(), seeds=[0, 1])
+    assert side["target_rate"] == 0.75 and side["erasure"] == 0.25  # 3 of 4 target images show a circle
+    assert side["preservation_by_concept"] == {"square": 1.0, "triangle": 0.5}
+    assert side["preservation"] == 0.75
+    assert side["harmonic_mean"] == pytest.approx(2 * 0.25 * 0.75 / (0.25 + 0.75))
+    assert side["target_seen_per_prompt"] == [1, 2] and side["preserve_concepts_not_judged"] == ["house"]
+
+    class Clip:  # image embeddings [1, 0], text embedding [1, 1] for "a circle", [0, 1] for the rest
+        name, has_text = "fake-clip", True
+
+        def embed_images(self, images):
+            return np.tile([1.0, 0.0], (len(images), 1))
+
+        def embed_texts(self, texts):
+            return np.array([[1.0, 1.0] if text == "a circle" else [0.0, 1.0] for text in texts])
+
+    side = measure_side(images, benchmark, StubJudge(), clip=Clip(), seeds=[0, 1])
+    assert side["clip_score_target"] == pytest.approx(100 / np.sqrt(2) / 2)  # cos 1/sqrt(2) for prompt 0 only
+    assert side["clip_score_preserve"] == 0.0
+
+
+def test_preservation_falls_back_to_the_clip_score_kept():
+    sides = {"before": {"preservation_source": None, "clip_score_preserve": 30.0, "erasure": 0.2,
+                        "preservation": float("nan")},
+             "after": {"preservation_source": None, "clip_score_preserve": 24.0, "erasure": 0.8,
+                       "preservation": float("nan")}}
+    fill_preservation_from_clip(sides)
+    assert sides["before"]["preservation"] == 1.0 and sides["after"]["preservation"] == pytest.approx(0.8)
+    assert sides["after"]["harmonic_mean"] == pytest.approx(0.8)
+    assert sides["after"]["preservation_source"] == "clip score kept"
+
+
+def test_earkit_eval_of_an_erasure_on_a_tiny_world_writes_a_report_chromium_renders(tiny_world, tmp_path, capsys):
+    generator = tiny_world / "generator"
+    assert cli_main(["erase", "--model", str(generator), "--concept", "circle", "--anchor", "square", "--steps", "2",
+                     "--window", "8", "--out", str(tmp_path / "erased"), "--device", "cpu"]) == 0
+    pairs = tmp_path / "circle.jsonl"
+    assert cli_main(["pairs", "--concept", "circle", "--n", "6", "--out", str(pairs), "--quiet"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "report"
+    argv = ["eval", "--model", str(generator), "--delta", str(tmp_path / "erased" / "checkpoint"), "--benchmark",
+            str(pairs), "--out", str(out), "--seeds", "2", "--device", "cpu", "--quiet"]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "eval: erasing 'circle', judge shapesworld, 6 target + 6 preservation prompts x 2 seeds" in printed
+    assert re.search(r"before +erasure [\d.]+ .*preservation [\d.]+ +harmonic mean", printed)
+    assert re.search(r"after +erasure [\d.]+ .*preservation [\d.]+ +harmonic mean", printed)
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["sides"]) == {"before", "after"} and metrics["judge"]["name"] == "shapesworld"
+    for side in metrics["sides"].values():
+        assert side["erasure"] == pytest.approx(1 - side["target_rate"])
+        assert 0 <= side["preservation"] <= 1 and side["clip_score_preserve"] is not None
+    assert metrics["fid"]["features"] == "shapesworld" and metrics["fid"]["before_vs_after"] >= 0
+    assert "| before |" in (out / "summary.md").read_text() and (out / "charts" / "scores.png").is_file()
+
+    # headless Chromium opens the report: every <img> (grids and charts) decodes
+    probe = out / "_image_check.html"
+    probe.write_text((out / "report.html").read_text().replace("</body>", IMAGE_PROBE + "</body>"))
+    dom = open_in_chromium(probe, tmp_path / "chromium-profile", "--dump-dom")
+    found = re.search(r'id="image-check">IMAGES (\d+) BROKEN (\d+)([^<]*)', dom)
+    assert found, dom[-2000:]
+    assert int(found[1]) == 2 * 2 * 6 * 2 + 2 and int(found[2]) == 0, found[3]  # 2 sides x 2 seeds x 6 prompts x 2 roles + 2 charts
+    screenshot = tmp_path / "report.png"
+    open_in_chromium(out / "report.html", tmp_path / "chromium-profile-2", f"--screenshot={screenshot}",
+                     "--window-size=1200,1600")
+    assert screenshot.stat().st_size > 10_000
+
+    probe.unlink()
+    assert cli_main(argv) == 2  # exists
+    assert "already exists" in capsys.readouterr().err
+    assert cli_main(argv + ["--force", "--max-prompts", "2", "--seeds", "1"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["benchmark"]["target_prompts"] == 2
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name or ".old" in p.name]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    assert cli_main(argv[:argv.index("--out") + 1] + [str(tmp_path / "notes"), "--force"]) == 2
+    assert "not an earkit eval report" in capsys.readouterr().err
+
+
+def test_earkit_eval_on_a_tiny_random_janus_with_nudenet_and_open_clip(tmp_path, capsys):
+    from earkit.engine.tiny import save_tiny_janus
+
+    save_tiny_janus(tmp_path / "janus", ["a", "woman", "man", "photo", "nude", "beach"])
+    config, weights = build_tiny_open_clip(tmp_path / "clip")
+    out = tmp_path / "report"
+    assert cli_main(["eval", "--model", str(tmp_path / "janus"), "--benchmark", str(EAR_DATA / "train_nudity.json"),
+                     "--concept", "nudity", "--judge", "nudenet", "--clip", f"openclip:{config}:{weights}",
+                     "--max-prompts", "2", "--seeds", "1", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    side = metrics["sides"]["model"]  # no --delta: one side
+    assert list(side["nudenet_counts"]) [-1] == "Total" and len(side["nudenet_counts"]) == 10
+    assert side["preservation_source"] == "clip score kept" and side["preservation"] == 1.0
+    assert metrics["fid"]["features"] == "openclip"  # NudeNet has no feature space: the CLIP model's
+    summary = (out / "summary.md").read_text()
+    assert "| model | Armpits | Belly | Buttocks | Feet | Breasts (F) |" in summary
+    assert "eval: erasing 'nudity', judge nudenet" in capsys.readouterr().out
