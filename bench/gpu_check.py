@@ -21,6 +21,14 @@
     mask and mean), the eager chain after .float(), and torch.compile of the eager chain.
     Median of --reps CUDA-event timings after warmup, each on a fresh clone of the logits;
     peak extra memory = max_memory_allocated during one fwd+bwd minus what was allocated before.
+(e) Fused linear + loss: linear_masked_cross_entropy and linear_guided_cross_entropy on
+    (B, T) = (2, 576) and (1, 8) with H = 2048, V = 16384 (smoke: (2, 8), H = 32, V = 64, in
+    chunks of one sequence), fp32 and bf16, reductions "mean" and "none", the head frozen (d
+    hidden only, as in the engine) and trained (d weight and d bias too), all with threshold,
+    windows and window threshold, against float64 (PASS: max error <= tol * max |value| for the
+    loss and every gradient); then bench/linear.py's table at N = 1152, H = 2048 and N = 9216,
+    H = 4096 (the anchors' shapes): earkit against torch eager, torch.compile, Liger and
+    cut-cross-entropy where installed, with TFLOP/s and percent of a bf16 matmul.
 (d) Engine: `earkit bench engine` (bench/engine.py) at the Janus-Pro-7B and -1B shapes with
     random weights: sampler ms per decode step at batch 1 and 16, one erasure step per pair,
     peak memory, projected time for a 50-pair concept (--engine-sizes; smoke: a tiny Janus).
@@ -71,6 +79,11 @@ GPU_CHECKS = [((2, 576, 16384), 50, False), ((16, 576, 16384), 50, False), ((1, 
 SMOKE_CHECKS = [((2, 8, 64), 3, False), ((1, 8, 64), 3, True)]
 GPU_TIMINGS = [(2, 576, 16384), (16, 576, 16384)]
 SMOKE_TIMINGS = [(2, 8, 64)]
+# Fused linear + loss: ((B, T), H, V, window).
+LINEAR_GPU_CHECKS = [((2, 576), 2048, 16384, 50), ((1, 8), 2048, 16384, 3)]
+LINEAR_SMOKE_CHECKS = [((2, 8), 32, 64, 3)]
+LINEAR_GPU_TIMINGS = [(1152, 2048, 16384), (9216, 4096, 16384)]
+LINEAR_SMOKE_TIMINGS = [(16, 32, 64)]
 # (loss: relative to max |loss|, gradient: relative to max |grad|). The loss is fp32 whatever
 # the input dtype; a bf16 gradient is rounded to bf16 (2^-8 relative) when stored.
 TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-3, 2e-2)}
@@ -258,6 +271,132 @@ def run_checks(checks, device):
             if device == "cuda":
                 torch.cuda.empty_cache()
     return rows
+
+
+# ---------------------------------------------------------------- (e) fused linear + loss
+
+
+def linear_reference(op, x, weight, bias, threshold, window, window_threshold, reduction, upstream, train_head):
+    """Loss and gradients (hidden, then weight and bias when train_head) in float64."""
+    h = x["student" if op == "guided" else "hidden"].double().requires_grad_(True)
+    w = weight.double().requires_grad_(train_head)
+    b = bias.double().requires_grad_(train_head)
+    head = lambda t: t @ w.t() + b  # noqa: E731
+    if op == "masked":
+        z = head(h)
+        token_loss = torch.logsumexp(z, -1) - z.gather(-1, x["target"][..., None]).squeeze(-1)
+    else:
+        with torch.no_grad():
+            log_p = F.log_softmax((1 + ETA) * head(x["anchor"].double()) - ETA * head(x["concept"].double()), -1)
+        log_q = F.log_softmax(head(h), -1)
+        token_loss = (log_p.exp() * (log_p - log_q)).sum(-1)
+    weights = reference_weights(token_loss.detach(), threshold, window, window_threshold)
+    if reduction == "mean":
+        out = (weights * token_loss).sum() / weights.sum().clamp_min(1)
+        grads = torch.autograd.grad(out, [h, w, b] if train_head else [h])
+    else:
+        out = weights * token_loss
+        grads = torch.autograd.grad((out * upstream.double()).sum(), [h, w, b] if train_head else [h])
+    return out.detach(), grads
+
+
+def linear_earkit(op, x, weight, bias, options, reduction, upstream, train_head):
+    from earkit.kernels import linear_guided_cross_entropy, linear_masked_cross_entropy
+
+    h = x["student" if op == "guided" else "hidden"].clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(train_head)
+    b = bias.clone().requires_grad_(train_head)
+    if op == "masked":
+        out = linear_masked_cross_entropy(h, w, x["target"], b, reduction=reduction, **options)
+    else:
+        out = linear_guided_cross_entropy(h, x["concept"], x["anchor"], w, b, eta=ETA, reduction=reduction, **options)
+    grads = torch.autograd.grad(out if reduction == "mean" else (out * upstream).sum(), [h, w, b] if train_head else [h])
+    return out.detach(), grads
+
+
+def run_linear_checks(checks, device, smoke):
+    from earkit.kernels import linear_cross_entropy
+
+    linear_cross_entropy.force_chunk_rows = 8 if smoke else None  # smoke: one sequence per chunk
+    rows = []
+    for (batch, seq_len), n_inner, n_cols, window in checks:
+        for dtype in (torch.float32, torch.bfloat16):
+            loss_tol, grad_tol = TOLERANCES[dtype]
+            gen = torch.Generator(device=device).manual_seed(4)
+            randn = lambda *shape: torch.randn(*shape, generator=gen, device=device)  # noqa: E731
+            concept = randn(batch, seq_len, n_inner)
+            x = {"hidden": randn(batch, seq_len, n_inner), "concept": concept,
+                 "anchor": concept + 0.3 * randn(batch, seq_len, n_inner),
+                 "student": concept + 0.3 * randn(batch, seq_len, n_inner),
+                 "target": torch.randint(0, n_cols, (batch, seq_len), generator=gen, device=device)}
+            x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
+            weight = (randn(n_cols, n_inner) * (2.0 / math.sqrt(n_inner))).to(dtype)
+            bias = (0.1 * randn(n_cols)).to(dtype)
+            upstream = randn(batch, seq_len)
+            label = f"linear {batch}x{seq_len} H={n_inner} V={n_cols}"
+            for op in ("masked", "guided"):
+                try:
+                    # Every weight is 1 at -inf thresholds: "none" gives the per-token loss.
+                    token_loss, _ = linear_reference(op, x, weight, bias, -math.inf, seq_len, -math.inf, "none",
+                                                     torch.ones_like(upstream), False)
+                    threshold, _ = threshold_in_gap(token_loss)
+                    kept = (token_loss > threshold).double() * token_loss
+                    window_threshold, _ = threshold_in_gap(window_sums(kept, window))
+                    options = {"threshold": threshold, "window": window, "window_threshold": window_threshold}
+                except Exception as error:
+                    traceback.print_exc()
+                    rows.append({"shape": label, "dtype": DTYPE_NAMES[dtype], "op": op, "reduction": "-",
+                                 "head": "-", "status": f"ERROR {type(error).__name__}"})
+                    continue
+                for reduction in ("mean", "none"):
+                    for train_head in (False, True):
+                        row = {"shape": label, "dtype": DTYPE_NAMES[dtype], "op": op, "reduction": reduction,
+                               "head": "trained" if train_head else "frozen"}
+                        try:
+                            want_out, want_grads = linear_reference(op, x, weight, bias, threshold, window,
+                                                                    window_threshold, reduction, upstream, train_head)
+                            out, grads = linear_earkit(op, x, weight, bias, options, reduction, upstream, train_head)
+                            loss_rel = float((out.double() - want_out).abs().max()) / max(
+                                float(want_out.abs().max()), 1e-6)
+                            grad_rels = [float((g.double() - wg).abs().max()) / max(float(wg.abs().max()), 1e-12)
+                                         for g, wg in zip(grads, want_grads)]
+                            ok = loss_rel <= loss_tol and all(r <= grad_tol for r in grad_rels)
+                            row.update(loss_rel=loss_rel, grad_rels=grad_rels, status="PASS" if ok else "FAIL")
+                            del want_out, want_grads, out, grads
+                        except Exception as error:
+                            traceback.print_exc()
+                            row["status"] = f"ERROR {type(error).__name__}: {error}"[:120]
+                        rows.append(row)
+                        print(f"  check {label} {row['dtype']} linear {op:6s} {reduction:4s} head={row['head']:7s} "
+                              f"{row['status']}", flush=True)
+            del x, weight, bias
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    linear_cross_entropy.force_chunk_rows = None
+    return rows
+
+
+def linear_check_table(rows) -> str:
+    lines = [
+        "| shape | dtype | op | reduction | head | max err loss (rel) | max err grad rel: hidden / weight / bias | result |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        grads = " / ".join(f"{g:.1e}" for g in r.get("grad_rels", [])) or "-"
+        lines.append(f"| {r['shape']} | {r['dtype']} | linear {r['op']} | {r['reduction']} | {r['head']} "
+                     f"| {fmt(r.get('loss_rel'), '.1e')} | {grads} | {r['status']} |")
+    return "\n".join(lines)
+
+
+def run_linear_timings(shapes, device, reps, warmup, compile_):
+    from earkit.bench import linear
+
+    try:
+        return linear.run(shapes, torch.bfloat16, torch.device(device), reps, warmup, compile_)
+    except Exception:
+        print("[linear timings] failed:")
+        traceback.print_exc()
+        return []
 
 
 # ---------------------------------------------------------------- (b) speed and memory
@@ -472,20 +611,26 @@ def main(argv=None) -> int:
     print(f"earkit gpu_check on {machine_line(device)}", flush=True)
 
     check_rows = run_checks(checks, device)
+    check_rows += run_linear_checks(LINEAR_SMOKE_CHECKS if args.smoke else LINEAR_GPU_CHECKS, device, args.smoke)
     print(f"correctness done in {time.perf_counter() - started:.0f} s", flush=True)
     time_rows = [] if args.no_timing else run_timings(timings, device, reps, warmup, compile_backend)
+    linear_rows = [] if args.no_timing else run_linear_timings(
+        LINEAR_SMOKE_TIMINGS if args.smoke else LINEAR_GPU_TIMINGS, device, reps, warmup,
+        compile_backend == "inductor")
     engine_reports = run_engine(args.engine_sizes or ("tiny" if args.smoke else "7b,1b"), device)
     total_s = time.perf_counter() - started
 
     n_pass = sum(r["status"] == "PASS" for r in check_rows)
-    layouts = "; ".join(sorted({f"{r['shape']}: {r['layout']}" for r in check_rows}))
+    layouts = "; ".join(sorted({f"{r['shape']}: {r['layout']}" for r in check_rows if "layout" in r}))
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     report = (
         f"### earkit gpu_check{' --smoke' if args.smoke else ''}, {when}\n\n"
         f"{machine_line(device)}; {total_s:.0f} s in all.\n\n"
         f"Correctness against float64 (threshold + windows + window threshold; reduction none uses a "
         f"random upstream gradient): {n_pass} of {len(check_rows)} PASS.\n\n"
-        f"{check_table(check_rows)}\n\nTriton row layouts: {layouts}.\n"
+        f"{check_table([r for r in check_rows if 'layout' in r])}\n\nTriton row layouts: {layouts}.\n\n"
+        f"Fused linear + loss against float64 (same thresholds and windows; rel = max error over max |value|):\n\n"
+        f"{linear_check_table([r for r in check_rows if 'head' in r])}\n"
     )
     if time_rows:
         report += (
@@ -493,6 +638,13 @@ def main(argv=None) -> int:
             f"after {warmup} warmup; peak extra = max allocated during one fwd+bwd above the inputs; "
             f"speedup = eager ms / row ms, memory ratio = row MB / eager MB.\n\n{timing_table(time_rows)}\n"
         )
+    if linear_rows:
+        from earkit.bench.linear import markdown_table as linear_table
+
+        report += (f"\nFused linear + loss, fwd+bwd given the head features, bf16, head frozen; TFLOP/s on the "
+                   f"useful flops (hard 4NHV, guided 8NHV), % of a bf16 N x H @ H x V matmul of the same run; "
+                   f"Liger and cut-cross-entropy run hard labels with the thresholded-out tokens as "
+                   f"ignore_index (their nearest equivalent).\n\n{linear_table(linear_rows)}\n")
     if engine_reports:
         from earkit.bench.engine import format_report
 
