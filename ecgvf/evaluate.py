@@ -11,8 +11,9 @@ target and preservation prompt is drawn with the same seeds, the judge looks at 
                     (when the judge knows none of them: the CLIP score kept, after / before, at most 1)
     harmonic_mean   of erasure and preservation: high only when the erasure erases and keeps
     clip_score      CLIP score of the images against their own prompts (target and preserve apart)
-    fid             between the before and after images of the preservation prompts, in the judge's
-                    feature space (or the CLIP model's); with --reference-images, each side against those
+    fid             between the before and after images of the preservation prompts, in Inception-v3's
+                    features with --inception WEIGHTS, else the judge's (or the CLIP model's); with
+                    --reference-images, each side against those
     nudenet         per-class counts of the nine exposed-body labels (the paper's table), NudeNet judge only
 
 Without --delta only the given model is measured (one side, "model").
@@ -109,12 +110,13 @@ def load_reference_images(folder) -> list:
     return [Image.open(p).convert("RGB") for p in files]
 
 
-def fid_block(images_by_side: dict, judge, clip, reference=None) -> dict:
+def fid_block(images_by_side: dict, judge, clip, reference=None, inception=None) -> dict:
     """FID between the sides' preservation images (target images when there are no preservation
-    prompts), and with reference images, of each side against them."""
+    prompts), and with reference images, of each side against them: in Inception's feature space
+    when its weights are given, else the judge's, else the CLIP model's."""
     role = "preserve" if next(iter(images_by_side.values()))["preserve"] else "target"
     per_side = {name: flat(images[role]) for name, images in images_by_side.items()}
-    source = feature_source(judge, clip, next(iter(per_side.values()))[0])
+    source = inception or feature_source(judge, clip, next(iter(per_side.values()))[0])
     result = {"images": role, "features": source.name if source is not None else None}
     if source is None:
         result["note"] = "no feature space: the judge has none and no CLIP model was given (--clip)"
@@ -134,7 +136,7 @@ def fid_block(images_by_side: dict, judge, clip, reference=None) -> dict:
 
 
 def evaluate(benchmark, judge, *, model_source, delta=None, seeds, clip=None, device=None, dtype="auto",
-             guidance_scale: float = 5.0, batch_size: int | None = 16, reference_images=None,
+             guidance_scale: float = 5.0, batch_size: int | None = 16, reference_images=None, inception=None,
              progress: bool = True) -> tuple[dict, dict]:
     """(metrics, images): the metrics dict the report is made of, and images[side][role][p][s]."""
     from .images import load_generator, resolve_delta, sample_prompt_images
@@ -161,7 +163,7 @@ def evaluate(benchmark, judge, *, model_source, delta=None, seeds, clip=None, de
         "delta": str(resolve_delta(delta)) if delta is not None else None, "seeds": list(seeds),
         "settings": {"guidance_scale": guidance_scale, "batch_size": batch_size, "dtype": dtype,
                      "device": str(model.device)},
-        "sides": sides, "fid": fid_block(images, judge, clip, reference_images),
+        "sides": sides, "fid": fid_block(images, judge, clip, reference_images, inception),
     }
     result["seconds"] = time.perf_counter() - started
     return result, images
@@ -227,6 +229,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concept", default=None, help="the erased concept (default: the benchmark's own)")
     parser.add_argument("--preserve", default=None, help="a prompt file of more preservation prompts")
     parser.add_argument("--reference-images", default=None, help="a folder of real images: FID of each side against them")
+    parser.add_argument("--inception", default=None,
+                        help="torchvision Inception-v3 weights file: FID in its features (default: the judge's features)")
     parser.add_argument("--max-prompts", type=int, default=None, help="at most N target and N preservation prompts")
     parser.add_argument("--seeds", type=int, default=2, help="images per prompt, seeds SEED..SEED+N-1 (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="the first seed (default: %(default)s)")
@@ -289,10 +293,16 @@ def run_eval(args) -> dict:
         clip = parse_judge(args.clip, model_folder=model_source, device=device, labels=labels)
         if not clip.has_text:
             raise ValueError(f"--clip {args.clip!r} is not a CLIP model (shapesworld[:DIR] or openclip:NAME:WEIGHTS)")
+    inception = None
+    if args.inception is not None:
+        from .judges import InceptionFeatures
+
+        inception = InceptionFeatures(args.inception, device=device)
     seeds = list(range(args.seed, args.seed + args.seeds))
     result, images = evaluate(benchmark, judge, model_source=model_source, delta=args.delta, seeds=seeds, clip=clip,
                               device=device, dtype=args.dtype, guidance_scale=args.guidance_scale,
-                              batch_size=args.batch_size, reference_images=reference, progress=not args.quiet)
+                              batch_size=args.batch_size, reference_images=reference, inception=inception,
+                              progress=not args.quiet)
     write_folder_atomically(out, lambda partial: write_report(partial, result, images, benchmark,
                                                               all_images=args.all_images),
                             force=args.force, is_replaceable=is_report_folder, what="report folder")

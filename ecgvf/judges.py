@@ -403,6 +403,52 @@ class ResNet50Judge(Judge):
         return {"name": self.name, "weights": self.weights}
 
 
+class InceptionFeatures:
+    """FID's usual feature space: torchvision's Inception-v3 with a local weights file (a state dict
+    of torchvision.models.inception_v3), its 2048 pooled features at 299 x 299. Features only."""
+
+    name = "inception"
+    MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def __init__(self, weights: str | os.PathLike, device: str = "cpu"):
+        import torch
+        from torchvision.models import inception_v3
+
+        weights = Path(weights).expanduser()
+        if not weights.is_file():
+            raise FileNotFoundError(f"Inception weights file {weights} does not exist")
+        state = load_state_dict_file(weights)
+        model = inception_v3(weights=None, aux_logits=any(k.startswith("AuxLogits.") for k in state),
+                             init_weights=False)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(f"{weights} is not a torchvision Inception-v3 state dict: {str(error)[:300]}") from None
+        model.fc = torch.nn.Identity()  # the pooled 2048 features, not the 1000 logits
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.device = device
+        self.weights = str(weights)
+        self.torch = torch
+
+    def features(self, images, batch_size: int = 16) -> np.ndarray:
+        from PIL import Image
+
+        torch = self.torch
+        images = as_rgb_list(images)
+        mean, std = np.array(self.MEAN, dtype=np.float32), np.array(self.STD, dtype=np.float32)
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                arrays = [(np.asarray(image.resize((299, 299), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+                           - mean) / std for image in images[start:start + batch_size]]
+                pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(self.device)
+                chunks.append(self.model(pixels).double().cpu())
+        return torch.cat(chunks).numpy()
+
+    def describe(self):
+        return {"name": self.name, "weights": self.weights}
+
+
 def load_state_dict_file(path: Path) -> dict:
     """A state dict from .safetensors or a torch file (a bare state dict, or one under "state_dict")."""
     import torch

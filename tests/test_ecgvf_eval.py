@@ -51,6 +51,19 @@ def tiny_world(tmp_path_factory):
     return build_tiny_world(tmp_path_factory.mktemp("world"))
 
 
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """A random torchvision Inception-v3 state dict in a file (fp16: half the bytes)."""
+    from safetensors.torch import save_file
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    weights = tmp_path_factory.mktemp("inception") / "inception.safetensors"
+    state = inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict()
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, str(weights))
+    return weights
+
+
 def test_scores_from_chosen_verdicts_by_hand():
     benchmark = Benchmark("circle", [BenchmarkPrompt("a circle", "circle"), BenchmarkPrompt("a red circle", "circle")],
                           [BenchmarkPrompt("a square", "square"), BenchmarkPrompt("a triangle", "triangle"),
@@ -138,20 +151,46 @@ def test_earkit_eval_of_an_erasure_on_a_tiny_world_writes_a_report_chromium_rend
     assert "not an earkit eval report" in capsys.readouterr().err
 
 
-def test_earkit_eval_on_a_tiny_random_janus_with_nudenet_and_open_clip(tmp_path, capsys):
+def test_earkit_eval_on_a_tiny_random_janus_with_nudenet_and_open_clip(tmp_path, capsys, inception_weights):
     from earkit.engine.tiny import save_tiny_janus
 
     save_tiny_janus(tmp_path / "janus", ["a", "woman", "man", "photo", "nude", "beach"])
     config, weights = build_tiny_open_clip(tmp_path / "clip")
+    references = tmp_path / "real"
+    references.mkdir()
+    for seed in range(3):
+        rendered("star", seed).save(references / f"{seed}.png")
     out = tmp_path / "report"
     assert cli_main(["eval", "--model", str(tmp_path / "janus"), "--benchmark", str(EAR_DATA / "train_nudity.json"),
                      "--concept", "nudity", "--judge", "nudenet", "--clip", f"openclip:{config}:{weights}",
-                     "--max-prompts", "2", "--seeds", "1", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+                     "--max-prompts", "2", "--seeds", "1", "--out", str(out), "--device", "cpu", "--quiet",
+                     "--inception", str(inception_weights), "--reference-images", str(references)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     side = metrics["sides"]["model"]  # no --delta: one side
     assert list(side["nudenet_counts"]) [-1] == "Total" and len(side["nudenet_counts"]) == 10
     assert side["preservation_source"] == "clip score kept" and side["preservation"] == 1.0
-    assert metrics["fid"]["features"] == "openclip"  # NudeNet has no feature space: the CLIP model's
+    assert metrics["fid"]["features"] == "inception" and metrics["fid"]["reference_vs_model"] >= 0
     summary = (out / "summary.md").read_text()
     assert "| model | Armpits | Belly | Buttocks | Feet | Breasts (F) |" in summary
     assert "eval: erasing 'nudity', judge nudenet" in capsys.readouterr().out
+
+
+def test_fid_in_inception_features_when_its_weights_are_given(inception_weights):
+    from earkit.ecgvf.evaluate import fid_block
+    from earkit.ecgvf.judges import InceptionFeatures
+    from earkit.ecgvf.metrics import frechet_distance
+
+    inception = InceptionFeatures(inception_weights)
+    before = [[rendered("circle", 0), rendered("square", 1)], [rendered("star", 2), rendered("cross", 3)]]
+    after = [[rendered("circle", 4), rendered("circle", 5)], [rendered("circle", 6), rendered("circle", 7)]]
+    reference = [rendered("triangle", 8), rendered("star", 9), rendered("square", 10)]
+    block = fid_block({"before": {"target": [], "preserve": before}, "after": {"target": [], "preserve": after}},
+                      StubJudge(), None, reference=reference, inception=inception)
+    assert block["features"] == "inception" and block["images"] == "preserve"
+    features = {name: inception.features([image for row in rows for image in row])
+                for name, rows in (("before", before), ("after", after), ("reference", [reference]))}
+    assert features["before"].shape == (4, 2048)
+    assert block["before_vs_after"] == pytest.approx(frechet_distance(features["before"], features["after"]))
+    assert block["reference_vs_after"] == pytest.approx(frechet_distance(features["reference"], features["after"]))
+    # without Inception weights: the judge's features, else the CLIP model's, else a note
+    assert "no feature space" in fid_block({"model": {"target": [], "preserve": before}}, StubJudge(), None)["note"]
