@@ -194,3 +194,19 @@ def test_fid_in_inception_features_when_its_weights_are_given(inception_weights)
     assert block["reference_vs_after"] == pytest.approx(frechet_distance(features["reference"], features["after"]))
     # without Inception weights: the judge's features, else the CLIP model's, else a note
     assert "no feature space" in fid_block({"model": {"target": [], "preserve": before}}, StubJudge(), None)["note"]
+
+
+def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(tmp_path, capsys):
+    base = ["eval", "--out", str(tmp_path / "report"), "--model", str(tmp_path)]
+    cases = [(["--benchmark", str(tmp_path / "missing.jsonl")], "does not exist"),
+             (["--benchmark", str(EAR_DATA / "test_church.json")], "--concept"),
+             (["--benchmark", str(EAR_DATA / "train_church.json"), "--judge", "inception"], "expected one of"),
+             (["--benchmark", str(EAR_DATA / "train_church.json")], "--judge is needed"),
+             (["--benchmark", str(EAR_DATA / "train_church.json"), "--seeds", "0"], "--seeds"),
+             (["--benchmark", str(EAR_DATA / "train_church.json"), "--judge", "nudenet", "--delta",
+               str(tmp_path / "nope")], "--delta")]
+    for extra, message in cases:
+        assert cli_main(base + extra) == 2, extra
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and message in error[0], (extra, error)
+    assert not (tmp_path / "report").exists()
