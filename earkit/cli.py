@@ -111,6 +111,7 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--prompts-per-shape", type=int, default=40)
     check.add_argument("--judge-images", type=int, default=1000)
     check.add_argument("--seed", type=int, default=12345)
+    check.add_argument("--json", action="store_true", help="print the measurements as JSON")
 
 
 def run_world(args) -> None:
@@ -124,7 +125,7 @@ def run_world(args) -> None:
     else:
         report = shapesworld.check_world(args.world, n_per_shape=args.prompts_per_shape,
                                          judge_images=args.judge_images, seed=args.seed)
-        print(json.dumps(report, indent=1))
+        print(json.dumps(report, indent=1) if args.json else shapesworld.format_check(report))
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:

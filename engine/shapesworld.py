@@ -110,25 +110,45 @@ def rates_table(before: ShapeRates, after: ShapeRates | None = None, concept: st
 
 
 def build_world(out: str | Path, *, quick: bool = False, force: bool = False, progress: bool = True) -> Path:
-    """Train the VQ tokenizer, the generator and the judge into `out` (quick: a tiny budget, for tests)."""
+    """Train the VQ tokenizer, the generator and the judge into `out` (quick: a tiny budget, for tests).
+
+    Everything is written into a temporary folder beside `out` and renamed into place at the end,
+    so an interrupted build leaves no half-written world (and an existing one untouched).
+    """
+    import shutil
+    import tempfile
+
     from .world_judge import JudgeConfig, train_judge
     from .world_model import GeneratorConfig, VQConfig, build_generator
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"world folder {out} is a file")
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"world folder {out} exists and is not empty (use --force to rebuild it)")
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
     vq_config, generator_config, judge_config = VQConfig(), GeneratorConfig(), JudgeConfig()
     if quick:
         vq_config, generator_config, judge_config = quick_configs(vq_config, generator_config, judge_config)
-    build_generator(out / "generator", vq_config=vq_config, generator_config=generator_config, progress=progress)
-    generator_seconds = time.perf_counter() - started
-    judge = train_judge(judge_config, progress=progress)
-    judge.save(out / "judge")
-    record = {"quick": quick, "seconds": time.perf_counter() - started, "generator_seconds": generator_seconds,
-              "judge_seconds": time.perf_counter() - started - generator_seconds}
-    (out / "world.json").write_text(json.dumps(record, indent=1))
+    temporary = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        started = time.perf_counter()
+        build_generator(temporary / "generator", vq_config=vq_config, generator_config=generator_config,
+                        progress=progress)
+        generator_seconds = time.perf_counter() - started
+        judge = train_judge(judge_config, progress=progress)
+        judge.save(temporary / "judge")
+        record = {"quick": quick, "seconds": round(time.perf_counter() - started, 1),
+                  "generator_seconds": round(generator_seconds, 1),
+                  "judge_seconds": round(time.perf_counter() - started - generator_seconds, 1)}
+        (temporary / "world.json").write_text(json.dumps(record, indent=1) + "\n")
+        temporary.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        temporary.rename(out)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     return out
 
 
@@ -157,6 +177,20 @@ def check_world(world_folder: str | Path | None = None, *, n_per_shape: int = 40
             "generator_colour_rate": rates.colour, "prompts": n_per_shape * len(rates.shape),
             "mean_shape_rate": sum(rates.shape.values()) / len(rates.shape),
             "mean_colour_rate": sum(rates.colour.values()) / len(rates.colour)}
+
+
+def format_check(report: dict) -> str:
+    """`earkit world check`'s table: what the judge gets right, and what the generator draws."""
+    accuracy = report["judge_accuracy"]
+    lines = [f"judge, on {report['judge_images']} freshly rendered held-out images: shape {100 * accuracy['shape']:.1f}% "
+             f"right, colour {100 * accuracy['colour']:.1f}% right",
+             f"generator, {report['prompts']} prompts ({report['prompts'] // len(report['generator_shape_rate'])} per "
+             "shape), as the judge sees its images:", "",
+             "| shape asked for | drawn as that shape | in the colour asked |", "| --- | ---: | ---: |"]
+    for shape, rate in report["generator_shape_rate"].items():
+        lines.append(f"| {shape} | {100 * rate:.1f}% | {100 * report['generator_colour_rate'][shape]:.1f}% |")
+    lines.append(f"| all | {100 * report['mean_shape_rate']:.1f}% | {100 * report['mean_colour_rate']:.1f}% |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- the default erasure

@@ -406,6 +406,7 @@ def build_generator(out_folder, vq_config: VQConfig | None = None, generator_con
         }
         record["folder_bytes"] = folder_size(temporary)  # without world.json itself
         (temporary / "world.json").write_text(json.dumps(record, indent=2) + "\n")
+        temporary.chmod(0o755)  # mkdtemp makes it private; a shipped or shared world must be readable
         if out_folder.exists():
             shutil.rmtree(out_folder)
         temporary.rename(out_folder)

@@ -1,0 +1,101 @@
+"""ShapesWorld end to end: a quick build through the CLI, the shipped default, and an erasure on it.
+
+The quick build runs the whole pipeline (VQ tokenizer, generator, judge) at a tiny budget, so it
+checks plumbing, not quality. The shipped default is the real thing: it must load with the real
+transformers and open_clip classes, draw what it is asked, and lose the erased shape while
+keeping the others.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from earkit.engine import shapesworld, world
+from earkit.engine.shapesworld import DEFAULT_WORLD
+
+
+def earkit(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "earkit.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=600)
+
+
+def test_quick_build_runs_the_whole_pipeline_and_loads(tmp_path):
+    started = time.perf_counter()
+    result = earkit("world", "build", "--quick", "--out", str(tmp_path / "world"), cwd=tmp_path)
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr[-2000:]
+    print(f"quick world build: {seconds:.0f} s")
+    built = tmp_path / "world"
+    assert json.loads((built / "world.json").read_text())["quick"] is True
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # the temporary folder is gone
+
+    from transformers import AutoTokenizer, JanusForConditionalGeneration
+
+    from earkit.engine.world_judge import WorldJudge
+
+    model = JanusForConditionalGeneration.from_pretrained(built / "generator")
+    tokenizer = AutoTokenizer.from_pretrained(built / "generator")
+    assert model.config.vq_config.num_patches ** 2 == 64  # patch 8 on 64 x 64: 64 image tokens
+    assert tokenizer("a red circle")["input_ids"]
+    judged = WorldJudge.load(built / "judge").classify(world.make_dataset(2, seed=1)[0])
+    assert {j["shape"] for j in judged} <= set(world.SHAPES)
+
+    # a second build into the same folder needs --force, and refusing loses nothing
+    again = earkit("world", "build", "--quick", "--out", str(built), cwd=tmp_path)
+    assert again.returncode == 2 and "--force" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert (built / "world.json").is_file()
+
+
+needs_default = pytest.mark.skipif(not (DEFAULT_WORLD / "generator" / "config.json").is_file(),
+                                   reason="this checkout has no shipped ShapesWorld")
+
+
+@needs_default
+def test_shipped_default_loads_with_the_real_classes():
+    import open_clip
+    from transformers import AutoTokenizer, JanusForConditionalGeneration, JanusVQVAE
+
+    from earkit.engine.world_judge import WorldJudge
+
+    model = JanusForConditionalGeneration.from_pretrained(DEFAULT_WORLD / "generator")
+    assert isinstance(model.model.vqmodel, JanusVQVAE)
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_WORLD / "generator")
+    ids = tokenizer("a photo of a small blue star on a white background")["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+    judge = WorldJudge.load(DEFAULT_WORLD / "judge")
+    assert isinstance(judge.model, open_clip.CLIP)
+    size = sum(p.stat().st_size for p in DEFAULT_WORLD.rglob("*") if p.is_file())
+    assert size <= 25 * 2**20, f"the shipped world is {size / 2**20:.1f} MB"
+
+
+@needs_default
+def test_shipped_judge_is_right_on_fresh_renders():
+    judge = shapesworld.load_judge()
+    accuracy = judge.accuracy(n=300, seed=777)  # a seed no training used
+    assert accuracy["shape"] >= 0.97 and accuracy["colour"] >= 0.95, accuracy
+
+
+@needs_default
+def test_reduced_erasure_lowers_the_target_and_keeps_another_shape(tmp_path):
+    from earkit.engine.checkpoint import apply_trainable, load_checkpoint
+    from earkit.engine.model import load_janus
+    from earkit.engine.trainer import EraseConfig, erase
+
+    torch.manual_seed(0)
+    judge = shapesworld.load_judge()
+    model, tokenizer = load_janus(shapesworld.generator_folder(), device="cpu")
+    shapes = ("circle", "star")
+    before = shapesworld.shape_rates(model, tokenizer, judge, shapes=shapes, n_per_shape=24, seed=31)
+    config = EraseConfig(model=str(shapesworld.generator_folder()), out=str(tmp_path / "run"), concept="circle",
+                         anchor="square", device="cpu", **shapesworld.SHAPESWORLD_ERASE)
+    result = erase(config, pairs=shapesworld.erasure_pairs("circle", "square"), progress=False)
+    apply_trainable(model, load_checkpoint(result.checkpoint).tensors)
+    after = shapesworld.shape_rates(model, tokenizer, judge, shapes=shapes, n_per_shape=24, seed=31)
+    assert before.shape["circle"] >= 0.8, before
+    assert after.shape["circle"] <= before.shape["circle"] - 0.5, (before, after)
+    assert abs(after.shape["star"] - before.shape["star"]) <= 0.15, (before, after)
