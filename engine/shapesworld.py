@@ -109,7 +109,8 @@ def rates_table(before: ShapeRates, after: ShapeRates | None = None, concept: st
 # ---------------------------------------------------------------- build and check
 
 
-def build_world(out: str | Path, *, quick: bool = False, force: bool = False, progress: bool = True) -> Path:
+def build_world(out: str | Path, *, quick: bool = False, force: bool = False, progress: bool = True,
+                vq_config=None, generator_config=None, judge_config=None) -> Path:
     """Train the VQ tokenizer, the generator and the judge into `out` (quick: a tiny budget, for tests).
 
     Everything is written into a temporary folder beside `out` and renamed into place at the end,
@@ -119,7 +120,7 @@ def build_world(out: str | Path, *, quick: bool = False, force: bool = False, pr
     import tempfile
 
     from .world_judge import JudgeConfig, train_judge
-    from .world_model import GeneratorConfig, VQConfig, build_generator
+    from .world_model import GeneratorConfig, VQConfig, build_generator, vq_roundtrip
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -127,7 +128,8 @@ def build_world(out: str | Path, *, quick: bool = False, force: bool = False, pr
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"world folder {out} exists and is not empty (use --force to rebuild it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    vq_config, generator_config, judge_config = VQConfig(), GeneratorConfig(), JudgeConfig()
+    vq_config, generator_config = vq_config or VQConfig(), generator_config or GeneratorConfig()
+    judge_config = judge_config or JudgeConfig()
     if quick:
         vq_config, generator_config, judge_config = quick_configs(vq_config, generator_config, judge_config)
     temporary = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -136,7 +138,8 @@ def build_world(out: str | Path, *, quick: bool = False, force: bool = False, pr
         build_generator(temporary / "generator", vq_config=vq_config, generator_config=generator_config,
                         progress=progress)
         generator_seconds = time.perf_counter() - started
-        judge = train_judge(judge_config, progress=progress)
+        vq = load_vq(temporary / "generator")
+        judge = train_judge(judge_config, progress=progress, roundtrip=lambda pixels: vq_roundtrip(vq, pixels))
         judge.save(temporary / "judge")
         record = {"quick": quick, "seconds": round(time.perf_counter() - started, 1),
                   "generator_seconds": round(generator_seconds, 1),
@@ -150,6 +153,13 @@ def build_world(out: str | Path, *, quick: bool = False, force: bool = False, pr
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return out
+
+
+def load_vq(generator: str | Path):
+    """The VQ image tokenizer inside a generator folder (JanusVQVAE, eval mode, fp32)."""
+    from transformers import JanusForConditionalGeneration
+
+    return JanusForConditionalGeneration.from_pretrained(generator).model.vqmodel.float().eval()
 
 
 def quick_configs(vq_config, generator_config, judge_config):
@@ -172,11 +182,23 @@ def check_world(world_folder: str | Path | None = None, *, n_per_shape: int = 40
     judge = load_judge(world_folder)
     accuracy = judge.accuracy(n=judge_images, seed=seed)
     model, tokenizer = load_janus(generator_folder(world_folder), device="cpu")
+    roundtrip_accuracy = judge_roundtrip_accuracy(judge, model.model.vqmodel, n=judge_images, seed=seed + 1)
     rates = shape_rates(model, tokenizer, judge, n_per_shape=n_per_shape, seed=seed)
-    return {"judge_accuracy": accuracy, "judge_images": judge_images, "generator_shape_rate": rates.shape,
+    return {"judge_accuracy": accuracy, "judge_roundtrip_accuracy": roundtrip_accuracy, "judge_images": judge_images,
+            "generator_shape_rate": rates.shape,
             "generator_colour_rate": rates.colour, "prompts": n_per_shape * len(rates.shape),
             "mean_shape_rate": sum(rates.shape.values()) / len(rates.shape),
             "mean_colour_rate": sum(rates.colour.values()) / len(rates.colour)}
+
+
+def judge_roundtrip_accuracy(judge, vq, n: int, seed: int) -> dict[str, float]:
+    """The judge on held-out renders after a VQ round trip: the best it can do on generated images."""
+    from .world_model import roundtrip_images
+
+    images, _, scenes = world.make_dataset(n, seed, judge.config.image_size)
+    judged = judge.classify(roundtrip_images(vq, images))
+    return {attribute: sum(j[attribute] == getattr(s, attribute) for j, s in zip(judged, scenes)) / n
+            for attribute in ("shape", "colour")}
 
 
 def format_check(report: dict) -> str:
@@ -184,6 +206,9 @@ def format_check(report: dict) -> str:
     accuracy = report["judge_accuracy"]
     lines = [f"judge, on {report['judge_images']} freshly rendered held-out images: shape {100 * accuracy['shape']:.1f}% "
              f"right, colour {100 * accuracy['colour']:.1f}% right",
+             f"judge, on {report['judge_images']} more after a round trip through the generator's VQ tokenizer: shape "
+             f"{100 * report['judge_roundtrip_accuracy']['shape']:.1f}%, colour "
+             f"{100 * report['judge_roundtrip_accuracy']['colour']:.1f}%",
              f"generator, {report['prompts']} prompts ({report['prompts'] // len(report['generator_shape_rate'])} per "
              "shape), as the judge sees its images:", "",
              "| shape asked for | drawn as that shape | in the colour asked |", "| --- | ---: | ---: |"]
@@ -202,7 +227,7 @@ SHAPESWORLD_ERASE = dict(window=16, epochs=4, batch_size=4, lr=1e-4)
 
 def erase_and_evaluate(out: str | Path = "erased", concept: str = DEFAULT_CONCEPT, anchor: str = DEFAULT_ANCHOR, *,
                        seed: int = 0, force: bool = False, n_per_shape: int = 40, eval_seed: int = 2024,
-                       progress: bool = True, **overrides) -> str:
+                       progress: bool = True, world_folder: str | Path | None = None, **overrides) -> str:
     """Erase `concept` from the shipped world and measure every shape's rate before and after."""
     from .checkpoint import apply_trainable, load_checkpoint
     from .model import load_janus
@@ -210,14 +235,14 @@ def erase_and_evaluate(out: str | Path = "erased", concept: str = DEFAULT_CONCEP
 
     if concept not in world.SHAPES or anchor not in world.SHAPES:
         raise ValueError(f"concept and anchor must be ShapesWorld shapes {world.SHAPES}, got {concept!r}, {anchor!r}")
-    config = EraseConfig(model=str(generator_folder()), out=str(out), concept=concept, anchor=anchor, device="cpu",
+    config = EraseConfig(model=str(generator_folder(world_folder)), out=str(out), concept=concept, anchor=anchor, device="cpu",
                          seed=seed, force=force, **{**SHAPESWORLD_ERASE, **overrides})
     config.validate()
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"output folder {out} exists and is not empty (use --force to start over)")
     started = time.perf_counter()
-    judge = load_judge()
+    judge = load_judge(world_folder)
     model, tokenizer = load_janus(config.model, device="cpu")
     before = shape_rates(model, tokenizer, judge, n_per_shape=n_per_shape, seed=eval_seed)
     result = erase(config, pairs=erasure_pairs(concept, anchor, seed), progress=progress)

@@ -82,6 +82,17 @@ class JudgeConfig:
     warmup_steps: int = 40
     weight_decay: float = 0.05
     partial_caption_rate: float = 0.5  # share of captions drawn from PARTIAL_TEMPLATES
+    # Generated images are decoded by a VQ model: soft edges, rounded corners, faint noise. A judge
+    # that only ever saw crisp renders calls a blurred star a circle (59% shape accuracy on VQ
+    # round-trips, against 99.9% on renders), so most training images are blurred by a random amount.
+    blur_rate: float = 0.7
+    max_blur_sigma: float = 2.0  # pixels, on the 64 x 64 image
+    noise_std: float = 0.05  # on the [-1, 1] pixel scale
+    # Blur is not the whole gap: a VQ decoder also pinches a square's sides and rounds a cross's
+    # arms (the blurred-trained judge was still 65% right on round-trips). When train_judge is given
+    # the world's VQ round trip, this many training renders also join the pool as they come back
+    # from it, labelled with the scene they were rendered from.
+    roundtrip_images: int = 3000
     seed: int = 0
     log_every: int = 50
 
@@ -356,6 +367,35 @@ def contrastive_loss(image_embeddings, text_embeddings, logit_scale, targets) ->
     return (image_to_text + text_to_image) / 2
 
 
+def blur(pixels: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur of each image by its own sigma (B), separable, reflect-padded; sigma 0 keeps it."""
+    radius = 5
+    offsets = torch.arange(-radius, radius + 1, dtype=pixels.dtype)
+    kernel = torch.exp(-offsets[None] ** 2 / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
+    kernel = kernel / kernel.sum(1, keepdim=True)  # B x K; sigma ~ 0 gives the identity
+    batch, channels, height, width = pixels.shape
+    weight = kernel.repeat_interleave(channels, 0)[:, None]  # (B * C) x 1 x K
+    x = pixels.reshape(1, batch * channels, height, width)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), weight[:, :, None, :], groups=batch * channels)
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), weight[:, :, :, None], groups=batch * channels)
+    return x.reshape(batch, channels, height, width)
+
+
+def augment(pixels: torch.Tensor, config: JudgeConfig, generator: torch.Generator) -> torch.Tensor:
+    """Flips, blur and noise: views every ShapesWorld caption stays true of."""
+    batch = len(pixels)
+    flip = torch.rand(batch, generator=generator) < 0.5
+    pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+    if config.blur_rate > 0:
+        blurred = torch.rand(batch, generator=generator) < config.blur_rate
+        sigma = torch.rand(batch, generator=generator) * config.max_blur_sigma * blurred
+        pixels = blur(pixels, sigma)
+    if config.noise_std > 0:
+        pixels = pixels + config.noise_std * torch.rand(batch, 1, 1, 1, generator=generator) * torch.randn(
+            pixels.shape, generator=generator)
+    return pixels.clamp(-1, 1)
+
+
 def learning_rate(step: int, config: JudgeConfig) -> float:
     """Linear warmup, then cosine decay to min_lr."""
     if step < config.warmup_steps:
@@ -364,19 +404,32 @@ def learning_rate(step: int, config: JudgeConfig) -> float:
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def train_judge(config: JudgeConfig | None = None, progress: bool = True) -> WorldJudge:
-    """Render ShapesWorld with config.seed and train the judge contrastively; deterministic from the seed."""
+def train_judge(config: JudgeConfig | None = None, progress: bool = True, roundtrip=None) -> WorldJudge:
+    """Render ShapesWorld with config.seed and train the judge contrastively; deterministic from the seed.
+
+    roundtrip: optional function from a pixel batch to the same images encoded and decoded by the
+    world's VQ model (`world_model.vq_roundtrip`), so the judge also learns what generated images
+    look like.
+    """
     config = config or JudgeConfig()
     started = time.time()
     torch.manual_seed(config.seed)
     batch_rng = np.random.default_rng(config.seed)
     caption_rng = random.Random(config.seed)
+    augment_generator = torch.Generator().manual_seed(config.seed)
 
     images, _, scenes = world.make_dataset(config.n_train_images, config.seed, config.image_size)
     pixels = world.image_tensor(images)  # N x 3 x S x S in [-1, 1]
     codes = attribute_codes(scenes)
     if progress:
         print(f"judge: rendered {len(images)} training images in {time.time() - started:.1f}s")
+    if roundtrip is not None and config.roundtrip_images > 0:
+        count = min(config.roundtrip_images, len(pixels))
+        with torch.no_grad():
+            returned = torch.cat([roundtrip(chunk) for chunk in pixels[:count].split(250)]).clamp(-1, 1)
+        pixels, codes = torch.cat([pixels, returned]), np.concatenate([codes, codes[:count]])
+        if progress:
+            print(f"judge: added {count} VQ round trips in {time.time() - started:.1f}s")
 
     tokenizer = WordTokenizer.for_shapesworld(config.context_length)
     model_config = open_clip_config(config, len(tokenizer), tokenizer.eot_id)
@@ -390,10 +443,7 @@ def train_judge(config: JudgeConfig | None = None, progress: bool = True) -> Wor
 
     for step in range(config.steps):
         index = batch_rng.choice(len(pixels), size=config.batch_size, replace=False)
-        batch = pixels[index]
-        # left-right flips: free extra views; every ShapesWorld caption stays true of the mirror image
-        flip = torch.from_numpy(batch_rng.random(config.batch_size) < 0.5)
-        batch = channels_last(torch.where(flip[:, None, None, None], batch.flip(-1), batch))
+        batch = channels_last(augment(pixels[index], config, augment_generator))
         captions, named = caption_batch(codes[index], config, caption_rng)
 
         # a batch holds few distinct captions: encode each once and index back

@@ -267,6 +267,18 @@ def tokenize_images(vq, pixels, batch_size: int = 256):
     return torch.cat(tokens)
 
 
+@torch.no_grad()
+def vq_roundtrip(vq, pixels):
+    """Images as the generator can show them: encoded to tokens and decoded again, in [-1, 1]."""
+    return vq.decode(tokenize_images(vq, pixels)).float().clamp(-1, 1)
+
+
+def roundtrip_images(vq, images):
+    """uint8 N x S x S x 3 renders -> the same after a VQ round trip, uint8 (what a judge of generated images sees)."""
+    pixels = torch.cat([vq_roundtrip(vq, chunk) for chunk in world.image_tensor(images).split(250)])
+    return pixels.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 # ---------------------------------------------------------------- 2. the generator
 
 
