@@ -234,7 +234,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompts", type=int, default=None, help="at most N target and N preservation prompts")
     parser.add_argument("--seeds", type=int, default=2, help="images per prompt, seeds SEED..SEED+N-1 (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="the first seed (default: %(default)s)")
-    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="CFG scale (default: 5, Janus-Pro's; 2 for a ShapesWorld generator)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per sampler batch (default: %(default)s)")
     parser.add_argument("--nudenet-threshold", type=float, default=None, help="NudeNet detection threshold (default: 0.6)")
     parser.add_argument("--all-images", action="store_true", help="write every image to the report, not only the grids'")
@@ -269,7 +270,7 @@ def run_eval(args) -> dict:
     from earkit.engine.model import default_device
 
     from .benchmark import load_benchmark
-    from .images import resolve_delta, resolve_model
+    from .images import resolve_delta, resolve_guidance, resolve_model
     from .judges import DEFAULT_NUDENET_THRESHOLD, parse_judge
     from .report import write_report
 
@@ -300,7 +301,7 @@ def run_eval(args) -> dict:
         inception = InceptionFeatures(args.inception, device=device)
     seeds = list(range(args.seed, args.seed + args.seeds))
     result, images = evaluate(benchmark, judge, model_source=model_source, delta=args.delta, seeds=seeds, clip=clip,
-                              device=device, dtype=args.dtype, guidance_scale=args.guidance_scale,
+                              device=device, dtype=args.dtype, guidance_scale=resolve_guidance(args.guidance_scale, model_source),
                               batch_size=args.batch_size, reference_images=reference, inception=inception,
                               progress=not args.quiet)
     write_folder_atomically(out, lambda partial: write_report(partial, result, images, benchmark,

@@ -231,7 +231,8 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-anchor-rate", type=float, default=None,
                         help="also require the replacement to show its anchor this often (where the judge knows it)")
     parser.add_argument("--max-pairs", type=int, default=None, help="filter only the first N pairs")
-    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="CFG scale (default: 5, Janus-Pro's; 2 for a ShapesWorld generator)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per sampler batch (default: %(default)s)")
     parser.add_argument("--nudenet-threshold", type=float, default=None, help="NudeNet detection threshold (default: 0.6)")
     parser.add_argument("--dtype", default="auto")
@@ -250,7 +251,7 @@ def run_filter(args) -> dict:
     from earkit.engine.model import default_device
     from earkit.engine.pairs import load_pairs
 
-    from .images import load_generator, resolve_delta, resolve_model
+    from .images import load_generator, resolve_delta, resolve_guidance, resolve_model
     from .judges import DEFAULT_NUDENET_THRESHOLD, parse_judge
 
     out = Path(args.out).expanduser()
@@ -273,7 +274,7 @@ def run_filter(args) -> dict:
     model, tokenizer = load_generator(model_source, delta=args.delta, device=device, dtype=args.dtype)
     seeds = list(range(args.seed, args.seed + args.seeds))
     records = filter_pairs_with_model(model, tokenizer, pairs, judge, seeds=seeds, concept=args.concept, rules=rules,
-                                      guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+                                      guidance_scale=resolve_guidance(args.guidance_scale, model_source), batch_size=args.batch_size,
                                       progress=not args.quiet)
     kept_path, decisions = write_filter_results(records, out, force=args.force, judge=judge.describe(), rules=rules)
     summary = filter_summary(records)

@@ -20,6 +20,19 @@ def resolve_model(model) -> str:
     return str(generator_folder())
 
 
+def resolve_guidance(guidance_scale, model_source: str) -> float:
+    """--guidance-scale, else Janus-Pro's 5, or ShapesWorld's own scale for a ShapesWorld generator
+    (a folder whose world.json says so)."""
+    if guidance_scale is not None:
+        return float(guidance_scale)
+    record = Path(model_source) / "world.json"
+    if record.is_file() and "ShapesWorld" in record.read_text():
+        from earkit.engine.shapesworld import GUIDANCE_SCALE
+
+        return GUIDANCE_SCALE
+    return 5.0
+
+
 def resolve_delta(delta) -> Path | None:
     """An erasure checkpoint folder: the folder itself, or a run folder holding checkpoint/."""
     if delta is None:

@@ -49,7 +49,9 @@ class VQConfig:
     images: int = 4000  # rendered training pool; batches are drawn from it at random
     image_size: int = 64
     patch_size: int = 8  # 64 / 8 = an 8 x 8 grid of 64 image tokens
-    codebook_size: int = 512
+    # Few codes: with 512, k-means gave the flat backgrounds (most of every image) dozens of
+    # near-identical codes each, and the generator had to learn which of them comes next.
+    codebook_size: int = 64
     embed_dim: int = 8  # codebook vectors live on the unit sphere of this dimension
     base_channels: int = 32  # the smallest GroupNorm(32) allows; cost is dominated by the 64 x 64 level
     steps: int = 1200
@@ -71,8 +73,8 @@ class GeneratorConfig:
     layers: int = 4
     heads: int = 4
     kv_heads: int = 2
-    steps: int = 800
-    batch_size: int = 32
+    steps: int = 1500
+    batch_size: int = 64
     learning_rate: float = 2e-3
     min_learning_rate: float = 1e-4
     warmup_steps: int = 50
