@@ -136,7 +136,7 @@ def fid_block(images_by_side: dict, judge, clip, reference=None, inception=None)
 
 
 def evaluate(benchmark, judge, *, model_source, delta=None, seeds, clip=None, device=None, dtype="auto",
-             guidance_scale: float = 5.0, batch_size: int | None = 16, reference_images=None, inception=None,
+             guidance_scale: float = 5.0, temperature: float = 1.0, batch_size: int | None = 16, reference_images=None, inception=None,
              progress: bool = True) -> tuple[dict, dict]:
     """(metrics, images): the metrics dict the report is made of, and images[side][role][p][s]."""
     from .images import load_generator, resolve_delta, sample_prompt_images
@@ -152,7 +152,7 @@ def evaluate(benchmark, judge, *, model_source, delta=None, seeds, clip=None, de
             from earkit.engine.checkpoint import apply_trainable, load_checkpoint
 
             apply_trainable(model, load_checkpoint(resolve_delta(delta)).tensors)
-        drawn = sample_prompt_images(model, tokenizer, prompts, seeds, guidance_scale=guidance_scale,
+        drawn = sample_prompt_images(model, tokenizer, prompts, seeds, guidance_scale=guidance_scale, temperature=temperature,
                                      batch_size=batch_size, progress=progress, desc=f"eval: sampling ({name})")
         images[name] = {"target": drawn[:len(benchmark.target)], "preserve": drawn[len(benchmark.target):]}
     sides = {name: measure_side(images[name], benchmark, judge, clip=clip, seeds=seeds) for name in side_names}
@@ -161,7 +161,7 @@ def evaluate(benchmark, judge, *, model_source, delta=None, seeds, clip=None, de
         "format": REPORT_FORMAT, "benchmark": benchmark.describe(), "judge": judge.describe(),
         "clip": clip.describe() if clip is not None else None, "model": str(model_source),
         "delta": str(resolve_delta(delta)) if delta is not None else None, "seeds": list(seeds),
-        "settings": {"guidance_scale": guidance_scale, "batch_size": batch_size, "dtype": dtype,
+        "settings": {"guidance_scale": guidance_scale, "temperature": temperature, "batch_size": batch_size, "dtype": dtype,
                      "device": str(model.device)},
         "sides": sides, "fid": fid_block(images, judge, clip, reference_images, inception),
     }
@@ -236,6 +236,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the first seed (default: %(default)s)")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="CFG scale (default: 5, Janus-Pro's; 2 for a ShapesWorld generator)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature (default: 1; 0.2 for a ShapesWorld generator)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per sampler batch (default: %(default)s)")
     parser.add_argument("--nudenet-threshold", type=float, default=None, help="NudeNet detection threshold (default: 0.6)")
     parser.add_argument("--all-images", action="store_true", help="write every image to the report, not only the grids'")
@@ -270,7 +272,7 @@ def run_eval(args) -> dict:
     from earkit.engine.model import default_device
 
     from .benchmark import load_benchmark
-    from .images import resolve_delta, resolve_guidance, resolve_model
+    from .images import resolve_delta, resolve_guidance, resolve_model, resolve_temperature
     from .judges import DEFAULT_NUDENET_THRESHOLD, parse_judge
     from .report import write_report
 
@@ -301,7 +303,9 @@ def run_eval(args) -> dict:
         inception = InceptionFeatures(args.inception, device=device)
     seeds = list(range(args.seed, args.seed + args.seeds))
     result, images = evaluate(benchmark, judge, model_source=model_source, delta=args.delta, seeds=seeds, clip=clip,
-                              device=device, dtype=args.dtype, guidance_scale=resolve_guidance(args.guidance_scale, model_source),
+                              device=device, dtype=args.dtype,
+                              guidance_scale=resolve_guidance(args.guidance_scale, model_source),
+                              temperature=resolve_temperature(args.temperature, model_source),
                               batch_size=args.batch_size, reference_images=reference, inception=inception,
                               progress=not args.quiet)
     write_folder_atomically(out, lambda partial: write_report(partial, result, images, benchmark,

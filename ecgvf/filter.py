@@ -142,7 +142,7 @@ def pair_anchor(pair) -> str:
 
 
 def filter_pairs_with_model(model, tokenizer, pairs, judge, *, seeds, concept: str | None = None,
-                            rules: FilterRules | None = None, guidance_scale: float = 5.0, batch_size: int | None = 16,
+                            rules: FilterRules | None = None, guidance_scale: float = 5.0, temperature: float = 1.0, batch_size: int | None = 16,
                             progress: bool = True) -> list[dict]:
     """Sample both prompts of every pair with each seed (one sampler call per seed over all the
     prompts), then filter_pairs. Concepts are checked against the judge before any sampling."""
@@ -154,7 +154,7 @@ def filter_pairs_with_model(model, tokenizer, pairs, judge, *, seeds, concept: s
     for index, pair in enumerate(pairs):
         judge.check_concept(pair_concept(pair, concept, index))
     prompts = [pair.concept_prompt for pair in pairs] + [pair.anchor_prompt for pair in pairs]
-    images = sample_prompt_images(model, tokenizer, prompts, seeds, guidance_scale=guidance_scale,
+    images = sample_prompt_images(model, tokenizer, prompts, seeds, guidance_scale=guidance_scale, temperature=temperature,
                                   batch_size=batch_size, progress=progress, desc="filter: sampling")
     return filter_pairs(pairs, judge, images[:len(pairs)], images[len(pairs):], concept=concept, rules=rules,
                         seeds=seeds)
@@ -233,6 +233,8 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pairs", type=int, default=None, help="filter only the first N pairs")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="CFG scale (default: 5, Janus-Pro's; 2 for a ShapesWorld generator)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature (default: 1; 0.2 for a ShapesWorld generator)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per sampler batch (default: %(default)s)")
     parser.add_argument("--nudenet-threshold", type=float, default=None, help="NudeNet detection threshold (default: 0.6)")
     parser.add_argument("--dtype", default="auto")
@@ -251,7 +253,7 @@ def run_filter(args) -> dict:
     from earkit.engine.model import default_device
     from earkit.engine.pairs import load_pairs
 
-    from .images import load_generator, resolve_delta, resolve_guidance, resolve_model
+    from .images import load_generator, resolve_delta, resolve_guidance, resolve_model, resolve_temperature
     from .judges import DEFAULT_NUDENET_THRESHOLD, parse_judge
 
     out = Path(args.out).expanduser()
@@ -274,7 +276,9 @@ def run_filter(args) -> dict:
     model, tokenizer = load_generator(model_source, delta=args.delta, device=device, dtype=args.dtype)
     seeds = list(range(args.seed, args.seed + args.seeds))
     records = filter_pairs_with_model(model, tokenizer, pairs, judge, seeds=seeds, concept=args.concept, rules=rules,
-                                      guidance_scale=resolve_guidance(args.guidance_scale, model_source), batch_size=args.batch_size,
+                                      guidance_scale=resolve_guidance(args.guidance_scale, model_source),
+                                      temperature=resolve_temperature(args.temperature, model_source),
+                                      batch_size=args.batch_size,
                                       progress=not args.quiet)
     kept_path, decisions = write_filter_results(records, out, force=args.force, judge=judge.describe(), rules=rules)
     summary = filter_summary(records)

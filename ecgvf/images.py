@@ -20,17 +20,32 @@ def resolve_model(model) -> str:
     return str(generator_folder())
 
 
+def is_shapesworld(model_source: str) -> bool:
+    """A ShapesWorld generator folder (its world.json says so)."""
+    record = Path(model_source) / "world.json"
+    return record.is_file() and "ShapesWorld" in record.read_text()
+
+
 def resolve_guidance(guidance_scale, model_source: str) -> float:
-    """--guidance-scale, else Janus-Pro's 5, or ShapesWorld's own scale for a ShapesWorld generator
-    (a folder whose world.json says so)."""
+    """--guidance-scale, else Janus-Pro's 5, or ShapesWorld's own scale for a ShapesWorld generator."""
     if guidance_scale is not None:
         return float(guidance_scale)
-    record = Path(model_source) / "world.json"
-    if record.is_file() and "ShapesWorld" in record.read_text():
+    if is_shapesworld(model_source):
         from earkit.engine.shapesworld import GUIDANCE_SCALE
 
         return GUIDANCE_SCALE
     return 5.0
+
+
+def resolve_temperature(temperature, model_source: str) -> float:
+    """--temperature, else 1, or ShapesWorld's own sampling temperature for a ShapesWorld generator."""
+    if temperature is not None:
+        return float(temperature)
+    if is_shapesworld(model_source):
+        from earkit.engine.shapesworld import TEMPERATURE
+
+        return TEMPERATURE
+    return 1.0
 
 
 def resolve_delta(delta) -> Path | None:
