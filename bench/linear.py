@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime
 import gc
 import math
-import os
 import statistics
 import time
 

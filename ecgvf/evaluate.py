@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -314,19 +313,3 @@ def run_eval(args) -> dict:
     print(headline(result))
     print(f"wrote {out / 'metrics.json'}, {out / 'summary.md'} and {out / 'report.html'}")
     return result
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="earkit eval", description="Measure an erasure before and after.")
-    add_eval_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run_eval(args)
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError) as error:
-        print(f"earkit eval: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -291,19 +290,3 @@ def run_filter(args) -> dict:
             break
     print(f"wrote {summary['kept']} kept pairs to {kept_path} and every decision to {decisions}")
     return summary
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="earkit filter", description="Keep prompt pairs whose images show the concept.")
-    add_filter_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run_filter(args)
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError) as error:
-        print(f"earkit filter: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -867,20 +867,3 @@ def run_pairs(args) -> dict:
     write_generated(pairs, out, force=args.force, summary=summary)
     print(f"wrote {len(pairs)} pairs to {out} (summary: {summary_path(out)})")
     return summary
-
-
-def main(argv=None) -> int:
-    """Standalone entry (python -m earkit.ecgvf.pairs ...), until `earkit pairs` is wired."""
-    parser = argparse.ArgumentParser(prog="earkit pairs", description="Generate target/replacement prompt pairs.")
-    add_pairs_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run_pairs(args)
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError) as error:
-        print(f"earkit pairs: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

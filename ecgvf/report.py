@@ -104,7 +104,7 @@ def make_charts(folder: Path, result: dict) -> list[tuple[str, str]]:
               {name: [side["target_rate"]] + [side["preservation_by_concept"].get(c) for c in concepts]
                for name, side in sides.items()},
               title="Share of images the judge sees each concept in", ylabel="share of images", ylim=(0, 1.12))
-    charts.append(("charts/rates.png", f"Per concept: the erased one should drop, the others should stay."))
+    charts.append(("charts/rates.png", "Per concept: the erased one should drop, the others should stay."))
     if all("nudenet_counts" in side for side in sides.values()):
         headings = [h for h in next(iter(sides.values()))["nudenet_counts"] if h != "Total"]
         bar_chart(charts_folder / "nudenet.png", headings,

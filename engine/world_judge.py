@@ -20,7 +20,7 @@ import math
 import random
 import string
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from . import world
 from .tiny import BASIC_WORDS, words_of
+from .world_model import learning_rate
 
 # Captions that name only some of a scene's attributes. The world's own captions always name
 # shape and colour together; mixing these in teaches the text tower what "a circle" or "a red
@@ -396,14 +397,6 @@ def augment(pixels: torch.Tensor, config: JudgeConfig, generator: torch.Generato
     return pixels.clamp(-1, 1)
 
 
-def learning_rate(step: int, config: JudgeConfig) -> float:
-    """Linear warmup, then cosine decay to min_lr."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
-
-
 def train_judge(config: JudgeConfig | None = None, progress: bool = True, roundtrip=None) -> WorldJudge:
     """Render ShapesWorld with config.seed and train the judge contrastively; deterministic from the seed.
 
@@ -455,7 +448,7 @@ def train_judge(config: JudgeConfig | None = None, progress: bool = True, roundt
                                 matching_targets(codes[index], named))
 
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
+            group["lr"] = learning_rate(step, config.steps, config.lr, config.warmup_steps, config.min_lr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

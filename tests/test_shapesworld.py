@@ -12,8 +12,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-import torch
 
 from earkit.engine import shapesworld, world
 from earkit.engine.shapesworld import DEFAULT_WORLD

@@ -1,6 +1,5 @@
 """The erasure trainer on a tiny random Janus (real transformers classes) on CPU."""
 
-import os
 import signal
 import subprocess
 import sys
