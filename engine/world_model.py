@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -49,19 +50,20 @@ class VQConfig:
     images: int = 4000  # rendered training pool; batches are drawn from it at random
     image_size: int = 64
     patch_size: int = 8  # 64 / 8 = an 8 x 8 grid of 64 image tokens
-    # Few codes: with 512, k-means gave the flat backgrounds (most of every image) dozens of
-    # near-identical codes each, and the generator had to learn which of them comes next.
-    codebook_size: int = 64
-    embed_dim: int = 8  # codebook vectors live on the unit sphere of this dimension
+    # 3 backgrounds + 6 colours x (inside + 41 edge geometries) = 255 codes (one spare). ShapesWorld
+    # patches take about 210 distinct edge masks; 41 centroids keep every one within a pixel or two.
+    codebook_size: int = 256
+    embed_dim: int = 8
     base_channels: int = 32  # the smallest GroupNorm(32) allows; cost is dominated by the 64 x 64 level
-    steps: int = 1200
+    steps: int = 800
     batch_size: int = 8
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     warmup_steps: int = 50
     grad_clip: float = 1.0
-    autoencoder_fraction: float = 0.3  # the first steps train without quantization (see train_vq)
     foreground_weight: float = 3.0  # extra loss weight on shape pixels (see reconstruction_loss)
-    restart_every: int = 50  # re-seed codes left unused for this many steps
+    # the encoder's cross-entropy beside the decoder's pixel loss: at 0.1 (lr 5e-4, 300 steps) the
+    # encoder gave 72% of patches their code, at 1.0 (lr 1e-3, 800 steps) 98%
+    code_weight: float = 1.0
     bf16: bool = True  # autocast the convolutions to bfloat16 (AMX / AVX512-BF16 CPUs run them ~1.5x faster)
 
 
@@ -85,7 +87,7 @@ class GeneratorConfig:
 
 def tiny_budget() -> tuple[VQConfig, GeneratorConfig]:
     """Configs of a handful of steps on a handful of images: the whole pipeline in seconds (tests)."""
-    vq = VQConfig(images=16, steps=4, batch_size=4, warmup_steps=1, restart_every=2)
+    vq = VQConfig(images=16, steps=4, batch_size=4, warmup_steps=1)
     generator = GeneratorConfig(images=16, hidden_size=32, layers=1, heads=2, kv_heads=1, steps=3, batch_size=4,
                                 warmup_steps=1)
     return vq, generator
@@ -127,40 +129,153 @@ def progress_bar(iterable, progress: bool, desc: str):
 
 # ---------------------------------------------------------------- 1. the VQ image tokenizer
 #
-# Janus's VQ model quantizes the encoder output to the nearest codebook vector (plain squared
-# distance, in `encode`), but `decode` looks tokens up with `get_codebook_entry`, which
-# l2-normalises the codebook vector first. Keeping every codebook vector on the unit sphere makes
-# the two agree: then the nearest vector is the one with the largest dot product, whatever the
-# length of the encoder output, and normalising changes nothing on the way back. So training
-# normalises the encoder output too (LlamaGen's l2-normalised codes, which also keep codebook
-# usage high) and re-normalises the codebook after every optimizer step; the trained model then
-# encodes and decodes through its own `encode` / `decode` exactly as it was trained.
+# Every 8 x 8 patch gets its code from its own pixels, by a fixed rule (`PatchCodes`):
+#   - a flat patch: one code per background colour, and one per shape colour (a shape's inside);
+#   - any other patch (an edge): one code per (shape colour, edge geometry), the geometry being the
+#     nearest of `edge_shapes` k-means centroids of the patch's coverage mask (the share of each
+#     pixel that the shape covers, which does not depend on the colours).
+# So a scene always gives the same 64 codes, and a shape moved by whole patches gives the same
+# codes moved. The first version trained the VQ model end to end instead; its encoder sees the
+# whole image (GroupNorm statistics, the mid-block attention), so a flat white patch got one code
+# beside a red shape and another beside a blue one: the shipped world's backgrounds took 6 to 8
+# codes per image, and the generator, spending itself on that noise, drew the requested shape in
+# 76% of its images. The JanusVQVAE still learns everything it does: its decoder draws images from
+# code grids (an edge code gives the colour and roughly the geometry, its neighbours the rest), and
+# its encoder learns to give each patch its code (a 255-way classification), so the model's own
+# `encode` tokenizes as the rule does; `encoder_accuracy` in world.json says how well.
+#
+# Janus's quantizer picks the nearest codebook vector by squared distance, and `decode` looks
+# codes up l2-normalised; with every codebook vector on the unit sphere the two agree, and the
+# nearest vector is the one of largest dot product, which is what the encoder is trained on.
 
 
-def unit_codebook_(vq) -> None:
-    with torch.no_grad():
-        weight = vq.quantize.embedding.weight
-        weight.copy_(F.normalize(weight, dim=1))
+class PatchCodes:
+    """The rule that gives each 8 x 8 patch of a ShapesWorld render its code (see above).
+
+    Codes: one per background colour (in world.BACKGROUNDS order), then per shape colour (in
+    world.COLOURS order) its inside and its `edge_shapes` edge geometries.
+    """
+
+    FLAT = 0.01  # a patch whose mean coverage is within this of 0 or 1 is flat
+
+    def __init__(self, geometries: torch.Tensor, patch_size: int):
+        self.geometries = geometries  # (edge_shapes, patch_size ** 2) coverage-mask centroids
+        self.patch_size = patch_size
+        self.backgrounds = torch.tensor(list(world.BACKGROUNDS.values()), dtype=torch.float32)
+        self.colours = torch.tensor(list(world.COLOURS.values()), dtype=torch.float32)
+
+    @property
+    def size(self) -> int:
+        return len(self.backgrounds) + len(self.colours) * (1 + len(self.geometries))
+
+    FILE = "patch_codes.safetensors"
+
+    def save(self, folder) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"geometries": self.geometries.contiguous()}, str(Path(folder) / self.FILE),
+                  metadata={"patch_size": str(self.patch_size)})
+
+    @classmethod
+    def load(cls, folder) -> PatchCodes:
+        """The rule a world's generator folder was built with."""
+        from safetensors import safe_open
+
+        with safe_open(str(Path(folder) / cls.FILE), framework="pt") as file:
+            return cls(file.get_tensor("geometries"), int(file.metadata()["patch_size"]))
+
+    def colour_code(self, colour: int, geometry: int | None = None) -> int:
+        """The code of a shape colour's inside (geometry None) or of one of its edges."""
+        per_colour = 1 + len(self.geometries)
+        return len(self.backgrounds) + colour * per_colour + (0 if geometry is None else 1 + geometry)
+
+    def coverage(self, images) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(per-patch coverage masks (N, patches, patch_size ** 2), background index (N,), colour index (N,)).
+
+        The background is the corner pixel's palette colour (shapes never reach a corner); the
+        shape's colour is the palette colour nearest the pixel farthest from the background; the
+        coverage of a pixel is its position on the line from the one colour to the other.
+        """
+        pixels = torch.tensor(np.asarray(images), dtype=torch.float32)  # (N, S, S, 3) in 0..255
+        n, side = pixels.shape[0], pixels.shape[1]
+        background = torch.cdist(pixels[:, 0, 0], self.backgrounds).argmin(1)
+        b = self.backgrounds[background][:, None, None]
+        distance = (pixels - b).square().sum(-1).view(n, -1)
+        farthest = pixels.view(n, -1, 3)[torch.arange(n), distance.argmax(1)]
+        colour = torch.cdist(farthest, self.colours).argmin(1)
+        c = self.colours[colour][:, None, None]
+        alpha = ((pixels - b) * (c - b)).sum(-1) / (c - b).square().sum(-1)
+        p, grid = self.patch_size, side // self.patch_size
+        patches = alpha.clamp(0, 1).view(n, grid, p, grid, p).permute(0, 1, 3, 2, 4).reshape(n, grid * grid, p * p)
+        return patches, background, colour
+
+    def codes(self, images) -> torch.Tensor:
+        """uint8 renders (N, S, S, 3) -> their codes (N, patches)."""
+        patches, background, colour = self.coverage(images)
+        mean = patches.mean(-1)
+        geometry = torch.cdist(patches, self.geometries[None].expand(len(patches), -1, -1)).argmin(-1)
+        per_colour = 1 + len(self.geometries)
+        inside = len(self.backgrounds) + colour[:, None] * per_colour
+        codes = torch.where(mean >= 1 - self.FLAT, inside, inside + 1 + geometry)
+        return torch.where(mean <= self.FLAT, background[:, None].expand_as(codes), codes)
+
+    def appearances(self) -> torch.Tensor:
+        """What each code looks like, (size, patch_size ** 2 * 3) in 0..1: edges over a mid grey."""
+        flat = torch.ones(self.patch_size ** 2, 1)
+        grey = torch.full((3,), 128.0)
+        rows = [flat * colour for colour in self.backgrounds]
+        for colour in self.colours:
+            rows.append(flat * colour)
+            rows.extend(g[:, None] * colour + (1 - g[:, None]) * grey for g in self.geometries)
+        return torch.stack(rows).reshape(len(rows), -1) / 255
+
+    def codebook(self, dim: int, generator: torch.Generator) -> torch.Tensor:
+        """Unit codebook vectors (size, dim): codes that look alike point alike (the top principal
+        components of their appearance), plus a seeded jitter that keeps every pair apart."""
+        looks = self.appearances()
+        looks = looks - looks.mean(0)
+        _, _, components = torch.linalg.svd(looks, full_matrices=False)
+        projected = looks @ components[:dim].T
+        projected = projected / projected.std(0).clamp_min(1e-6)
+        vectors = projected + 0.5 * torch.randn(projected.shape, generator=generator)
+        return F.normalize(vectors, dim=1)
 
 
-def latents(vq, pixels, bf16: bool):
-    """Encoder output on the unit sphere, (B, embed_dim, grid, grid), fp32."""
-    with autocast(bf16):
-        hidden = vq.quant_conv(vq.encoder(pixels))
-    return F.normalize(hidden.float(), dim=1)
-
-
-def reconstruct(vq, pixels, *, quantize: bool, bf16: bool):
-    """(reconstruction, embedding loss, codes). Quantized, it is the model's own path: the
-    quantizer's straight-through estimate and embedding loss, and the decoder on unit codes."""
-    z = latents(vq, pixels, bf16)
-    if quantize:
-        z, embedding_loss, codes = vq.quantize(z)  # nearest code, outside autocast: fp32 distances
-    else:
-        embedding_loss, codes = z.new_zeros(()), None
-    with autocast(bf16):
-        reconstruction = vq.decoder(vq.post_quant_conv(z))
-    return reconstruction.float(), embedding_loss, codes
+def fit_patch_codes(images, config: VQConfig, generator: torch.Generator, iterations: int = 30) -> PatchCodes:
+    """A PatchCodes whose edge geometries are a k-means of the edge patches in `images` (each
+    distinct mask once, so that the rare ones of small shapes get centroids of their own)."""
+    backgrounds, colours = len(world.BACKGROUNDS), len(world.COLOURS)
+    edge_shapes = (config.codebook_size - backgrounds) // colours - 1
+    if edge_shapes < 1:
+        raise ValueError(f"codebook_size must be at least {backgrounds + 2 * colours} "
+                         f"(backgrounds + colours x (inside + one edge)), got {config.codebook_size}")
+    probe = PatchCodes(torch.zeros(1, config.patch_size ** 2), config.patch_size)
+    patches, _, _ = probe.coverage(images)
+    patches = patches.reshape(-1, patches.shape[-1])
+    mean = patches.mean(-1)
+    edges = patches[(mean > PatchCodes.FLAT) & (mean < 1 - PatchCodes.FLAT)]
+    edges = torch.unique(edges.mul(255).round(), dim=0) / 255
+    if len(edges) == 0:
+        raise ValueError("no edge patches to fit the codes on: too few images")
+    # k-means++ seeding, then Lloyd's iterations; a cluster left empty takes the worst-fit patch
+    centres = edges[torch.randint(len(edges), (1,), generator=generator)]
+    while len(centres) < edge_shapes:
+        nearest = torch.cdist(edges, centres).min(1).values.square()
+        if float(nearest.sum()) == 0:  # fewer distinct masks than codes: repeat (the extra codes go unused)
+            centres = torch.cat([centres, centres[:edge_shapes - len(centres)]])
+            break
+        centres = torch.cat([centres, edges[torch.multinomial(nearest, 1, generator=generator)]])
+    for _ in range(iterations):
+        distances = torch.cdist(edges, centres)
+        assignment = distances.argmin(1)
+        sums = torch.zeros_like(centres).index_add_(0, assignment, edges)
+        counts = torch.bincount(assignment, minlength=edge_shapes)
+        for empty in (counts == 0).nonzero().flatten().tolist():
+            worst = distances.min(1).values.argmax()
+            sums[empty], counts[empty] = edges[worst], 1
+            distances[worst] = 0
+        centres = sums / counts[:, None]
+    return PatchCodes(centres, config.patch_size)
 
 
 def reconstruction_loss(reconstruction, pixels, foreground_weight: float):
@@ -174,44 +289,21 @@ def reconstruction_loss(reconstruction, pixels, foreground_weight: float):
     return ((reconstruction - pixels).square() * weight).sum() / (weight.sum() * pixels.shape[1])
 
 
-@torch.no_grad()
-def init_codebook_(vq, pixels, generator, bf16: bool, iterations: int = 10) -> None:
-    """Spherical k-means of the autoencoder's latents: the codebook starts where the data is,
-    so no code starts dead and the decoder's input barely moves when quantization switches on."""
-    points = torch.cat([latents(vq, chunk, bf16) for chunk in pixels.split(64)])
-    points = points.permute(0, 2, 3, 1).reshape(-1, points.shape[1])
-    size = vq.quantize.embedding.weight.shape[0]
-    centres = points[torch.randperm(len(points), generator=generator)[:size]].clone()
-    for _ in range(iterations):
-        assignment = (points @ centres.T).argmax(dim=1)
-        sums = torch.zeros_like(centres).index_add_(0, assignment, points)
-        counts = torch.bincount(assignment, minlength=size)
-        empty = counts == 0  # re-seed an empty cluster on a random point
-        sums[empty] = points[torch.randint(len(points), (int(empty.sum()),), generator=generator)]
-        centres = F.normalize(sums, dim=1)
-    vq.quantize.embedding.weight.copy_(centres)
-
-
-@torch.no_grad()
-def restart_dead_codes_(vq, z, usage, generator) -> int:
-    """Codes no latent picked since the last restart move onto random latents of this batch."""
-    dead = (usage == 0).nonzero().squeeze(1)
-    if len(dead):
-        points = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        picks = points[torch.randint(len(points), (len(dead),), generator=generator)]
-        noise = 0.01 * torch.randn(picks.shape, generator=generator)
-        vq.quantize.embedding.weight[dead] = F.normalize(picks + noise, dim=1)
-    usage.zero_()
-    return len(dead)
+def code_logits(vq, pixels, bf16: bool):
+    """The encoder's dot product with every codebook vector at every patch, (N * patches, codes):
+    its argmax is the code `vq.encode` gives (the codebook is on the unit sphere)."""
+    with autocast(bf16):
+        hidden = vq.quant_conv(vq.encoder(pixels))
+    hidden = hidden.float().permute(0, 2, 3, 1).reshape(-1, hidden.shape[1])
+    return hidden @ vq.quantize.embedding.weight.T
 
 
 def train_vq(config: VQConfig | None = None, progress: bool = True):
-    """Train a JanusVQVAE on rendered ShapesWorld images; returns it in eval mode (fp32).
+    """Train a JanusVQVAE on rendered ShapesWorld images; returns (vq in eval mode, fp32; its PatchCodes).
 
-    Two phases: for the first `autoencoder_fraction` of the steps it trains as a plain
-    autoencoder on unit latents (the decoder learns to draw before it has to share 512 codes),
-    then the codebook is set to a k-means of the latents and training goes on quantized, with
-    the quantizer's own embedding loss added to the reconstruction loss.
+    The codes come from the rule (`fit_patch_codes` on the training renders); the codebook is fixed
+    (`PatchCodes.codebook`). Each step trains the decoder to draw a batch of renders from their
+    codes, and the encoder to give those codes, at once.
     """
     from transformers.models.janus.modeling_janus import JanusVQVAE
 
@@ -219,6 +311,8 @@ def train_vq(config: VQConfig | None = None, progress: bool = True):
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     images, _, _ = world.make_dataset(config.images, seed=config.seed, image_size=config.image_size)
+    rule = fit_patch_codes(images, config, generator)
+    codes = rule.codes(images)
     pixels = world.image_tensor(images)
 
     vq = JanusVQVAE(janus_config(len(shapes_tokenizer()), config).vq_config)
@@ -227,39 +321,40 @@ def train_vq(config: VQConfig | None = None, progress: bool = True):
     for module in vq.modules():
         if isinstance(module, torch.nn.Conv2d):
             module.reset_parameters()
-    unit_codebook_(vq)
+    with torch.no_grad():
+        codebook = vq.quantize.embedding.weight
+        codebook.zero_()  # codes past rule.size (if any) stay unused
+        codebook[:rule.size] = rule.codebook(config.embed_dim, generator)
+        codebook[rule.size:] = F.normalize(torch.randn(codebook[rule.size:].shape, generator=generator), dim=1)
+    vq.quantize.requires_grad_(False)
     vq.train()
-    optimizer = torch.optim.AdamW(vq.parameters(), lr=config.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
-    autoencoder_steps = int(config.steps * config.autoencoder_fraction)
-    usage = torch.zeros(config.codebook_size, dtype=torch.long)
+    parameters = [p for p in vq.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
 
     bar = progress_bar(range(config.steps), progress, "VQ")
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config.steps, config.learning_rate, config.warmup_steps)
-        if step == autoencoder_steps:
-            init_codebook_(vq, pixels[torch.randperm(len(pixels), generator=generator)[:256]], generator, config.bf16)
-        batch = pixels[torch.randint(len(pixels), (config.batch_size,), generator=generator)]
-        quantize = step >= autoencoder_steps
-        reconstruction, embedding_loss, codes = reconstruct(vq, batch, quantize=quantize, bf16=config.bf16)
-        pixel_loss = reconstruction_loss(reconstruction, batch, config.foreground_weight)
-        loss = pixel_loss + embedding_loss
+        rows = torch.randint(len(pixels), (config.batch_size,), generator=generator)
+        batch, batch_codes = pixels[rows], codes[rows]
+        with autocast(config.bf16):
+            reconstruction = vq.decode(batch_codes)
+        pixel_loss = reconstruction_loss(reconstruction.float(), batch, config.foreground_weight)
+        code_loss = F.cross_entropy(code_logits(vq, batch, config.bf16), batch_codes.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vq.parameters(), config.grad_clip)
+        (pixel_loss + config.code_weight * code_loss).backward()
+        torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
         optimizer.step()
-        unit_codebook_(vq)
-        if quantize:
-            usage += torch.bincount(codes, minlength=config.codebook_size)
-            quantized_steps = step - autoencoder_steps + 1
-            # Restarts stop for the last quarter: the decoder needs the final codes to settle.
-            if quantized_steps % config.restart_every == 0 and step < config.steps * 0.75:
-                z = latents(vq, batch, config.bf16).detach()
-                restart_dead_codes_(vq, z, usage, generator)
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{pixel_loss.item():.4f}", vq=f"{embedding_loss.item():.4f}")
+            bar.set_postfix(pixels=f"{pixel_loss.item():.4f}", codes=f"{code_loss.item():.3f}")
     vq.eval()
-    return vq
+    return vq, rule
+
+
+def encoder_accuracy(vq, rule: PatchCodes, n: int, seed: int) -> float:
+    """Share of patches of fresh renders that `vq.encode` gives the rule's code."""
+    images, _, _ = world.make_dataset(n, seed=seed, image_size=vq.config.resolution)
+    return float((tokenize_images(vq, world.image_tensor(images)) == rule.codes(images)).float().mean())
 
 
 @torch.no_grad()
@@ -309,9 +404,9 @@ def prompt_batch(tokenizer, captions: list[str], unconditional_rows, device=None
     return batch
 
 
-def train_generator(vq, config: GeneratorConfig | None = None, progress: bool = True, *,
+def train_generator(vq, rule: PatchCodes, config: GeneratorConfig | None = None, progress: bool = True, *,
                     vq_config: VQConfig | None = None):
-    """Train a tiny Janus to draw ShapesWorld captions as image tokens of `vq`.
+    """Train a tiny Janus to draw ShapesWorld captions as image tokens of `vq`, the codes of `rule`.
 
     Returns (model in eval mode, tokenizer). The loss is the teacher-forced cross-entropy of all
     64 image tokens in one pass (`image_hidden_states` -> `image_logits`, the same functions the
@@ -324,9 +419,10 @@ def train_generator(vq, config: GeneratorConfig | None = None, progress: bool = 
     tokenizer = shapes_tokenizer()
     model = build_janus(vq, vq_config, config, tokenizer)
 
-    # The training set: scenes rendered once and tokenized by the trained VQ model.
+    # The training set: scenes rendered once and given their codes by the rule (which the VQ
+    # encoder was trained to reproduce: its stray patch would be noise the generator learns).
     images, _, scenes = world.make_dataset(config.images, seed=config.seed + 1, image_size=vq_config.image_size)
-    tokens = tokenize_images(vq, world.image_tensor(images))
+    tokens = rule.codes(images)
 
     # Only the language model and the generation modules learn: the VQ model is frozen, the
     # ViT image encoder and the text head are not used to generate.
@@ -397,9 +493,9 @@ def build_generator(out_folder, vq_config: VQConfig | None = None, generator_con
     generator_config = generator_config or GeneratorConfig()
     torch_threads = torch.get_num_threads()
     start = time.perf_counter()
-    vq = train_vq(vq_config, progress=progress)
+    vq, rule = train_vq(vq_config, progress=progress)
     vq_seconds = time.perf_counter() - start
-    model, tokenizer = train_generator(vq, generator_config, progress=progress, vq_config=vq_config)
+    model, tokenizer = train_generator(vq, rule, generator_config, progress=progress, vq_config=vq_config)
     generator_seconds = time.perf_counter() - start - vq_seconds
 
     out_folder = Path(out_folder)
@@ -408,6 +504,7 @@ def build_generator(out_folder, vq_config: VQConfig | None = None, generator_con
     try:
         model.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
+        rule.save(temporary)
         record = {
             "what": "ShapesWorld generator: a tiny JanusForConditionalGeneration trained by earkit.engine.world_model",
             "vq_config": asdict(vq_config),
@@ -415,6 +512,7 @@ def build_generator(out_folder, vq_config: VQConfig | None = None, generator_con
             "seeds": {"vq": vq_config.seed, "generator": generator_config.seed},
             "training_seconds": {"vq": round(vq_seconds, 1), "generator": round(generator_seconds, 1),
                                  "total": round(vq_seconds + generator_seconds, 1)},
+            "vq_encoder_accuracy": round(encoder_accuracy(vq, rule, n=200, seed=vq_config.seed + 7), 4),
             "torch_threads": torch_threads,
             "torch": torch.__version__,
         }
