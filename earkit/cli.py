@@ -38,6 +38,11 @@ def add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concept", help="the concept to erase, e.g. church")
     parser.add_argument("--anchor", help="what to draw instead, e.g. cinema")
     parser.add_argument("--pairs", help="prompt pairs file (JSONL with concept_prompt/anchor_prompt, or a released EAR train file)")
+    parser.add_argument("--preserve", default=None,
+                        help="prompts whose images must not change (one per line in a .txt, records with a 'prompt', "
+                             "or a pairs file, whose anchor prompts are read); not in the EAR paper")
+    parser.add_argument("--preserve-weight", type=float, default=defaults.preserve_weight,
+                        help="weight of the preservation term beside the erasure loss (default: %(default)s)")
     parser.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
     parser.add_argument("--eta", type=float, default=defaults.eta, help="negative-guidance strength (default: %(default)s)")
     parser.add_argument("--window", type=int, default=defaults.window, help="WGA window, in image tokens (default: %(default)s)")
@@ -75,6 +80,7 @@ def run_erase(args) -> None:
         return run_default_erase(args)
     config = EraseConfig(
         model=args.model, out=args.out, concept=args.concept, anchor=args.anchor, pairs=args.pairs,
+        preserve=args.preserve, preserve_weight=args.preserve_weight,
         objective=args.objective, eta=args.eta, window=args.window, token_threshold=args.token_threshold,
         window_threshold=args.window_threshold, wga=args.wga, trainable=tuple(args.trainable or DEFAULT_TRAINABLE),
         optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs, steps=args.steps,
@@ -108,7 +114,7 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--force", action="store_true", help="rebuild into an existing folder")
     check = commands.add_parser("check", help="measure a world: judge accuracy, generator shape/colour rates")
     check.add_argument("--world", default=None, help="a world folder (default: the shipped one)")
-    check.add_argument("--prompts-per-shape", type=int, default=40)
+    check.add_argument("--prompts-per-shape", type=int, default=100)
     check.add_argument("--judge-images", type=int, default=1000)
     check.add_argument("--seed", type=int, default=12345)
     check.add_argument("--json", action="store_true", help="print the measurements as JSON")

@@ -167,15 +167,17 @@ def has_column(header: list[str], keys: tuple[str, ...]) -> bool:
     return any(key in header for key in keys)
 
 
-def csv_records(path: Path, text: str):
-    """(where, record) per row of a CSV file with a header, as train_van_gogh.csv is."""
+def csv_records(path: Path, text: str, columns: tuple[tuple[tuple[str, ...], str], ...] | None = None):
+    """(where, record) per row of a CSV file with a header, as train_van_gogh.csv is. The header
+    must have one of each group of `columns` (default: a concept prompt and an anchor prompt)."""
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = [name.strip() for name in next(reader)]
-        if not has_column(header, CONCEPT_PROMPT_KEYS + ANCHOR_PROMPT_KEYS) and "prompt" in header:
+        if columns is None and not has_column(header, CONCEPT_PROMPT_KEYS + ANCHOR_PROMPT_KEYS) and "prompt" in header:
             raise ValueError(f"{path} line 1: has no anchor prompts, only a 'prompt' column ({','.join(header)}): "
                              "this is an evaluation prompt file, not concept/anchor pairs for training")
-        for keys, what in ((CONCEPT_PROMPT_KEYS, "concept prompt"), (ANCHOR_PROMPT_KEYS, "anchor prompt")):
+        columns = columns or ((CONCEPT_PROMPT_KEYS, "concept prompt"), (ANCHOR_PROMPT_KEYS, "anchor prompt"))
+        for keys, what in columns:
             if not has_column(header, keys):
                 raise ValueError(f"{path} line 1: the header ({','.join(header)}) has no {what} column "
                                  f"(one of {', '.join(keys)})")
@@ -223,6 +225,44 @@ def load_pairs(path: str | os.PathLike) -> list[PromptPair]:
     if not pairs:
         raise ValueError(f"{path} holds no prompt pairs")
     return deduplicate(pairs)
+
+
+def load_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts whose images an erasure must keep (the trainer's `preserve`): a text file of one
+    prompt per line, or records with a "prompt" (like the EAR test files), or prompt pairs, whose
+    anchor prompts are read (they name what the concept is replaced by, which must stay drawable).
+    Stripped and without exact repeats; ValueError naming the file and line for anything wrong."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise FileNotFoundError(f"prompt file {path} is a folder, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
+    if not text.strip():
+        raise ValueError(f"{path} is empty")
+    if path.suffix.lower() == ".txt":
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        kind = file_format(path, text)
+        if kind == "csv":
+            records = csv_records(path, text, columns=((("prompt",) + ANCHOR_PROMPT_KEYS, "prompt"),))
+        else:
+            records = (jsonl_records if kind == "jsonl" else json_list_records)(path, text)
+        prompts = []
+        for where, record in records:
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected an object with a prompt, got {type(record).__name__}")
+            prompt = pick_text(record, ("prompt",), where) or pick_text(record, ANCHOR_PROMPT_KEYS, where)
+            if prompt is None:
+                raise ValueError(f"{where}: no prompt (a 'prompt', or an anchor prompt: one of "
+                                 f"{', '.join(ANCHOR_PROMPT_KEYS)})")
+            prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return list(dict.fromkeys(prompts))
 
 
 # ---------------------------------------------------------------- writing

@@ -11,6 +11,10 @@ One step, for a batch of (concept prompt, anchor prompt) pairs:
   4-6. the objective (token-kl through the fused kernel, or hidden-mse) with the token threshold
      and the window gate; `parallel` WGA backpropagates all windows at once and steps once,
      `sequential` steps once per window, as the paper does.
+Optionally (`preserve`, not in the paper) each step also samples images of prompts that must
+not change and adds `preserve_weight` times the same objective with the teacher's own prediction
+as the target (a pair whose concept and anchor are one prompt: (1 + eta) z - eta z = z), under
+the same threshold and gate, so it only acts on tokens that have drifted past them.
 The teacher is not a second model: only the trainable tensors are kept twice, and swapped.
 
 Everything that decides a step (the pair order, the sampling seed) is a function of the run's
@@ -37,7 +41,7 @@ from torch import Tensor
 from . import objectives
 from .checkpoint import apply_trainable, load_checkpoint, save_checkpoint
 from .model import check_model_source, encode_prompts, image_hidden_states, load_janus
-from .pairs import PromptPair, load_pairs, pairs_from_concept
+from .pairs import PromptPair, load_pairs, load_prompts, pairs_from_concept
 from .sampler import sample_image_tokens
 
 OPTIMIZERS = ("adamw8bit", "paged-adamw8bit", "adamw")
@@ -54,6 +58,8 @@ class EraseConfig:
     concept: str | None = None
     anchor: str | None = None
     pairs: str | None = None  # a file of prompt pairs (JSONL, or the released EAR files)
+    preserve: str | None = None  # a file of prompts whose images must not change (pairs.load_prompts)
+    preserve_weight: float = 1.0
     objective: str = "token-kl"
     eta: float = 1.0
     window: int = 48  # the released code: 48 (church), 100 (nudity), 12 (style)
@@ -102,8 +108,10 @@ class EraseConfig:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         if not isinstance(self.save_every, int) or self.save_every < 0:
             raise ValueError(f"save_every must be an integer >= 0, got {self.save_every!r}")
-        for name in ("eta", "lr", "weight_decay", "guidance_scale", "temperature"):
+        for name in ("eta", "lr", "weight_decay", "guidance_scale", "temperature", "preserve_weight"):
             finite(name, getattr(self, name), allow_none=False)
+        if self.preserve_weight < 0:
+            raise ValueError(f"preserve_weight must be >= 0, got {self.preserve_weight}")
         for name in ("token_threshold", "window_threshold", "grad_clip"):
             finite(name, getattr(self, name))
         if self.lr <= 0:
@@ -127,6 +135,9 @@ class EraseConfig:
             return load_pairs(self.pairs)
         return pairs_from_concept(self.concept, self.anchor)
 
+    def preserve_prompts(self) -> list[str]:
+        return load_prompts(self.preserve) if self.preserve is not None else []
+
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
         data["trainable"] = list(self.trainable)
@@ -141,6 +152,7 @@ class EraseResult:
     optimizer_steps: int
     losses: list[float] = field(default_factory=list)
     kept_fractions: list[float] = field(default_factory=list)
+    preserve_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -228,16 +240,17 @@ def steps_per_epoch(n_pairs: int, batch_size: int) -> int:
     return -(-n_pairs // batch_size)
 
 
-def batch_for_step(pairs: list[PromptPair], step: int, batch_size: int, seed: int) -> list[PromptPair]:
-    """The pairs of a step: a fresh permutation each epoch, from (seed, epoch) alone."""
+def batch_for_step(pairs: list, step: int, batch_size: int, seed: int) -> list:
+    """The pairs (or preserve prompts) of a step: a fresh permutation each epoch, from (seed, epoch) alone."""
     per_epoch = steps_per_epoch(len(pairs), batch_size)
     epoch, index = divmod(step, per_epoch)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
     return [pairs[i] for i in order[index * batch_size:(index + 1) * batch_size]]
 
 
-def sampling_seed(seed: int, step: int) -> int:
-    return seed * 1_000_003 + step
+def sampling_seed(seed: int, step: int, stream: int = 0) -> int:
+    """Stream 0 samples the concept prompts, stream 1 the preserve prompts."""
+    return seed * 1_000_003 + step + stream * 500_009
 
 
 def windows(n_tokens: int, window: int, mode: str) -> list[tuple[int, int]]:
@@ -281,24 +294,52 @@ def teacher_targets(model, tokenizer, teacher: FrozenTeacher, batch: list[Prompt
         return TeacherTargets(concept_batch, tokens, concept_hidden, anchor_hidden)
 
 
-def student_update(model, optimizer, targets: TeacherTargets, config: EraseConfig, trainable_parameters) -> dict:
-    """Steps 3-6: the student over the sampled tokens, the objective, and the optimizer step(s)."""
-    window_threshold = config.effective_window_threshold()
-    losses, kept, optimizer_steps = [], [], 0
+def preserve_targets(model, tokenizer, teacher: FrozenTeacher, prompts: list[str], step: int,
+                     config: EraseConfig) -> TeacherTargets:
+    """The teacher's images of prompts that must not change, and its own prediction over them as
+    both "concept" and "anchor": the objective's target is then the teacher's prediction itself."""
+    device = next(model.parameters()).device
+    prompts = [prompt for prompt in prompts for _ in range(config.images_per_prompt)]
+    batch = encode_prompts(tokenizer, prompts, device)
+    with teacher.active(), torch.no_grad():
+        tokens = sample_image_tokens(model, tokenizer, prompts, guidance_scale=config.guidance_scale,
+                                     temperature=config.temperature, seed=sampling_seed(config.seed, step, stream=1),
+                                     progress=False)
+        hidden = image_hidden_states(model, batch, tokens)
+        states = objectives.token_kl_teacher(model, hidden) if config.objective == "token-kl" else hidden
+    return TeacherTargets(batch, tokens, states, states)
+
+
+def window_loss(model, targets: TeacherTargets, start: int, end: int, config: EraseConfig) -> tuple[Tensor, Tensor]:
+    """The objective over one window of positions: (loss, per-token weights)."""
+    # Positions after `end` do not influence this window: the student pass stops there.
+    student_hidden = image_hidden_states(model, targets.concept_batch, targets.tokens[:, :end])[:, start:end]
+    window_targets = objectives.TeacherStates(targets.concept[:, start:end], targets.anchor[:, start:end])
+    options = dict(eta=config.eta, token_threshold=config.token_threshold, window=config.window,
+                   window_threshold=config.effective_window_threshold())
+    if config.objective == "token-kl":
+        return objectives.token_kl(model, student_hidden, window_targets, **options)
+    return objectives.hidden_mse(student_hidden, window_targets, **options)
+
+
+def student_update(model, optimizer, targets: TeacherTargets, config: EraseConfig, trainable_parameters,
+                   preserve: TeacherTargets | None = None) -> dict:
+    """Steps 3-6: the student over the sampled tokens, the objective (plus the preservation term
+    over the preserve prompts' tokens, when given), and the optimizer step(s)."""
+    losses, kept, preserve_losses, optimizer_steps = [], [], [], 0
     for start, end in windows(targets.tokens.shape[1], config.window, config.wga):
         optimizer.zero_grad(set_to_none=True)
-        # Positions after `end` do not influence this window: the student pass stops there.
-        student_hidden = image_hidden_states(model, targets.concept_batch, targets.tokens[:, :end])[:, start:end]
-        window_targets = objectives.TeacherStates(targets.concept[:, start:end], targets.anchor[:, start:end])
-        options = dict(eta=config.eta, token_threshold=config.token_threshold, window=config.window,
-                       window_threshold=window_threshold)
-        if config.objective == "token-kl":
-            loss, weight = objectives.token_kl(model, student_hidden, window_targets, **options)
-        else:
-            loss, weight = objectives.hidden_mse(student_hidden, window_targets, **options)
+        loss, weight = window_loss(model, targets, start, end, config)
         losses.append(float(loss.detach()))
         kept.append(float(weight.float().mean()))
-        if float(weight.sum()) == 0.0:
+        learns = float(weight.sum()) > 0
+        if preserve is not None and config.preserve_weight > 0:
+            preserve_loss, preserve_weight = window_loss(model, preserve, start, end, config)
+            preserve_losses.append(float(preserve_loss.detach()))
+            if float(preserve_weight.sum()) > 0:
+                loss = loss + config.preserve_weight * preserve_loss
+                learns = True
+        if not learns:
             continue  # every token masked or gated: nothing to learn, and no momentum-only update
         loss.backward()
         if config.grad_clip is not None:
@@ -306,13 +347,17 @@ def student_update(model, optimizer, targets: TeacherTargets, config: EraseConfi
         optimizer.step()
         optimizer_steps += 1
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": sum(losses) / len(losses), "kept": sum(kept) / len(kept), "optimizer_steps": optimizer_steps}
+    stats = {"loss": sum(losses) / len(losses), "kept": sum(kept) / len(kept), "optimizer_steps": optimizer_steps}
+    if preserve_losses:
+        stats["preserve_loss"] = sum(preserve_losses) / len(preserve_losses)
+    return stats
 
 
 def train_step(model, tokenizer, teacher: FrozenTeacher, optimizer, batch: list[PromptPair], step: int,
-               config: EraseConfig, trainable_parameters) -> dict:
+               config: EraseConfig, trainable_parameters, preserve_batch: list[str] | None = None) -> dict:
     targets = teacher_targets(model, tokenizer, teacher, batch, step, config)
-    return student_update(model, optimizer, targets, config, trainable_parameters)
+    preserve = preserve_targets(model, tokenizer, teacher, preserve_batch, step, config) if preserve_batch else None
+    return student_update(model, optimizer, targets, config, trainable_parameters, preserve)
 
 
 # ---------------------------------------------------------------- the run
@@ -331,14 +376,15 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, progress: bool = True,
-          on_step=None) -> EraseResult:
+def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, preserve: list[str] | None = None,
+          progress: bool = True, on_step=None) -> EraseResult:
     """Run an erasure; returns where the checkpoint is and the per-step losses.
 
     The output folder holds `checkpoint/` (trainable tensors, optimizer state, step, config) and
     `metrics.json`. An existing output folder is refused unless `resume` (continue from its
-    checkpoint) or `force` (start over) is set. `pairs`, when given, replaces the pairs the config
-    names (library use: pairs made in code). `on_step(step, stats)` is called after each step.
+    checkpoint) or `force` (start over) is set. `pairs` and `preserve`, when given, replace the pairs
+    and the preserve prompts the config names (library use: made in code). `on_step(step, stats)`
+    is called after each step.
     """
     from tqdm.auto import tqdm
 
@@ -346,13 +392,17 @@ def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, progres
     pairs = list(pairs) if pairs is not None else config.prompt_pairs()
     if not pairs:
         raise ValueError("no prompt pairs to train on")
+    preserve = list(preserve) if preserve is not None else config.preserve_prompts()
+    if not all(isinstance(prompt, str) and prompt.strip() for prompt in preserve):
+        raise ValueError("preserve prompts must be non-empty strings")
     out = Path(config.out)
     checkpoint_dir = out / "checkpoint"
     resumed = None
     if config.resume:
         resumed = load_checkpoint(checkpoint_dir)  # also completes a save that a kill interrupted
         saved = dict(resumed.config.get("erase", {}))
-        for name in ("model", "objective", "wga", "window", "seed", "batch_size", "optimizer", "trainable"):
+        for name in ("model", "objective", "wga", "window", "seed", "batch_size", "optimizer", "trainable",
+                     "preserve_weight"):
             if name in saved and saved[name] != config.to_json()[name]:
                 raise ValueError(f"resume: {name} differs from the checkpoint's ({saved[name]!r} there, "
                                  f"{config.to_json()[name]!r} now)")
@@ -371,7 +421,7 @@ def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, progres
         enable_gradient_checkpointing(model)
 
     total_steps = config.steps or config.epochs * steps_per_epoch(len(pairs), config.batch_size)
-    history = {"losses": [], "kept": [], "optimizer_steps": 0, "seconds": 0.0}
+    history = {"losses": [], "kept": [], "preserve_losses": [], "optimizer_steps": 0, "seconds": 0.0}
     start_step = 0
     if resumed is not None:
         optimizer.load_state_dict(resumed.optimizer_state)
@@ -392,11 +442,16 @@ def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, progres
     started = time.perf_counter()
     for step in range(start_step, total_steps):
         batch = batch_for_step(pairs, step, config.batch_size, config.seed)
-        stats = train_step(model, tokenizer, teacher, optimizer, batch, step, config, parameters)
+        preserve_batch = batch_for_step(preserve, step, config.batch_size, config.seed + 1) if preserve else None
+        stats = train_step(model, tokenizer, teacher, optimizer, batch, step, config, parameters, preserve_batch)
         history["losses"].append(stats["loss"])
         history["kept"].append(stats["kept"])
         history["optimizer_steps"] += stats["optimizer_steps"]
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", kept=f"{stats['kept']:.2f}")
+        postfix = dict(loss=f"{stats['loss']:.4f}", kept=f"{stats['kept']:.2f}")
+        if "preserve_loss" in stats:
+            history.setdefault("preserve_losses", []).append(stats["preserve_loss"])
+            postfix["keep"] = f"{stats['preserve_loss']:.4f}"
+        bar.set_postfix(**postfix)
         bar.update(1)
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
             history["seconds"] += time.perf_counter() - started
@@ -408,9 +463,11 @@ def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, progres
     history["seconds"] += time.perf_counter() - started
     save(total_steps)
     metrics = {"steps": total_steps, "optimizer_steps": history["optimizer_steps"], "losses": history["losses"],
-               "kept_fractions": history["kept"], "seconds": history["seconds"], "config": config.to_json()}
+               "kept_fractions": history["kept"], "preserve_losses": history.get("preserve_losses", []),
+               "seconds": history["seconds"], "config": config.to_json()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return EraseResult(out=out, checkpoint=checkpoint_dir, steps=total_steps,
                        optimizer_steps=history["optimizer_steps"], losses=history["losses"],
-                       kept_fractions=history["kept"], seconds=history["seconds"])
+                       kept_fractions=history["kept"], preserve_losses=history.get("preserve_losses", []),
+                       seconds=history["seconds"])
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from earkit.engine.pairs import DEFAULT_TEMPLATES, PromptPair, load_pairs, pairs_from_concept, write_pairs_jsonl
+from earkit.engine.pairs import (
+    DEFAULT_TEMPLATES, PromptPair, load_pairs, load_prompts, pairs_from_concept, write_pairs_jsonl,
+)
 
 EAR_DATA = Path(__file__).resolve().parents[2] / "shared" / "ear-data"
 needs_ear_data = pytest.mark.skipif(not EAR_DATA.is_dir(), reason=f"the released EAR data folder {EAR_DATA} is absent")
@@ -213,3 +215,34 @@ def test_missing_file(tmp_path):
         load_pairs(tmp_path / "nope.jsonl")
     with pytest.raises(FileNotFoundError, match="is a folder"):
         load_pairs(tmp_path)
+
+
+def test_preserve_prompts_from_a_text_file(tmp_path):
+    text = tmp_path / "keep.txt"
+    text.write_text("a cinema at night\n\n  a supermarket  \na cinema at night\n")
+    assert load_prompts(text) == ["a cinema at night", "a supermarket"]
+
+
+@needs_ear_data
+def test_preserve_prompts_from_the_released_records_and_pairs():
+    church = load_prompts(EAR_DATA / "test_church.json")  # evaluation records: their "prompt"
+    assert len(church) == 83 and church[0].startswith("A church by the lakeside")  # 84 rows, one prompt twice
+    assert len(load_prompts(EAR_DATA / "test_van_gogh.csv")) == 50
+    anchors = load_prompts(EAR_DATA / "train_church.json")  # pairs: their anchor (replacement) prompts
+    assert anchors and all("church" not in prompt.lower() for prompt in anchors)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.txt", "  \n", "empty"),
+    ("nothing.jsonl", '{"concept_prompt": "a church"}\n', "line 1: no prompt"),
+    ("listed.json", '[{"prompt": "a cinema"}, 3]', "entry 2"),
+    ("columns.csv", "case,seed\n1,2\n", "prompt"),
+])
+def test_preserve_prompt_file_errors_name_the_file(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as error:
+        load_prompts(path)
+    assert name in str(error.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_prompts(tmp_path / "missing.txt")

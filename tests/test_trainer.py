@@ -155,6 +155,9 @@ def test_export_round_trip_gives_the_trained_logits(tiny_model_folder, tmp_path)
         (["--window", "0"], "window"),
         (["--trainable", "model.no_such_module.*"], "match no parameter"),
         (["--out", "{tmp}/occupied"], "exists"),
+        (["--preserve", "{tmp}/no-such-prompts.txt"], "no-such-prompts.txt"),
+        (["--preserve", "{tmp}/empty.jsonl"], "empty"),
+        (["--preserve-weight", "-1"], "preserve_weight"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(tiny_model_folder, tmp_path, capsys, arguments, message):
@@ -173,3 +176,55 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_model_folder, tmp_path, capsy
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and message in error, error
     assert (tmp_path / "occupied" / "something").read_text() == "keep me"
+
+
+def preserve_drift(folder, checkpoint, prompts):
+    """Mean KL(base || trained) over the base model's teacher-forced image logits of `prompts`."""
+    from earkit.engine.checkpoint import apply_trainable
+    from earkit.engine.sampler import sample_image_tokens
+
+    base, tokenizer = load_janus(folder, device="cpu")
+    trained, _ = load_janus(folder, device="cpu")
+    apply_trainable(trained, load_checkpoint(checkpoint).tensors)
+    tokens = sample_image_tokens(base, tokenizer, prompts, seed=11, progress=False)
+    batch = encode_prompts(tokenizer, prompts)
+    with torch.no_grad():
+        p = image_logits(base, image_hidden_states(base, batch, tokens)).double().log_softmax(-1)
+        q = image_logits(trained, image_hidden_states(trained, batch, tokens)).double().log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_preservation_keeps_the_preserve_prompts_closer_to_the_base(tiny_model_folder, tmp_path):
+    keep = ["a blue star", "a red cross", "a blue triangle", "a red star"]
+    options = dict(steps=6, lr=3e-3, batch_size=2, eta=1.0)
+    plain = erase(config(tiny_model_folder, tmp_path / "plain", **options), progress=False)
+    held = erase(config(tiny_model_folder, tmp_path / "held", preserve_weight=30.0, **options), preserve=keep,
+                 progress=False)
+    assert plain.preserve_losses == [] and len(held.preserve_losses) == 6
+    assert held.preserve_losses[0] < 1e-6  # the student starts as the teacher: nothing to preserve yet
+    assert max(held.preserve_losses) > 0
+    drift_plain = preserve_drift(tiny_model_folder, plain.checkpoint, keep)
+    drift_held = preserve_drift(tiny_model_folder, held.checkpoint, keep)
+    assert drift_held < 0.5 * drift_plain, (drift_held, drift_plain)
+
+
+def test_preserve_prompts_from_a_file_and_a_deterministic_run(tiny_model_folder, tmp_path):
+    import json
+
+    prompts = tmp_path / "keep.txt"
+    prompts.write_text("a blue star\n\na red cross\n")
+    runs = [erase(config(tiny_model_folder, tmp_path / name, preserve=str(prompts), preserve_weight=5.0, steps=2),
+                  progress=False) for name in ("one", "two")]
+    assert runs[0].losses == runs[1].losses and runs[0].preserve_losses == runs[1].preserve_losses
+    metrics = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert metrics["preserve_losses"] == runs[0].preserve_losses
+    assert metrics["config"]["preserve"] == str(prompts) and metrics["config"]["preserve_weight"] == 5.0
+
+
+def test_preserve_weight_zero_is_the_plain_erasure(tiny_model_folder, tmp_path):
+    plain = erase(config(tiny_model_folder, tmp_path / "plain"), progress=False)
+    zero = erase(config(tiny_model_folder, tmp_path / "zero", preserve_weight=0.0), preserve=["a blue star"],
+                 progress=False)
+    assert zero.losses == plain.losses
+    got, want = load_checkpoint(zero.checkpoint).tensors, load_checkpoint(plain.checkpoint).tensors
+    assert all(torch.equal(got[name], want[name]) for name in want)
