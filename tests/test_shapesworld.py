@@ -79,27 +79,17 @@ def test_shipped_judge_is_right_on_fresh_renders():
     assert accuracy["shape"] >= 0.97 and accuracy["colour"] >= 0.95, accuracy
 
 
-def test_reduced_erasure_lowers_the_target_far_more_than_another_shape(tmp_path):
-    from earkit.engine.checkpoint import apply_trainable, load_checkpoint
-    from earkit.engine.model import load_janus
-    from earkit.engine.trainer import EraseConfig, erase
-
-    judge = shapesworld.load_judge()
-    model, tokenizer = load_janus(shapesworld.generator_folder(), device="cpu")
-    shapes = ("circle", "square")
-    before = shapesworld.shape_rates(model, tokenizer, judge, shapes=shapes, n_per_shape=24, seed=31)
-    # half the default erasure's epochs at a step twice as large: the same distance in a quarter of the time
-    settings = {**shapesworld.SHAPESWORLD_ERASE, "epochs": 4, "lr": 2 * shapesworld.SHAPESWORLD_ERASE["lr"]}
-    config = EraseConfig(model=str(shapesworld.generator_folder()), out=str(tmp_path / "run"), concept="circle",
-                         anchor="star", device="cpu", **settings)
-    result = erase(config, pairs=shapesworld.erasure_pairs("circle", "star"), progress=False)
-    apply_trainable(model, load_checkpoint(result.checkpoint).tensors)
-    after = shapesworld.shape_rates(model, tokenizer, judge, shapes=shapes, n_per_shape=24, seed=31)
-    circle_drop = before.shape["circle"] - after.shape["circle"]
-    square_drop = before.shape["square"] - after.shape["square"]
-    assert before.shape["circle"] >= 0.6, before
-    assert circle_drop >= 0.4, (before, after)
-    assert circle_drop >= square_drop + 0.25, (before, after)
+def test_default_erasure_removes_the_target_and_keeps_the_other_shapes(tmp_path):
+    # `earkit erase`'s own settings, judged on fewer images than its 100 per shape: circle went from
+    # 94% to 0% there and the other shapes moved by -2 to +3 points; the margins here leave room for
+    # the noise of 40 images per shape.
+    report = shapesworld.erase_and_evaluate(tmp_path / "erased", n_per_shape=40, progress=False)
+    evaluation = json.loads((tmp_path / "erased" / "evaluation.json").read_text())
+    before, after = evaluation["before"], evaluation["after"]
+    assert before["circle"] >= 0.85 and after["circle"] <= 0.15, report
+    for shape in ("square", "triangle", "star", "cross"):
+        assert abs(after[shape] - before[shape]) <= 0.1, (shape, report)
+    assert evaluation["config"]["preserve_weight"] > 0
 
 
 def test_shipped_generator_draws_the_requested_shape_and_colour():
@@ -108,7 +98,7 @@ def test_shipped_generator_draws_the_requested_shape_and_colour():
     judge = shapesworld.load_judge()
     model, tokenizer = load_janus(shapesworld.generator_folder(), device="cpu")
     rates = shapesworld.shape_rates(model, tokenizer, judge, n_per_shape=16, seed=99)
-    # `earkit world check` measures it on 200 prompts (76.5% shape, 97.5% colour for the shipped
+    # `earkit world check` measures it on 500 prompts (97.4% shape, 99.2% colour for the shipped
     # world; chance is 20% and 17%); 80 prompts here, so the bounds leave room for sampling noise
-    assert sum(rates.shape.values()) / len(rates.shape) >= 0.6, rates
-    assert sum(rates.colour.values()) / len(rates.colour) >= 0.8, rates
+    assert sum(rates.shape.values()) / len(rates.shape) >= 0.9, rates
+    assert sum(rates.colour.values()) / len(rates.colour) >= 0.9, rates
