@@ -143,8 +143,9 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images-per-prompt", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="CFG scale (default: 5, Janus-Pro's; 2 for the shipped ShapesWorld)")
-    parser.add_argument("--temperature", type=float, default=1.0)
+                        help="CFG scale (default: 5, Janus-Pro's, or a ShapesWorld generator's own, 1.5)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="default: 1, or ShapesWorld's own temperature for a ShapesWorld generator")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--dtype", default="auto")
@@ -171,13 +172,14 @@ def run_sample(args) -> None:
     if out.exists() and any(out.iterdir()) and not args.force:  # before minutes of loading weights
         raise FileExistsError(f"output folder {out} is not empty (pass --force to replace it)")
     if args.model is None:
-        from earkit.engine.shapesworld import GUIDANCE_SCALE, generator_folder
+        from earkit.engine.shapesworld import generator_folder
 
         args.model = str(generator_folder())
-        if args.guidance_scale is None:
-            args.guidance_scale = GUIDANCE_SCALE
-    if args.guidance_scale is None:
-        args.guidance_scale = 5.0
+    from earkit.ecgvf.images import resolve_guidance, resolve_temperature
+
+    # Janus-Pro's guidance 5 and temperature 1, or a ShapesWorld generator's own sampling
+    args.guidance_scale = resolve_guidance(args.guidance_scale, args.model)
+    args.temperature = resolve_temperature(args.temperature, args.model)
     model, tokenizer = load_janus(args.model, dtype=args.dtype, device=args.device)
     if args.checkpoint:
         apply_trainable(model, load_checkpoint(args.checkpoint).tensors)

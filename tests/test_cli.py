@@ -23,6 +23,23 @@ def test_sample_writes_pngs_grid_and_prompts_and_refuses_to_overwrite(tmp_path, 
     assert cli_main(argv + ["--force"]) == 0
 
 
+def test_sample_settings_default_to_janus_pro_or_to_the_shapesworld_generator(tmp_path):
+    from earkit.engine import shapesworld
+
+    model = tmp_path / "model"
+    save_tiny_janus(model, ["red", "circle"])
+    common = ["--prompt", "a red circle", "--device", "cpu"]
+    assert cli_main(["sample", "--model", str(model), "--out", str(tmp_path / "janus"), *common]) == 0
+    assert cli_main(["sample", "--out", str(tmp_path / "world"), *common]) == 0  # no --model: ShapesWorld
+    assert cli_main(["sample", "--out", str(tmp_path / "given"), "--temperature", "0.7", *common]) == 0
+    settings = {name: json.loads((tmp_path / name / "prompts.json").read_text())["settings"]
+                for name in ("janus", "world", "given")}
+    assert (settings["janus"]["guidance_scale"], settings["janus"]["temperature"]) == (5.0, 1.0)
+    assert (settings["world"]["guidance_scale"], settings["world"]["temperature"]) == (
+        shapesworld.GUIDANCE_SCALE, shapesworld.TEMPERATURE)
+    assert settings["given"]["temperature"] == 0.7
+
+
 def test_sample_without_prompts_is_a_usage_error(tmp_path, capsys):
     assert cli_main(["sample", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "prompt" in capsys.readouterr().err
