@@ -22,6 +22,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from earkit.engine.pairs import read_text_file
+
 ROLES = ("target", "preserve")
 
 
@@ -43,20 +45,6 @@ class Benchmark:
         return {"concept": self.concept, "source": self.source, "kind": self.kind, "target_prompts": len(self.target),
                 "preserve_prompts": len(self.preserve),
                 "preserve_concepts": sorted({p.concept for p in self.preserve if p.concept})}
-
-
-def read_text(path: Path, what: str) -> str:
-    if path.is_dir():
-        raise FileNotFoundError(f"{what} {path} is a folder, not a file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
-    if not text.strip():
-        raise ValueError(f"{path} is empty")
-    return text
 
 
 def clean(text) -> str | None:
@@ -121,7 +109,7 @@ def read_prompt_records(path: Path, text: str) -> list[tuple[str, dict]]:
 def load_prompt_file(path, *, concept: str | None = None, what: str = "prompt file") -> list[BenchmarkPrompt]:
     """Prompts of an evaluation prompt file; each prompt's concept from its "concept" field, else `concept`."""
     path = Path(path).expanduser()
-    text = read_text(path, what)
+    text = read_text_file(path, what)
     prompts = []
     for where, record in read_prompt_records(path, text):
         if not isinstance(record, dict):
@@ -168,7 +156,7 @@ def load_benchmark(path, *, concept: str | None = None, preserve=None, max_promp
     from earkit.engine.pairs import load_pairs
 
     path = Path(path).expanduser()
-    text = read_text(path, "benchmark file")
+    text = read_text_file(path, "benchmark file")
     concept = clean(concept)
     if is_benchmark_jsonl(path, text):
         benchmark = load_benchmark_jsonl(path, text, concept)

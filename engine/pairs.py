@@ -206,20 +206,26 @@ def file_format(path: Path, text: str) -> str:
     raise ValueError(f"{path}: unknown prompt pair file format (expected .jsonl, .json or .csv)")
 
 
-def load_pairs(path: str | os.PathLike) -> list[PromptPair]:
-    """Read prompt pairs from a .jsonl, .json or .csv file (see the module docstring), stripped and
-    without exact repeats. ValueError naming the file and line for anything wrong in it."""
-    path = Path(path).expanduser()
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of a prompt file; FileNotFoundError or ValueError naming `what` and the path."""
     if path.is_dir():
-        raise FileNotFoundError(f"prompt pair file {path} is a folder, not a file")
+        raise FileNotFoundError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
-        raise FileNotFoundError(f"prompt pair file {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the first key
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text ({error})") from None
     if not text.strip():
         raise ValueError(f"{path} is empty")
+    return text
+
+
+def load_pairs(path: str | os.PathLike) -> list[PromptPair]:
+    """Read prompt pairs from a .jsonl, .json or .csv file (see the module docstring), stripped and
+    without exact repeats. ValueError naming the file and line for anything wrong in it."""
+    path = Path(path).expanduser()
+    text = read_text_file(path, "prompt pair file")
     records = {"jsonl": jsonl_records, "json": json_list_records, "csv": csv_records}[file_format(path, text)]
     pairs = [pair_from_record(record, where) for where, record in records(path, text)]
     if not pairs:
@@ -233,16 +239,7 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
     anchor prompts are read (they name what the concept is replaced by, which must stay drawable).
     Stripped and without exact repeats; ValueError naming the file and line for anything wrong."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        raise FileNotFoundError(f"prompt file {path} is a folder, not a file")
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
-    if not text.strip():
-        raise ValueError(f"{path} is empty")
+    text = read_text_file(path, "prompt file")
     if path.suffix.lower() == ".txt":
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     else:
