@@ -228,3 +228,14 @@ def test_preserve_weight_zero_is_the_plain_erasure(tiny_model_folder, tmp_path):
     assert zero.losses == plain.losses
     got, want = load_checkpoint(zero.checkpoint).tensors, load_checkpoint(plain.checkpoint).tensors
     assert all(torch.equal(got[name], want[name]) for name in want)
+
+
+@pytest.mark.parametrize("objective", ["token-kl", "hidden-mse"])
+def test_preservation_in_sequential_windows_and_with_either_objective(tiny_model_folder, tmp_path, objective):
+    # T = 16 tokens and W = 5: 4 windows, each with its own preservation term and optimizer step
+    run = erase(config(tiny_model_folder, tmp_path / "run", wga="sequential", objective=objective,
+                       preserve_weight=2.0), preserve=["a blue star", "a red cross"], progress=False)
+    assert run.optimizer_steps == 2 * 4
+    assert len(run.preserve_losses) == 2 and run.preserve_losses[0] >= 0
+    # the first window of the first step sees the untouched student: its term is 0, the later ones are not
+    assert max(run.preserve_losses) > 0
