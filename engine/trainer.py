@@ -273,41 +273,43 @@ class TeacherTargets:
     anchor: Tensor  # the same under the anchor prompts
 
 
-def teacher_targets(model, tokenizer, teacher: FrozenTeacher, batch: list[PromptPair], step: int,
-                    config: EraseConfig) -> TeacherTargets:
+def teacher_pass(model, tokenizer, teacher: FrozenTeacher, prompts: list[str], anchor_prompts: list[str] | None,
+                 seed: int, config: EraseConfig) -> TeacherTargets:
+    """Steps 1-2: the teacher's image tokens under `prompts`, and its states over them under
+    `prompts` and under `anchor_prompts` (None: `prompts` again, whose states then serve as both)."""
     device = next(model.parameters()).device
-    concept_prompts = [pair.concept_prompt for pair in batch for _ in range(config.images_per_prompt)]
-    anchor_prompts = [pair.anchor_prompt for pair in batch for _ in range(config.images_per_prompt)]
-    concept_batch = encode_prompts(tokenizer, concept_prompts, device)
-    anchor_batch = encode_prompts(tokenizer, anchor_prompts, device)
+    batch = encode_prompts(tokenizer, prompts, device)
     with teacher.active(), torch.no_grad():
-        tokens = sample_image_tokens(model, tokenizer, concept_prompts, guidance_scale=config.guidance_scale,
-                                     temperature=config.temperature, seed=sampling_seed(config.seed, step),
-                                     progress=False)
-        concept_hidden = image_hidden_states(model, concept_batch, tokens)
-        anchor_hidden = image_hidden_states(model, anchor_batch, tokens)
+        tokens = sample_image_tokens(model, tokenizer, prompts, guidance_scale=config.guidance_scale,
+                                     temperature=config.temperature, seed=seed, progress=False)
+        states = [image_hidden_states(model, batch, tokens)]
+        if anchor_prompts is not None:
+            states.append(image_hidden_states(model, encode_prompts(tokenizer, anchor_prompts, device), tokens))
         if config.objective == "token-kl":
             # The head may be trainable too: the teacher's targets come from the teacher's head
             # (its features when its last Linear is frozen and token-kl runs fused with it).
-            return TeacherTargets(concept_batch, tokens, objectives.token_kl_teacher(model, concept_hidden),
-                                  objectives.token_kl_teacher(model, anchor_hidden))
-        return TeacherTargets(concept_batch, tokens, concept_hidden, anchor_hidden)
+            states = [objectives.token_kl_teacher(model, hidden) for hidden in states]
+    return TeacherTargets(batch, tokens, states[0], states[-1])
+
+
+def repeated(prompts: list[str], config: EraseConfig) -> list[str]:
+    return [prompt for prompt in prompts for _ in range(config.images_per_prompt)]
+
+
+def teacher_targets(model, tokenizer, teacher: FrozenTeacher, batch: list[PromptPair], step: int,
+                    config: EraseConfig) -> TeacherTargets:
+    """The teacher's images of the concept prompts, scored under the concept and the anchor prompts."""
+    return teacher_pass(model, tokenizer, teacher, repeated([pair.concept_prompt for pair in batch], config),
+                        repeated([pair.anchor_prompt for pair in batch], config), sampling_seed(config.seed, step),
+                        config)
 
 
 def preserve_targets(model, tokenizer, teacher: FrozenTeacher, prompts: list[str], step: int,
                      config: EraseConfig) -> TeacherTargets:
     """The teacher's images of prompts that must not change, and its own prediction over them as
     both "concept" and "anchor": the objective's target is then the teacher's prediction itself."""
-    device = next(model.parameters()).device
-    prompts = [prompt for prompt in prompts for _ in range(config.images_per_prompt)]
-    batch = encode_prompts(tokenizer, prompts, device)
-    with teacher.active(), torch.no_grad():
-        tokens = sample_image_tokens(model, tokenizer, prompts, guidance_scale=config.guidance_scale,
-                                     temperature=config.temperature, seed=sampling_seed(config.seed, step, stream=1),
-                                     progress=False)
-        hidden = image_hidden_states(model, batch, tokens)
-        states = objectives.token_kl_teacher(model, hidden) if config.objective == "token-kl" else hidden
-    return TeacherTargets(batch, tokens, states, states)
+    return teacher_pass(model, tokenizer, teacher, repeated(prompts, config), None,
+                        sampling_seed(config.seed, step, stream=1), config)
 
 
 def window_loss(model, targets: TeacherTargets, start: int, end: int, config: EraseConfig) -> tuple[Tensor, Tensor]:
@@ -332,14 +334,14 @@ def student_update(model, optimizer, targets: TeacherTargets, config: EraseConfi
         loss, weight = window_loss(model, targets, start, end, config)
         losses.append(float(loss.detach()))
         kept.append(float(weight.float().mean()))
-        learns = float(weight.sum()) > 0
+        weight_sum = weight.sum()
         if preserve is not None and config.preserve_weight > 0:
+            # A fully masked term's mean is 0 (its normaliser is max(1, sum a)): adding it is harmless.
             preserve_loss, preserve_weight = window_loss(model, preserve, start, end, config)
             preserve_losses.append(float(preserve_loss.detach()))
-            if float(preserve_weight.sum()) > 0:
-                loss = loss + config.preserve_weight * preserve_loss
-                learns = True
-        if not learns:
+            loss = loss + config.preserve_weight * preserve_loss
+            weight_sum = weight_sum + preserve_weight.sum()
+        if float(weight_sum) == 0.0:
             continue  # every token masked or gated: nothing to learn, and no momentum-only update
         loss.backward()
         if config.grad_clip is not None:

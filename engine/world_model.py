@@ -326,8 +326,7 @@ def train_vq(config: VQConfig | None = None, progress: bool = True):
             module.reset_parameters()
     with torch.no_grad():
         codebook = vq.quantize.embedding.weight
-        codebook.zero_()  # codes past rule.size (if any) stay unused
-        codebook[:rule.size] = rule.codebook(config.embed_dim, generator)
+        codebook[:rule.size] = rule.codebook(config.embed_dim, generator)  # codes past rule.size go unused
         codebook[rule.size:] = F.normalize(torch.randn(codebook[rule.size:].shape, generator=generator), dim=1)
     vq.quantize.requires_grad_(False)
     vq.train()
