@@ -99,6 +99,8 @@ def run_default_erase(args) -> None:
     """`earkit erase` with no model: the ShapesWorld demonstration, measured before and after."""
     from earkit.engine import shapesworld
 
+    if args.preserve is not None:
+        raise ValueError("--preserve needs --model: the ShapesWorld default preserves the other shapes itself")
     report = shapesworld.erase_and_evaluate(
         out=args.out, concept=args.concept or shapesworld.DEFAULT_CONCEPT,
         anchor=args.anchor or shapesworld.DEFAULT_ANCHOR, seed=args.seed, force=args.force,

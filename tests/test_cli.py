@@ -49,3 +49,12 @@ def test_bench_engine_tiny_runs(capsys):
     assert cli_main(["bench", "engine", "--size", "tiny", "--random-weights", "--device", "cpu",
                      "--sampler-batches", "1", "--train-batch", "1"]) == 0
     assert "projected_s_per_50_pairs" in capsys.readouterr().out
+
+
+def test_default_erase_refuses_a_preserve_file_it_would_ignore(tmp_path, capsys):
+    keep = tmp_path / "keep.txt"
+    keep.write_text("a blue star\n")
+    assert cli_main(["erase", "--preserve", str(keep), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--preserve needs --model" in error[0]
+    assert not (tmp_path / "out").exists()
