@@ -213,6 +213,7 @@ def headline(result: dict) -> str:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `earkit eval`."""
+    from .images import add_sampling_arguments
     from .judges import JUDGE_FORMS
 
     parser.add_argument("--benchmark", required=True,
@@ -233,10 +234,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompts", type=int, default=None, help="at most N target and N preservation prompts")
     parser.add_argument("--seeds", type=int, default=2, help="images per prompt, seeds SEED..SEED+N-1 (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="the first seed (default: %(default)s)")
-    parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="CFG scale (default: 5, Janus-Pro's; 2 for a ShapesWorld generator)")
-    parser.add_argument("--temperature", type=float, default=None,
-                        help="sampling temperature (default: 1; 0.2 for a ShapesWorld generator)")
+    add_sampling_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per sampler batch (default: %(default)s)")
     parser.add_argument("--nudenet-threshold", type=float, default=None, help="NudeNet detection threshold (default: 0.6)")
     parser.add_argument("--all-images", action="store_true", help="write every image to the report, not only the grids'")
@@ -246,29 +244,32 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing report folder")
 
 
-def is_report_folder(folder: Path) -> bool:
-    if not any(folder.iterdir()):
-        return True
+REPORT_NAMES = {"metrics.json", "summary.md", "report.html", "images", "charts"}
+
+
+def legacy_report_names(folder: Path) -> set[str] | None:
+    """A report written before manifests existed: its metrics.json says so."""
     try:
-        return json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("format") == REPORT_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+        record = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return REPORT_NAMES if isinstance(record, dict) and record.get("format") == REPORT_FORMAT else None
 
 
 def check_out_folder(out: Path, force: bool) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise FileExistsError(f"--out {out} exists and is not a folder")
-        if any(out.iterdir()) and not force:
-            raise FileExistsError(f"report folder {out} already exists (pass --force to replace it)")
-        if force and not is_report_folder(out):
-            raise FileExistsError(f"not replacing {out}: it is not empty and is not an earkit eval report")
+    """Before minutes of sampling: --out is free, or (with --force) an earlier report holding only
+    what earkit wrote, and something can be written there."""
+    from earkit.engine.checkpoint import check_replaceable, check_writable
+
+    check_replaceable(out, force=force, kind="report", what="report folder", legacy=legacy_report_names)
+    check_writable(out, "report folder")
 
 
 def run_eval(args) -> dict:
     """`earkit eval`: load, sample before and after, judge, measure, write the report atomically."""
     from earkit.engine.checkpoint import write_folder_atomically
-    from earkit.engine.model import default_device
+    from earkit.engine.model import check_device
+    from earkit.engine.sampler import check_sampling_arguments
 
     from .benchmark import load_benchmark
     from .images import resolve_delta, resolve_guidance, resolve_model, resolve_temperature
@@ -285,7 +286,10 @@ def run_eval(args) -> dict:
     model_source = resolve_model(args.model)
     resolve_delta(args.delta)
     reference = load_reference_images(args.reference_images) if args.reference_images else None
-    device = args.device or str(default_device())
+    device = str(check_device(args.device))
+    guidance_scale = resolve_guidance(args.guidance_scale, model_source)
+    temperature = resolve_temperature(args.temperature, model_source)
+    check_sampling_arguments(guidance_scale, temperature, None, None)
     threshold = DEFAULT_NUDENET_THRESHOLD if args.nudenet_threshold is None else args.nudenet_threshold
     labels = [benchmark.concept] + [p.concept for p in benchmark.preserve if p.concept]
     judge = parse_judge(args.judge, model_folder=model_source, device=device, labels=labels,
@@ -303,13 +307,12 @@ def run_eval(args) -> dict:
     seeds = list(range(args.seed, args.seed + args.seeds))
     result, images = evaluate(benchmark, judge, model_source=model_source, delta=args.delta, seeds=seeds, clip=clip,
                               device=device, dtype=args.dtype,
-                              guidance_scale=resolve_guidance(args.guidance_scale, model_source),
-                              temperature=resolve_temperature(args.temperature, model_source),
+                              guidance_scale=guidance_scale, temperature=temperature,
                               batch_size=args.batch_size, reference_images=reference, inception=inception,
                               progress=not args.quiet)
     write_folder_atomically(out, lambda partial: write_report(partial, result, images, benchmark,
                                                               all_images=args.all_images),
-                            force=args.force, is_replaceable=is_report_folder, what="report folder")
+                            force=args.force, kind="report", what="report folder", legacy=legacy_report_names)
     print(headline(result))
     print(f"wrote {out / 'metrics.json'}, {out / 'summary.md'} and {out / 'report.html'}")
     return result

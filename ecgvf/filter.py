@@ -175,12 +175,27 @@ def decisions_path(path) -> Path:
     return path.with_name(path.stem + ".decisions.jsonl")
 
 
+def is_decisions_file(path: Path) -> bool:
+    """A decisions file that `earkit filter` wrote: its first line is the {"filter": ...} header."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            first = json.loads(file.readline(1 << 20))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(first, dict) and set(first) == {"filter"}
+
+
 def refuse_existing(paths, force: bool) -> None:
-    for path in paths:
+    """The kept-pairs file (paths[0], named by --out) is replaced under --force; the decisions file
+    beside it (paths[1], a name the user never typed) only when earkit wrote it."""
+    for index, path in enumerate(paths):
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a folder, not a file")
         if path.exists() and not force:
             raise FileExistsError(f"{path} already exists (pass --force to replace it)")
+        if path.exists() and index > 0 and not is_decisions_file(path):
+            raise FileExistsError(f"not replacing {path}: earkit filter did not write it (it writes its decisions "
+                                  "there); move it or choose another --out")
 
 
 def write_filter_results(records: list[dict], out, *, force: bool = False, judge: dict | None = None,
@@ -211,6 +226,7 @@ def write_filter_results(records: list[dict], out, *, force: bool = False, judge
 
 def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `earkit filter`."""
+    from .images import add_sampling_arguments
     from .judges import JUDGE_FORMS
 
     parser.add_argument("--pairs", required=True, help="pairs file: earkit JSONL (earkit pairs) or a released EAR train file")
@@ -230,10 +246,7 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-anchor-rate", type=float, default=None,
                         help="also require the replacement to show its anchor this often (where the judge knows it)")
     parser.add_argument("--max-pairs", type=int, default=None, help="filter only the first N pairs")
-    parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="CFG scale (default: 5, Janus-Pro's; 2 for a ShapesWorld generator)")
-    parser.add_argument("--temperature", type=float, default=None,
-                        help="sampling temperature (default: 1; 0.2 for a ShapesWorld generator)")
+    add_sampling_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per sampler batch (default: %(default)s)")
     parser.add_argument("--nudenet-threshold", type=float, default=None, help="NudeNet detection threshold (default: 0.6)")
     parser.add_argument("--dtype", default="auto")
@@ -249,14 +262,17 @@ def check_count(value, name: str) -> None:
 
 def run_filter(args) -> dict:
     """`earkit filter`: sample, judge, keep and drop, write both files, print the summary."""
-    from earkit.engine.model import default_device
+    from earkit.engine.checkpoint import check_writable
+    from earkit.engine.model import check_device
     from earkit.engine.pairs import load_pairs
+    from earkit.engine.sampler import check_sampling_arguments
 
     from .images import load_generator, resolve_delta, resolve_guidance, resolve_model, resolve_temperature
     from .judges import DEFAULT_NUDENET_THRESHOLD, parse_judge
 
     out = Path(args.out).expanduser()
     refuse_existing([out, decisions_path(out)], args.force)  # before minutes of sampling
+    check_writable(out, "--out")
     check_count(args.seeds, "--seeds")
     check_count(args.max_pairs, "--max-pairs")
     check_count(args.batch_size, "--batch-size")
@@ -264,7 +280,10 @@ def run_filter(args) -> dict:
     pairs = load_pairs(args.pairs)[:args.max_pairs]
     model_source = resolve_model(args.model)
     resolve_delta(args.delta)
-    device = args.device or str(default_device())
+    device = str(check_device(args.device))
+    guidance_scale = resolve_guidance(args.guidance_scale, model_source)
+    temperature = resolve_temperature(args.temperature, model_source)
+    check_sampling_arguments(guidance_scale, temperature, None, None)
     threshold = DEFAULT_NUDENET_THRESHOLD if args.nudenet_threshold is None else args.nudenet_threshold
     labels = [args.concept] if args.concept else [p.concept for p in pairs if p.concept]
     labels += [p.anchor for p in pairs if p.anchor]
@@ -275,8 +294,7 @@ def run_filter(args) -> dict:
     model, tokenizer = load_generator(model_source, delta=args.delta, device=device, dtype=args.dtype)
     seeds = list(range(args.seed, args.seed + args.seeds))
     records = filter_pairs_with_model(model, tokenizer, pairs, judge, seeds=seeds, concept=args.concept, rules=rules,
-                                      guidance_scale=resolve_guidance(args.guidance_scale, model_source),
-                                      temperature=resolve_temperature(args.temperature, model_source),
+                                      guidance_scale=guidance_scale, temperature=temperature,
                                       batch_size=args.batch_size,
                                       progress=not args.quiet)
     kept_path, decisions = write_filter_results(records, out, force=args.force, judge=judge.describe(), rules=rules)

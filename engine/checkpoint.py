@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,23 +126,115 @@ def remove_leftovers(folder: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def write_folder_atomically(folder: str | os.PathLike, write_into, *, force: bool, is_replaceable, what: str) -> Path:
+MANIFEST_FILE = ".earkit-files.json"
+MANIFEST_FORMAT = "earkit-written-files"
+
+
+def files_under(folder: Path) -> list[str]:
+    """Every file and link under `folder`, as sorted POSIX paths relative to it (folders themselves
+    are not listed: an empty subfolder is not data)."""
+    found = []
+    for root, folders, files in os.walk(folder):
+        for name in files + [f for f in folders if (Path(root) / f).is_symlink()]:
+            found.append((Path(root) / name).relative_to(folder).as_posix())
+    return sorted(found)
+
+
+def write_manifest(folder: Path, kind: str) -> None:
+    """Record every file earkit wrote into `folder`, so that a later --force can tell them from
+    files somebody else put there (which it must never delete)."""
+    files = [name for name in files_under(folder) if name != MANIFEST_FILE]
+    record = {"format": MANIFEST_FORMAT, "kind": kind, "files": files}
+    (folder / MANIFEST_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+
+def manifest_files(folder: Path, kind: str) -> set[str] | None:
+    """The files the manifest of `folder` says earkit wrote there as a `kind`, or None without a
+    readable manifest of that kind."""
+    try:
+        record = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != MANIFEST_FORMAT or record.get("kind") != kind:
+        return None
+    files = record.get("files")
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        return None
+    return set(files) | {MANIFEST_FILE}
+
+
+def foreign_files(folder: Path, kind: str, legacy=None) -> list[str] | None:
+    """What in an existing `folder` earkit did not write as a `kind`: [] when the whole folder is
+    earkit's (empty, or every file listed in its manifest), else the files that are not, sorted
+    (all of them when the folder has no manifest and legacy does not vouch for it either).
+
+    legacy(folder) -> set of names or None: the top-level names a folder written before manifests
+    existed may hold, when the folder is recognisably one (None when it is not).
+    """
+    present = files_under(folder)
+    if not present:
+        return []
+    owned = manifest_files(folder, kind)
+    if owned is None and legacy is not None:
+        names = legacy(folder)
+        if names is not None:
+            return [name for name in present if name.split("/", 1)[0] not in names]
+    if owned is None:
+        return present
+    return [name for name in present if name not in owned]
+
+
+def check_replaceable(folder: str | os.PathLike, *, force: bool, kind: str, what: str, legacy=None) -> None:
+    """Refuse (FileExistsError naming the problem) to replace an existing `folder` unless force is
+    set and everything in it is what earkit wrote there as a `kind`: --force replaces earkit's own
+    output, never a file somebody else put there. Called before any work, and again when writing."""
+    folder = Path(folder).expanduser()
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not folder.is_dir() or folder.is_symlink():
+        raise FileExistsError(f"{what} path {folder} exists and is not a folder; not replacing it")
+    if not any(folder.iterdir()):
+        return
+    if not force:
+        raise FileExistsError(f"{what} {folder} already exists and is not empty (pass --force to replace it)")
+    foreign = foreign_files(folder, kind, legacy)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise FileExistsError(f"not replacing {folder}: it holds files earkit did not write as a {what} ({shown}); "
+                              "move them out or choose another folder")
+
+
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """PermissionError naming `path` when nothing could be written there: tried for real (a
+    temporary file in the nearest existing folder), since a permission check says yes to root on a
+    read-only file system. Called before long work, whose output would otherwise be lost at the end."""
+    path = Path(path).expanduser().absolute()
+    existing = path if path.is_dir() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{what} {path}: {existing} is a file, not a folder")
+    try:
+        descriptor, probe = tempfile.mkstemp(prefix=".earkit-write-probe-", dir=existing)
+    except OSError as error:
+        raise PermissionError(f"{what} {path}: cannot write in {existing} ({error.strerror or error})") from None
+    os.close(descriptor)
+    os.unlink(probe)
+
+
+def write_folder_atomically(folder: str | os.PathLike, write_into, *, force: bool, kind: str, what: str,
+                            legacy=None) -> Path:
     """Create `folder` with write_into(temporary_folder), so that it appears complete or not at all.
 
-    An existing `folder` is replaced only with force, and only when is_replaceable(folder) says it
-    is the kind of folder this writes (force must never delete an unrelated folder).
+    An existing `folder` is replaced only with force, and only when everything in it is earkit's
+    own `kind` of output (check_replaceable): force must never delete a file earkit did not write.
+    The files written are recorded in the folder's manifest (MANIFEST_FILE) for the next check.
     """
     folder = Path(folder).expanduser().absolute()
     if not folder.name:
         raise ValueError(f"{what} path {folder} has no folder name")
     recover_interrupted_save(folder)
-    if folder.exists():
-        if not force:
-            raise FileExistsError(f"{what} {folder} already exists (pass force=True to replace it)")
-        if not folder.is_dir():
-            raise FileExistsError(f"{what} path {folder} exists and is not a folder; not replacing it")
-        if not is_replaceable(folder):
-            raise FileExistsError(f"not replacing {folder}: it is not empty and does not look like a {what}")
+    check_replaceable(folder, force=force, kind=kind, what=what, legacy=legacy)
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(folder)
 
@@ -149,6 +242,8 @@ def write_folder_atomically(folder: str | os.PathLike, write_into, *, force: boo
     partial.mkdir()
     try:
         write_into(partial)
+        write_manifest(partial, kind)
+        partial.chmod(0o755)  # a shared or shipped folder must be readable by others
         fsync_tree(partial)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -176,25 +271,23 @@ def write_folder_atomically(folder: str | os.PathLike, write_into, *, force: boo
     return folder
 
 
-def is_empty_folder(folder: Path) -> bool:
-    return not any(folder.iterdir())
-
-
-def is_checkpoint_folder(folder: Path) -> bool:
-    if is_empty_folder(folder):
-        return True
+def legacy_checkpoint_names(folder: Path) -> set[str] | None:
+    """A checkpoint written before manifests existed: its config.json says so, and it holds the four files."""
     try:
         record = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("format") == CHECKPOINT_FORMAT
-
-
-def is_model_folder(folder: Path) -> bool:
-    return is_empty_folder(folder) or (folder / "config.json").is_file()
+    except (OSError, ValueError, RecursionError):
+        return None
+    if isinstance(record, dict) and record.get("format") == CHECKPOINT_FORMAT:
+        return set(CHECKPOINT_FILES)
+    return None
 
 
 # ---------------------------------------------------------------- checkpoints
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def check_loadable(value, where: str) -> None:
@@ -276,8 +369,8 @@ def save_checkpoint(folder: str | os.PathLike, *, tensors: dict[str, Tensor], op
         torch.save(state, partial / STATE_FILE)
         (partial / CONFIG_FILE).write_text(config_text, encoding="utf-8")
 
-    return write_folder_atomically(folder, write_into, force=force, is_replaceable=is_checkpoint_folder,
-                                   what="checkpoint")
+    return write_folder_atomically(folder, write_into, force=force, kind="checkpoint", what="checkpoint",
+                                   legacy=legacy_checkpoint_names)
 
 
 def checked_checkpoint_folder(folder: str | os.PathLike) -> Path:
@@ -297,11 +390,16 @@ def read_checkpoint_record(folder: Path) -> dict:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"checkpoint {folder}: {CONFIG_FILE} is unreadable or corrupt ({error})") from error
+        raise ValueError(f"checkpoint {folder}: {CONFIG_FILE} is unreadable or corrupt ({error})") from None
+    except RecursionError:
+        raise ValueError(f"checkpoint {folder}: {CONFIG_FILE} is nested too deeply to be a checkpoint config") from None
     if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT or "config" not in record:
         raise ValueError(f"checkpoint {folder}: {CONFIG_FILE} is not an earkit checkpoint config "
                          f"(no \"format\": \"{CHECKPOINT_FORMAT}\" and \"config\")")
-    if record.get("format_version", 0) > FORMAT_VERSION:
+    version = record.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"checkpoint {folder}: {CONFIG_FILE} has format_version {version!r}, not an integer")
+    if version > FORMAT_VERSION:
         raise ValueError(f"checkpoint {folder} has format version {record['format_version']}; this earkit "
                          f"({__version__}) reads up to {FORMAT_VERSION}")
     return record
@@ -312,9 +410,16 @@ def read_checkpoint_tensors(folder: Path) -> dict[str, Tensor]:
     try:
         tensors = load_file(str(path), device="cpu")
     except Exception as error:  # safetensors raises its own SafetensorError (and OSError)
-        raise ValueError(f"checkpoint {folder}: {TENSORS_FILE} is unreadable or corrupt ({error})") from error
+        raise ValueError(f"checkpoint {folder}: {TENSORS_FILE} is unreadable or corrupt "
+                         f"({type(error).__name__}: {first_line(error)})") from None
     if not tensors:
         raise ValueError(f"checkpoint {folder}: {TENSORS_FILE} holds no tensors")
+    # A diverged run's NaN weights would sample garbage (or crash the sampler) and export silently.
+    broken = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    if broken:
+        shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        raise ValueError(f"checkpoint {folder}: {TENSORS_FILE} holds NaN or infinite values ({shown}); "
+                         "the run that wrote it diverged")
     return tensors
 
 
@@ -322,7 +427,9 @@ def read_torch_file(folder: Path, name: str) -> dict:
     try:
         value = torch.load(folder / name, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file raises any of several error types
-        raise ValueError(f"checkpoint {folder}: {name} is unreadable or corrupt ({error})") from error
+        # torch's own message runs to a dozen lines of advice about weights_only: one line is enough
+        raise ValueError(f"checkpoint {folder}: {name} is unreadable or corrupt "
+                         f"({type(error).__name__}: {first_line(error)})") from None
     if not isinstance(value, dict):
         raise ValueError(f"checkpoint {folder}: {name} holds a {type(value).__name__}, expected a dict")
     return value
@@ -380,14 +487,14 @@ def apply_trainable(model: torch.nn.Module, tensors: dict[str, Tensor]) -> None:
 def export_model(model, tokenizer, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
     """Write a full model folder (save_pretrained of model and tokenizer), atomically, that
     JanusForConditionalGeneration.from_pretrained and AutoTokenizer.from_pretrained load.
-    An existing out_dir is replaced only with force, and only if it is a model folder or empty."""
+    An existing out_dir is replaced only with force, and only if it is empty or an earlier earkit
+    export holding nothing else (never a model folder somebody else wrote, the base model included)."""
 
     def write_into(partial: Path) -> None:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
 
-    return write_folder_atomically(out_dir, write_into, force=force, is_replaceable=is_model_folder,
-                                   what="model folder")
+    return write_folder_atomically(out_dir, write_into, force=force, kind="model export", what="model folder")
 
 
 def stored_dtype(source: str) -> torch.dtype:
@@ -417,10 +524,13 @@ def export_checkpoint(base_model_source: str | os.PathLike | None, checkpoint_fo
     if source is None:
         raise ValueError(f"checkpoint {folder} records no base model; give the base model source")
     out = Path(out_dir).expanduser()
-    if out.exists() and not force:  # before spending minutes loading the base model
-        raise FileExistsError(f"model folder {out} already exists (pass force=True to replace it)")
-    tensors = read_checkpoint_tensors(folder)
     source = check_model_source(source)
+    if Path(source).expanduser().exists() and Path(source).expanduser().resolve() == out.resolve():
+        raise ValueError(f"the export's out folder {out} is the base model folder itself; choose another")
+    # before spending minutes loading the base model
+    check_replaceable(out, force=force, kind="model export", what="model folder")
+    check_writable(out, "model folder")
+    tensors = read_checkpoint_tensors(folder)
     model, tokenizer = load_janus(source, device="cpu", dtype=dtype if dtype is not None else stored_dtype(source))
     apply_trainable(model, tensors)
     return export_model(model, tokenizer, out, force=force)

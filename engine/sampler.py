@@ -30,9 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
-import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -293,6 +290,7 @@ def sample_image_tokens(model, tokenizer, prompts: list[str], *, guidance_scale:
     if cuda_graph is True and blocker is not None:
         warn_once(f"earkit sampler: cuda_graph=True but {blocker}; decoding eagerly")
     use_graph = cuda_graph is not False and blocker is None
+    encode_prompts(tokenizer, list(dict.fromkeys(prompts)))  # warns of unknown words before the bar starts
 
     from tqdm.auto import tqdm
 
@@ -351,6 +349,27 @@ def image_grid(rows: list[list]):
     return grid
 
 
+def legacy_samples_names(folder: Path) -> set[str] | None:
+    """A samples folder written before manifests existed: its prompts.json lists its images."""
+    try:
+        record = json.loads((folder / "prompts.json").read_text(encoding="utf-8"))
+        names = {image["file"] for image in record["images"]}
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+        return None
+    if not all(isinstance(name, str) for name in names) or "rng" not in record:
+        return None
+    return names | {"grid.png", "prompts.json"}
+
+
+def check_samples_folder(out_dir, *, force: bool) -> None:
+    """FileExistsError unless out_dir is free, or (with force) an earlier samples folder holding
+    only what earkit wrote; PermissionError when nothing can be written there. Before any sampling."""
+    from .checkpoint import check_replaceable, check_writable
+
+    check_replaceable(out_dir, force=force, kind="samples", what="samples folder", legacy=legacy_samples_names)
+    check_writable(out_dir, "samples folder")
+
+
 def write_samples(model, tokenizer, prompts: list[str], out_dir: str | os.PathLike, *, images_per_prompt: int = 1,
                   seed: int = 0, guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, force: bool = False, batch_size: int | None = None,
@@ -358,10 +377,13 @@ def write_samples(model, tokenizer, prompts: list[str], out_dir: str | os.PathLi
     """Sample images_per_prompt images per prompt and write them to out_dir.
 
     Files: {prompt_index:03d}_{image_index:02d}.png, grid.png (a row per prompt) and prompts.json
-    (prompts, seed, settings, which file is which). Refuses a non-empty out_dir unless force
-    (which replaces it). Everything is written to a temporary folder beside out_dir and renamed
-    into place at the end, so a crash leaves no half-written output. Returns the written paths.
+    (prompts, seed, settings, which file is which). Refuses a non-empty out_dir unless force, which
+    replaces an earlier samples folder but never one holding files earkit did not write there.
+    Everything is written to a temporary folder beside out_dir and renamed into place at the end,
+    so a crash leaves no half-written output. Returns the written paths.
     """
+    from .checkpoint import write_folder_atomically
+
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
@@ -371,29 +393,22 @@ def write_samples(model, tokenizer, prompts: list[str], out_dir: str | os.PathLi
         raise ValueError(f"images_per_prompt must be an integer >= 1, got {images_per_prompt!r}")
     check_sampling_arguments(guidance_scale, temperature, top_k, top_p)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise FileExistsError(f"output folder {out_dir} is not empty (pass force=True to replace it)")
+    check_samples_folder(out_dir, force=force)
 
     # Prompt-major rows: prompt i's images are rows i * n .. i * n + n - 1.
     rows = [prompt for prompt in prompts for _ in range(images_per_prompt)]
     tokens = sample_image_tokens(model, tokenizer, rows, guidance_scale=guidance_scale, temperature=temperature,
                                  top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size, progress=progress)
+    images = decode_images(model, tokens)
+    names = [f"{p:03d}_{i:02d}.png" for p in range(len(prompts)) for i in range(images_per_prompt)]
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    aside = None
-    try:
-        images = decode_images(model, tokens)
-        names, grid_rows = [], []
-        for p in range(len(prompts)):
-            grid_rows.append(images[p * images_per_prompt:(p + 1) * images_per_prompt])
-            for i, image in enumerate(grid_rows[-1]):
-                names.append(f"{p:03d}_{i:02d}.png")
-                image.save(temporary / names[-1])
-        image_grid(grid_rows).save(temporary / "grid.png")
+    def write_into(folder: Path) -> None:
+        for name, image in zip(names, images):
+            image.save(folder / name)
+        image_grid([images[p * images_per_prompt:(p + 1) * images_per_prompt]
+                    for p in range(len(prompts))]).save(folder / "grid.png")
         record = {
+            "format": "earkit-samples",
             "prompts": prompts,
             "seed": seed,
             "model": getattr(model, "name_or_path", None) or None,
@@ -405,18 +420,8 @@ def write_samples(model, tokenizer, prompts: list[str], out_dir: str | os.PathLi
                         "image_index": index % images_per_prompt, "prompt": rows[index]}
                        for index, name in enumerate(names)],
         }
-        (temporary / "prompts.json").write_text(json.dumps(record, indent=2) + "\n")
-        # Swap in: the old folder (empty, or replaced under force) moves aside first, so out_dir
-        # never holds a mix of old and new files.
-        if out_dir.exists():
-            aside = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            out_dir.rename(aside)
-        temporary.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        if aside is not None and not out_dir.exists():
-            aside.rename(out_dir)  # the swap itself failed: put the old folder back
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+        (folder / "prompts.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    write_folder_atomically(out_dir, write_into, force=force, kind="samples", what="samples folder",
+                            legacy=legacy_samples_names)
     return [out_dir / name for name in names] + [out_dir / "grid.png", out_dir / "prompts.json"]

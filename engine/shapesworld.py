@@ -99,8 +99,9 @@ class ShapeRates:
 
 def shape_rates(model, tokenizer, judge, *, shapes=world.SHAPES, n_per_shape: int = 40, seed: int = 0,
                 guidance_scale: float | None = None, temperature: float | None = None,
-                batch_size: int = 64) -> ShapeRates:
-    """Sample n_per_shape images per shape (random colours and templates) and judge them."""
+                batch_size: int = 64, on_shape=None) -> ShapeRates:
+    """Sample n_per_shape images per shape (random colours and templates) and judge them;
+    on_shape(shape), when given, is called after each shape (a progress bar's tick)."""
     from .sampler import decode_images, sample_image_tokens
 
     shape_rate, colour_rate = {}, {}
@@ -112,6 +113,8 @@ def shape_rates(model, tokenizer, judge, *, shapes=world.SHAPES, n_per_shape: in
         verdicts = judge.classify(decode_images(model, tokens))
         shape_rate[shape] = sum(v["shape"] == shape for v in verdicts) / len(verdicts)
         colour_rate[shape] = sum(v["colour"] in p.split() for v, p in zip(verdicts, prompts)) / len(verdicts)
+        if on_shape is not None:
+            on_shape(shape)
     return ShapeRates(shape_rate, colour_rate, n_per_shape)
 
 
@@ -137,43 +140,39 @@ def build_world(out: str | Path, *, quick: bool = False, force: bool = False, pr
     Everything is written into a temporary folder beside `out` and renamed into place at the end,
     so an interrupted build leaves no half-written world (and an existing one untouched).
     """
-    import shutil
-    import tempfile
-
+    from .checkpoint import check_replaceable, check_writable, write_folder_atomically
     from .world_judge import JudgeConfig, train_judge
     from .world_model import GeneratorConfig, VQConfig, build_generator, vq_roundtrip
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"world folder {out} is a file")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"world folder {out} exists and is not empty (use --force to rebuild it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_replaceable(out, force=force, kind="shapesworld", what="world folder", legacy=legacy_world_names)
+    check_writable(out, "world folder")  # before minutes of training
     vq_config, generator_config = vq_config or VQConfig(), generator_config or GeneratorConfig()
     judge_config = judge_config or JudgeConfig()
     if quick:
         vq_config, generator_config, judge_config = quick_configs(vq_config, generator_config, judge_config)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+
+    def write_into(folder: Path) -> None:
         started = time.perf_counter()
-        build_generator(temporary / "generator", vq_config=vq_config, generator_config=generator_config,
+        build_generator(folder / "generator", vq_config=vq_config, generator_config=generator_config,
                         progress=progress)
         generator_seconds = time.perf_counter() - started
-        vq = load_vq(temporary / "generator")
+        vq = load_vq(folder / "generator")
         judge = train_judge(judge_config, progress=progress, roundtrip=lambda pixels: vq_roundtrip(vq, pixels))
-        judge.save(temporary / "judge")
+        judge.save(folder / "judge")
         record = {"quick": quick, "seconds": round(time.perf_counter() - started, 1),
                   "generator_seconds": round(generator_seconds, 1),
                   "judge_seconds": round(time.perf_counter() - started - generator_seconds, 1)}
-        (temporary / "world.json").write_text(json.dumps(record, indent=1) + "\n")
-        temporary.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        temporary.rename(out)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+        (folder / "world.json").write_text(json.dumps(record, indent=1) + "\n")
+
+    write_folder_atomically(out, write_into, force=force, kind="shapesworld", what="world folder",
+                            legacy=legacy_world_names)
     return out
+
+
+def legacy_world_names(folder: Path) -> set[str] | None:
+    """A world built before manifests existed: it has world.json, and a world holds three things."""
+    return {"generator", "judge", "world.json"} if (folder / "world.json").is_file() else None
 
 
 def load_vq(generator: str | Path):
@@ -195,16 +194,39 @@ def quick_configs(vq_config, generator_config, judge_config):
 
 
 def check_world(world_folder: str | Path | None = None, *, n_per_shape: int = 100, judge_images: int = 1000,
-                seed: int = 12345, guidance_scale: float | None = None) -> dict:
-    """The measured quality of a world: judge accuracy on held-out renders, generator rates by the judge."""
+                seed: int = 12345, guidance_scale: float | None = None, progress: bool = True) -> dict:
+    """The measured quality of a world: judge accuracy on held-out renders, generator rates by the
+    judge. Minutes at the defaults: a progress bar (stderr) ticks per stage and per shape."""
+    from tqdm.auto import tqdm
+
     from .model import load_janus
 
+    for name, value in (("n_per_shape", n_per_shape), ("judge_images", judge_images)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     world_folder = Path(world_folder or default_world())
-    judge = load_judge(world_folder)
-    accuracy = judge.accuracy(n=judge_images, seed=seed)
-    model, tokenizer = load_janus(generator_folder(world_folder), device="cpu")
-    roundtrip_accuracy = judge_roundtrip_accuracy(judge, model.model.vqmodel, n=judge_images, seed=seed + 1)
-    rates = shape_rates(model, tokenizer, judge, n_per_shape=n_per_shape, seed=seed, guidance_scale=guidance_scale)
+    bar = tqdm(total=2 + len(world.SHAPES), desc="world check", unit="stage", disable=not progress)
+    try:
+        bar.set_postfix_str(f"judge on {judge_images} renders")
+        judge = load_judge(world_folder)
+        accuracy = judge.accuracy(n=judge_images, seed=seed)
+        bar.update(1)
+        bar.set_postfix_str(f"judge on {judge_images} VQ round trips")
+        model, tokenizer = load_janus(generator_folder(world_folder), device="cpu")
+        roundtrip_accuracy = judge_roundtrip_accuracy(judge, model.model.vqmodel, n=judge_images, seed=seed + 1)
+        bar.update(1)
+        bar.set_postfix_str(f"generator, {n_per_shape} images of {world.SHAPES[0]}")
+
+        def next_shape(shape: str) -> None:
+            bar.update(1)
+            following = world.SHAPES.index(shape) + 1
+            if following < len(world.SHAPES):
+                bar.set_postfix_str(f"generator, {n_per_shape} images of {world.SHAPES[following]}")
+
+        rates = shape_rates(model, tokenizer, judge, n_per_shape=n_per_shape, seed=seed,
+                            guidance_scale=guidance_scale, on_shape=next_shape)
+    finally:
+        bar.close()
     return {"judge_accuracy": accuracy, "judge_roundtrip_accuracy": roundtrip_accuracy, "judge_images": judge_images,
             "generator_shape_rate": rates.shape,
             "generator_colour_rate": rates.colour, "prompts": n_per_shape * len(rates.shape),
@@ -255,24 +277,43 @@ SHAPESWORLD_ERASE = dict(window=16, epochs=16, batch_size=4, lr=1e-4, eta=0.5, p
 
 
 def erase_and_evaluate(out: str | Path = "erased", concept: str = DEFAULT_CONCEPT, anchor: str = DEFAULT_ANCHOR, *,
-                       seed: int = 0, force: bool = False, n_per_shape: int = 100, eval_seed: int = 2024,
-                       progress: bool = True, world_folder: str | Path | None = None, **overrides) -> str:
-    """Erase `concept` from the shipped world and measure every shape's rate before and after."""
-    from .checkpoint import apply_trainable, load_checkpoint
+                       seed: int = 0, force: bool = False, resume: bool = False, n_per_shape: int = 100,
+                       eval_seed: int = 2024, progress: bool = True, world_folder: str | Path | None = None,
+                       **overrides) -> str:
+    """Erase `concept` from the shipped world and measure every shape's rate before and after.
+
+    `overrides` are EraseConfig fields that replace the ShapesWorld defaults (SHAPESWORLD_ERASE,
+    device cpu): the same validation as any erasure, before any model loads. `resume` continues a
+    killed run in `out` from its checkpoint (the before/after measurement is drawn again: it is
+    a function of eval_seed alone).
+    """
+    from .checkpoint import apply_trainable, check_writable, load_checkpoint
     from .model import load_janus
-    from .trainer import EraseConfig, erase
+    from .pairs import same_text, write_text_atomic
+    from .trainer import EraseConfig, check_run_folder, erase
 
     if concept not in world.SHAPES or anchor not in world.SHAPES:
         raise ValueError(f"concept and anchor must be ShapesWorld shapes {world.SHAPES}, got {concept!r}, {anchor!r}")
-    config = EraseConfig(model=str(generator_folder(world_folder)), out=str(out), concept=concept, anchor=anchor, device="cpu",
-                         seed=seed, force=force, **{**SHAPESWORLD_ERASE, **overrides})
+    if same_text(concept, anchor):
+        raise ValueError(f"concept and anchor are the same ({concept!r}): the anchor must be what the model draws "
+                         "instead of the concept")
+    fixed = ("model", "out", "concept", "anchor", "seed", "force", "resume", "pairs", "preserve")
+    taken = sorted(name for name in overrides if name in fixed)
+    if taken:
+        raise ValueError(f"erase_and_evaluate sets {', '.join(taken)} itself (pass them as its own arguments)")
+    settings = {**SHAPESWORLD_ERASE, "device": "cpu", **overrides}
+    config = EraseConfig(model=str(generator_folder(world_folder)), out=str(out), concept=concept, anchor=anchor,
+                         seed=seed, force=force, resume=resume, **settings)
     config.validate()
+    if isinstance(n_per_shape, bool) or not isinstance(n_per_shape, int) or n_per_shape < 1:
+        raise ValueError(f"n_per_shape must be an integer >= 1, got {n_per_shape!r}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"output folder {out} exists and is not empty (use --force to start over)")
+    if not resume:
+        check_run_folder(out, force)  # before the first measurement, not after it
+    check_writable(out, "output folder")
     started = time.perf_counter()
     judge = load_judge(world_folder)
-    model, tokenizer = load_janus(config.model, device="cpu")
+    model, tokenizer = load_janus(config.model, device=config.device, dtype=config.dtype)
     before = shape_rates(model, tokenizer, judge, n_per_shape=n_per_shape, seed=eval_seed)
     result = erase(config, pairs=erasure_pairs(concept, anchor, seed), preserve=preserve_prompts(concept, seed),
                    progress=progress)
@@ -282,7 +323,7 @@ def erase_and_evaluate(out: str | Path = "erased", concept: str = DEFAULT_CONCEP
     evaluation = {"concept": concept, "anchor": anchor, "before": before.shape, "after": after.shape,
                   "colour_before": before.colour, "colour_after": after.colour, "n_per_shape": n_per_shape,
                   "erase_seconds": result.seconds, "total_seconds": seconds, "config": config.to_json()}
-    (out / "evaluation.json").write_text(json.dumps(evaluation, indent=1))
+    write_text_atomic(out / "evaluation.json", json.dumps(evaluation, indent=1) + "\n")
     return (f"ShapesWorld: erased {concept!r} (-> {anchor!r}) in {result.steps} steps, {result.seconds:.0f} s of "
             f"training, {seconds:.0f} s in all; share of {n_per_shape} images per shape that the judge sees "
             f"drawn as asked:\n\n{rates_table(before, after, concept)}\n\ncheckpoint: {result.checkpoint}")

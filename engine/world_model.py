@@ -30,8 +30,6 @@ import contextlib
 import json
 import math
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import world
+from .checkpoint import check_replaceable, write_folder_atomically
 from .model import encode_prompts, image_hidden_states, image_logits, unconditional
 from .tiny import tiny_janus_config, word_tokenizer
 
@@ -489,8 +488,9 @@ def build_generator(out_folder, vq_config: VQConfig | None = None, generator_con
     The folder holds the model (fp32 safetensors: loads with `load_janus`), the tokenizer and
     world.json (both configs, the seeds, the training times, the folder size). It is written to
     a temporary folder beside out_folder and renamed into place, so a crash leaves nothing half
-    written; an existing out_folder is replaced.
+    written; an existing out_folder is replaced only when it holds nothing but an earlier build.
     """
+    check_replaceable(out_folder, force=True, kind="shapesworld generator", what="generator folder")  # before training
     vq_config = vq_config or VQConfig()
     generator_config = generator_config or GeneratorConfig()
     torch_threads = torch.get_num_threads()
@@ -500,13 +500,10 @@ def build_generator(out_folder, vq_config: VQConfig | None = None, generator_con
     model, tokenizer = train_generator(vq, rule, generator_config, progress=progress, vq_config=vq_config)
     generator_seconds = time.perf_counter() - start - vq_seconds
 
-    out_folder = Path(out_folder)
-    out_folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{out_folder.name}.partial-", dir=out_folder.parent))
-    try:
-        model.save_pretrained(temporary)
-        tokenizer.save_pretrained(temporary)
-        rule.save(temporary)
+    def write_into(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        rule.save(folder)
         record = {
             "what": "ShapesWorld generator: a tiny JanusForConditionalGeneration trained by earkit.engine.world_model",
             "vq_config": asdict(vq_config),
@@ -518,13 +515,9 @@ def build_generator(out_folder, vq_config: VQConfig | None = None, generator_con
             "torch_threads": torch_threads,
             "torch": torch.__version__,
         }
-        record["folder_bytes"] = folder_size(temporary)  # without world.json itself
-        (temporary / "world.json").write_text(json.dumps(record, indent=2) + "\n")
-        temporary.chmod(0o755)  # mkdtemp makes it private; a shipped or shared world must be readable
-        if out_folder.exists():
-            shutil.rmtree(out_folder)
-        temporary.rename(out_folder)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+        record["folder_bytes"] = folder_size(folder)  # without world.json itself
+        (folder / "world.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    out_folder = write_folder_atomically(out_folder, write_into, force=True, kind="shapesworld generator",
+                                         what="generator folder")
     return out_folder

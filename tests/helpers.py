@@ -57,3 +57,13 @@ def reduce(weight, token_loss, reduction, shape):
     if reduction == "sum":
         return weighted.sum()
     return weighted.sum() / weight.sum().clamp_min(1.0)
+
+
+def one_error_line(stderr: str) -> list:
+    """The error a command printed: exactly one line, the last one, no traceback (progress bars
+    of model loading may come before it)."""
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert "Traceback" not in stderr and lines, stderr
+    errors = [line for line in lines if line.startswith("earkit ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], lines
+    return errors

@@ -14,7 +14,9 @@ def test_sample_writes_pngs_grid_and_prompts_and_refuses_to_overwrite(tmp_path, 
             "--images-per-prompt", "2", "--out", str(out), "--device", "cpu"]
     assert cli_main(argv) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["000_00.png", "000_01.png", "001_00.png", "001_01.png", "grid.png", "prompts.json"]
+    # .earkit-files.json lists what earkit wrote, so that --force never deletes anything else
+    assert names == [".earkit-files.json", "000_00.png", "000_01.png", "001_00.png", "001_01.png", "grid.png",
+                     "prompts.json"]
     assert json.loads((out / "prompts.json").read_text())["prompts"] == ["a red circle", "a blue square"]
     capsys.readouterr()
     assert cli_main(argv) == 2

@@ -148,7 +148,7 @@ def test_earkit_eval_of_an_erasure_on_a_tiny_world_writes_a_report_chromium_rend
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("keep me")
     assert cli_main(argv[:argv.index("--out") + 1] + [str(tmp_path / "notes"), "--force"]) == 2
-    assert "not an earkit eval report" in capsys.readouterr().err
+    assert "did not write as a report folder (mine.txt)" in capsys.readouterr().err
 
 
 def test_earkit_eval_on_a_tiny_random_janus_with_nudenet_and_open_clip(tmp_path, capsys, inception_weights):

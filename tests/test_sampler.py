@@ -270,8 +270,10 @@ def test_write_samples(janus, tmp_path):
     model, tokenizer = janus
     out = tmp_path / "samples"
     written = write_samples(model, tokenizer, PROMPTS, out, images_per_prompt=2, seed=9, progress=False)
-    names = sorted(path.name for path in out.iterdir())
+    names = sorted(path.name for path in out.iterdir() if path.name != ".earkit-files.json")
     assert names == ["000_00.png", "000_01.png", "001_00.png", "001_01.png", "grid.png", "prompts.json"]
+    manifest = json.loads((out / ".earkit-files.json").read_text())
+    assert manifest["kind"] == "samples" and manifest["files"] == names
     assert sorted(path.name for path in written) == names and all(path.parent == out for path in written)
     from PIL import Image
 
@@ -287,7 +289,8 @@ def test_write_samples(janus, tmp_path):
     with pytest.raises(FileExistsError, match="samples"):
         write_samples(model, tokenizer, PROMPTS, out, progress=False)
     write_samples(model, tokenizer, [SHORT], out, force=True, progress=False)
-    assert sorted(path.name for path in out.iterdir()) == ["000_00.png", "grid.png", "prompts.json"]
+    assert sorted(path.name for path in out.iterdir()) == [".earkit-files.json", "000_00.png", "grid.png",
+                                                           "prompts.json"]
     assert list(tmp_path.iterdir()) == [out]
 
     empty = tmp_path / "empty"
@@ -307,11 +310,13 @@ def test_write_samples_leaves_nothing_when_it_fails(janus, tmp_path, monkeypatch
         write_samples(model, tokenizer, PROMPTS, tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
 
-    # replacing an existing folder under force: a failure keeps the old folder as it was
+    # replacing an earlier samples folder under force: a failure keeps the old folder as it was
+    monkeypatch.undo()
     old = tmp_path / "old"
-    old.mkdir()
-    (old / "keep.txt").write_text("old")
+    write_samples(model, tokenizer, PROMPTS[:1], old, progress=False)
+    before = {path.name: path.read_bytes() for path in old.iterdir()}
+    monkeypatch.setattr(sampler, "decode_images", broken_decode)
     with pytest.raises(RuntimeError, match="decoder exploded"):
         write_samples(model, tokenizer, PROMPTS, old, force=True, progress=False)
     assert [path.name for path in tmp_path.iterdir()] == ["old"]
-    assert (old / "keep.txt").read_text() == "old"
+    assert {path.name: path.read_bytes() for path in old.iterdir()} == before
