@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import hashlib
 import json
 import logging
 import math
@@ -39,12 +40,31 @@ import torch
 from torch import Tensor
 
 from . import objectives
-from .checkpoint import apply_trainable, load_checkpoint, save_checkpoint
-from .model import check_model_source, encode_prompts, image_hidden_states, load_janus
-from .pairs import PromptPair, load_pairs, load_prompts, pairs_from_concept
+from .checkpoint import (
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    apply_trainable,
+    check_writable,
+    first_line,
+    foreign_files,
+    legacy_checkpoint_names,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .model import check_device, check_model_source, resolve_dtype, encode_prompts, image_hidden_states, load_janus
+from .pairs import PromptPair, load_pairs, load_prompts, pairs_from_concept, write_text_atomic
 from .sampler import sample_image_tokens
 
 OPTIMIZERS = ("adamw8bit", "paged-adamw8bit", "adamw")
+# Fields a resumed run may change: where it runs and how often it saves, how long it runs (more
+# steps continue the same schedule), and the paths of its prompt files (their contents are
+# compared instead, by data_fingerprint). Every other field decides the trajectory, so a resume
+# with another value (another lr, seed, window...) is refused by name.
+RESUME_MAY_CHANGE = ("out", "device", "dtype", "save_every", "resume", "force", "gradient_checkpointing",
+                     "epochs", "steps", "pairs", "preserve")
+# What an erasure run writes into its output folder (the default ShapesWorld erasure adds
+# evaluation.json); --force starts over only in a folder that holds nothing else.
+RUN_FILES = ("checkpoint", "metrics.json", "evaluation.json")
 WGA_MODES = ("parallel", "sequential")
 DEFAULT_TRAINABLE = ("model.language_model.layers.[0-4].self_attn.*",)
 
@@ -124,6 +144,10 @@ class EraseConfig:
             raise ValueError("trainable must name at least one glob of parameter names")
         if self.pairs is None and (self.concept is None or self.anchor is None):
             raise ValueError("give either pairs (a file) or both concept and anchor")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        resolve_dtype(self.dtype, torch.device("cpu"))  # ValueError naming dtype
+        check_device(self.device)
 
     def effective_window_threshold(self) -> float | None:
         if self.window_threshold is None and self.objective == "hidden-mse":
@@ -378,6 +402,114 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class TrainingDiverged(ValueError):
+    """The loss went non-finite: the run stops before saving weights that are no longer usable."""
+
+
+def data_fingerprint(pairs: list[PromptPair], preserve: list[str]) -> dict:
+    """What the run trains on, in a few bytes: a resume on other pairs or preserve prompts is refused."""
+    def digest(items) -> str:
+        return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+    return {"pairs": len(pairs), "pairs_sha256": digest([[p.concept_prompt, p.anchor_prompt] for p in pairs]),
+            "preserve": len(preserve), "preserve_sha256": digest(list(preserve))}
+
+
+def check_resume_config(resumed, config: EraseConfig, data: dict) -> None:
+    """ValueError naming the first field of `config` (or the training data) that differs from the
+    run being resumed: continuing it with another lr, seed or window would not be that run."""
+    saved = resumed.config.get("erase")
+    if not isinstance(saved, dict):
+        raise ValueError(f"checkpoint {resumed.folder}: its config.json records no erase config to resume")
+    now = config.to_json()
+    for name, value in now.items():
+        if name in RESUME_MAY_CHANGE or name not in saved:
+            continue
+        if saved[name] != value:
+            raise ValueError(f"resume: {name} differs from the checkpoint's ({saved[name]!r} there, {value!r} now); "
+                             f"resume with the same {name}, or start a new run in another folder")
+    saved_data = resumed.config.get("data")
+    if isinstance(saved_data, dict):
+        for name, value in data.items():
+            if name in saved_data and saved_data[name] != value:
+                what = "prompt pairs" if name.startswith("pairs") else "preserve prompts"
+                raise ValueError(f"resume: the {what} differ from the checkpoint's ({name} {saved_data[name]!r} there, "
+                                 f"{value!r} now)")
+
+
+def check_resumed_state(resumed, total_steps: int) -> tuple[int, dict]:
+    """The step and history of a checkpoint's state.pt, checked: ValueError naming the field."""
+    where = f"checkpoint {resumed.folder}: {STATE_FILE}"
+    state = resumed.state
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"{where}: step must be an integer, got {step!r}")
+    if not 0 <= step <= total_steps:
+        raise ValueError(f"{where}: step {step} is outside this run's 0..{total_steps} steps")
+    history = state.get("history")
+    if not isinstance(history, dict):
+        raise ValueError(f"{where}: history must be a dict, got {type(history).__name__}")
+    for name in ("losses", "kept"):
+        values = history.get(name)
+        if not isinstance(values, list) or len(values) != step:
+            count = len(values) if isinstance(values, list) else type(values).__name__
+            raise ValueError(f"{where}: history[{name!r}] must list one value per step done ({step}), got {count}")
+        if not all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values):
+            raise ValueError(f"{where}: history[{name!r}] holds a value that is not a number")
+    optimizer_steps = history.get("optimizer_steps")
+    if isinstance(optimizer_steps, bool) or not isinstance(optimizer_steps, int) or optimizer_steps < 0:
+        raise ValueError(f"{where}: history['optimizer_steps'] must be an integer >= 0, got {optimizer_steps!r}")
+    seconds = history.get("seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{where}: history['seconds'] must be a number >= 0, got {seconds!r}")
+    rng = state.get("rng")
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), Tensor) or rng["torch"].dtype != torch.uint8:
+        raise ValueError(f"{where}: rng must hold the torch generator state (a uint8 tensor)")
+    return step, history
+
+
+def check_run_folder(out: Path, force: bool) -> None:
+    """FileExistsError unless `out` is free, or (force) holds only what an earlier run wrote there."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"output folder {out} exists and is not a folder")
+    entries = sorted(entry.name for entry in out.iterdir())
+    if not entries:
+        return
+    if not force:
+        raise FileExistsError(f"output folder {out} exists and is not empty (use force to start over, or resume)")
+    foreign = [name for name in entries if name not in RUN_FILES and not is_checkpoint_leftover(name)]
+    checkpoint = out / "checkpoint"
+    if not foreign and checkpoint.exists():
+        if checkpoint.is_dir() and not checkpoint.is_symlink():
+            foreign = [f"checkpoint/{name}" for name in foreign_files(checkpoint, "checkpoint", legacy_checkpoint_names)]
+        else:
+            foreign = ["checkpoint"]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise FileExistsError(f"not starting over in {out}: it holds files an erasure run did not write ({shown}); "
+                              "move them out or choose another folder")
+
+
+def is_checkpoint_leftover(name: str) -> bool:
+    """A killed save's `checkpoint.partial-<pid>-<ns>` or `checkpoint.old-<pid>-<ns>`."""
+    kind, _, rest = name.removeprefix("checkpoint.").partition("-")
+    pid, _, nanoseconds = rest.partition("-")
+    return name.startswith("checkpoint.") and kind in ("partial", "old") and pid.isdigit() and nanoseconds.isdigit()
+
+
+def remove_run_files(out: Path) -> None:
+    """Delete what an earlier run wrote into `out` (check_run_folder vouched that it is nothing else)."""
+    import shutil
+
+    if not out.is_dir():
+        return
+    for entry in out.iterdir():
+        if entry.name in RUN_FILES or is_checkpoint_leftover(entry.name):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
 def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, preserve: list[str] | None = None,
           progress: bool = True, on_step=None) -> EraseResult:
     """Run an erasure; returns where the checkpoint is and the per-step losses.
@@ -399,17 +531,16 @@ def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, preserv
         raise ValueError("preserve prompts must be non-empty strings")
     out = Path(config.out)
     checkpoint_dir = out / "checkpoint"
+    data = data_fingerprint(pairs, preserve)
     resumed = None
+    total_steps = config.steps or config.epochs * steps_per_epoch(len(pairs), config.batch_size)
     if config.resume:
         resumed = load_checkpoint(checkpoint_dir)  # also completes a save that a kill interrupted
-        saved = dict(resumed.config.get("erase", {}))
-        for name in ("model", "objective", "wga", "window", "seed", "batch_size", "optimizer", "trainable",
-                     "preserve_weight"):
-            if name in saved and saved[name] != config.to_json()[name]:
-                raise ValueError(f"resume: {name} differs from the checkpoint's ({saved[name]!r} there, "
-                                 f"{config.to_json()[name]!r} now)")
-    elif out.exists() and any(out.iterdir()) and not config.force:
-        raise FileExistsError(f"output folder {out} exists and is not empty (use force to start over, or resume)")
+        check_resume_config(resumed, config, data)
+        start_step, history = check_resumed_state(resumed, total_steps)  # before minutes of loading weights
+    else:
+        check_run_folder(out, config.force)
+    check_writable(out, "output folder")
 
     check_trainable_patterns(config.model, config.trainable)  # before minutes of loading weights
     model, tokenizer = load_janus(config.model, dtype=config.dtype, device=config.device,
@@ -422,21 +553,26 @@ def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, preserv
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
 
-    total_steps = config.steps or config.epochs * steps_per_epoch(len(pairs), config.batch_size)
-    history = {"losses": [], "kept": [], "preserve_losses": [], "optimizer_steps": 0, "seconds": 0.0}
-    start_step = 0
-    if resumed is not None:
-        optimizer.load_state_dict(resumed.optimizer_state)
-        start_step = resumed.state["step"]
-        history = resumed.state["history"]
-        _set_rng_state(resumed.state["rng"])
+    if resumed is None:
+        history = {"losses": [], "kept": [], "preserve_losses": [], "optimizer_steps": 0, "seconds": 0.0}
+        start_step = 0
+        if config.force:
+            remove_run_files(out)  # start over: what an earlier run wrote here is not this run's
+    else:
+        try:
+            optimizer.load_state_dict(resumed.optimizer_state)
+            _set_rng_state(resumed.state["rng"])
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as error:
+            raise ValueError(f"checkpoint {checkpoint_dir}: {OPTIMIZER_FILE} or {STATE_FILE} does not fit this run "
+                             f"({type(error).__name__}: {first_line(error)})") from None
     out.mkdir(parents=True, exist_ok=True)
 
     def save(step: int) -> None:
         save_checkpoint(
             checkpoint_dir, tensors={name: p.detach() for name, p in trainable.items()},
             optimizer_state=optimizer.state_dict(), state={"step": step, "history": history, "rng": _rng_state()},
-            config={"erase": config.to_json(), "total_steps": total_steps}, base_model=config.model, force=True,
+            config={"erase": config.to_json(), "total_steps": total_steps, "data": data}, base_model=config.model,
+            force=True,
         )
 
     parameters = list(trainable.values())
@@ -446,6 +582,11 @@ def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, preserv
         batch = batch_for_step(pairs, step, config.batch_size, config.seed)
         preserve_batch = batch_for_step(preserve, step, config.batch_size, config.seed + 1) if preserve else None
         stats = train_step(model, tokenizer, teacher, optimizer, batch, step, config, parameters, preserve_batch)
+        if not all(math.isfinite(value) for key, value in stats.items() if key != "optimizer_steps"):
+            bar.close()
+            raise TrainingDiverged(f"step {step + 1}: the loss is {stats['loss']} (the trainable weights are no longer "
+                                   f"finite, or the model gives non-finite logits; lr {config.lr:g} too high?); "
+                                   "nothing of this step was saved")
         history["losses"].append(stats["loss"])
         history["kept"].append(stats["kept"])
         history["optimizer_steps"] += stats["optimizer_steps"]
@@ -467,7 +608,7 @@ def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, preserv
     metrics = {"steps": total_steps, "optimizer_steps": history["optimizer_steps"], "losses": history["losses"],
                "kept_fractions": history["kept"], "preserve_losses": history.get("preserve_losses", []),
                "seconds": history["seconds"], "config": config.to_json()}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
     return EraseResult(out=out, checkpoint=checkpoint_dir, steps=total_steps,
                        optimizer_steps=history["optimizer_steps"], losses=history["losses"],
                        kept_fractions=history["kept"], preserve_losses=history.get("preserve_losses", []),
