@@ -17,9 +17,11 @@ with one line naming the problem and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import warnings
 
-USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def _optional_float(text: str):
@@ -27,10 +29,22 @@ def _optional_float(text: str):
 
 
 def add_erase_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every training flag defaults to None (not given), so that each path knows what the user
+    asked for: EraseConfig's defaults with --model, ShapesWorld's own without it, the
+    checkpoint's with --resume. The help states the defaults."""
+    from earkit.engine.shapesworld import SHAPESWORLD_ERASE
     from earkit.engine.trainer import DEFAULT_TRAINABLE, OPTIMIZERS, WGA_MODES, EraseConfig
     from earkit.engine.objectives import OBJECTIVES
 
     defaults = EraseConfig(model="")
+
+    def default(name: str) -> str:
+        value = getattr(defaults, name)
+        text = f"default: {value}"
+        if name in SHAPESWORLD_ERASE:
+            text += f"; {SHAPESWORLD_ERASE[name]} for the ShapesWorld default"
+        return text + "; with --resume, the checkpoint's"
+
     parser.add_argument("--model", default=None,
                         help="Janus model folder or hub id (e.g. deepseek-community/Janus-Pro-1B); default: the "
                              "shipped ShapesWorld, erasing circle (-> square), evaluated before and after")
@@ -41,69 +55,131 @@ def add_erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preserve", default=None,
                         help="prompts whose images must not change (one per line in a .txt, records with a 'prompt', "
                              "or a pairs file, whose anchor prompts are read); not in the EAR paper")
-    parser.add_argument("--preserve-weight", type=float, default=defaults.preserve_weight,
-                        help="weight of the preservation term beside the erasure loss (default: %(default)s)")
-    parser.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
-    parser.add_argument("--eta", type=float, default=defaults.eta, help="negative-guidance strength (default: %(default)s)")
-    parser.add_argument("--window", type=int, default=defaults.window, help="WGA window, in image tokens (default: %(default)s)")
+    parser.add_argument("--preserve-weight", type=float, default=None,
+                        help=f"weight of the preservation term beside the erasure loss ({default('preserve_weight')})")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=None, help=default("objective"))
+    parser.add_argument("--eta", type=float, default=None, help=f"negative-guidance strength ({default('eta')})")
+    parser.add_argument("--window", type=int, default=None, help=f"WGA window, in image tokens ({default('window')})")
     parser.add_argument("--token-threshold", type=_optional_float, default=None, help="TLM: drop tokens whose loss is <= this")
     parser.add_argument("--window-threshold", type=_optional_float, default=None,
                         help="TLM: drop windows whose kept loss sum is <= this (hidden-mse default 0.05)")
-    parser.add_argument("--wga", choices=WGA_MODES, default=defaults.wga,
-                        help="parallel: one step per batch; sequential: one step per window (default: %(default)s)")
+    parser.add_argument("--wga", choices=WGA_MODES, default=None,
+                        help=f"parallel: one step per batch; sequential: one step per window ({default('wga')})")
     parser.add_argument("--trainable", action="append", default=None,
                         help=f"glob of parameter names to train; repeatable (default: {DEFAULT_TRAINABLE[0]})")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help=default("optimizer"))
+    parser.add_argument("--lr", type=float, default=None, help=default("lr"))
+    parser.add_argument("--weight-decay", type=float, default=None, help=default("weight_decay"))
+    parser.add_argument("--epochs", type=int, default=None, help=default("epochs"))
     parser.add_argument("--steps", type=int, default=None, help="number of steps (overrides --epochs)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="prompt pairs per step")
-    parser.add_argument("--images-per-prompt", type=int, default=defaults.images_per_prompt)
-    parser.add_argument("--grad-clip", type=_optional_float, default=defaults.grad_clip)
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--dtype", default=defaults.dtype, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    parser.add_argument("--load-in-8bit", action="store_true", help="frozen weights in 8 bits (bitsandbytes, CUDA)")
-    parser.add_argument("--save-every", type=int, default=defaults.save_every, help="steps between checkpoints (0: at the end)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    parser.add_argument("--force", action="store_true", help="start over in an existing --out")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"prompt pairs per step ({default('batch_size')})")
+    parser.add_argument("--images-per-prompt", type=int, default=None, help=default("images_per_prompt"))
+    parser.add_argument("--grad-clip", type=_optional_float, default=None, help=f"{default('grad_clip')}; none: no clipping")
+    parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    parser.add_argument("--guidance-scale", type=float, default=None, help=default("guidance_scale"))
+    parser.add_argument("--temperature", type=float, default=None, help=default("temperature"))
+    parser.add_argument("--seed", type=int, default=None, help=default("seed"))
+    parser.add_argument("--dtype", default=None, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32 (default: auto)")
+    parser.add_argument("--device", default=None,
+                        help="cuda, cuda:1, cpu (default: cuda when available; cpu for the ShapesWorld default)")
+    parser.add_argument("--load-in-8bit", action="store_true", default=None, help="frozen weights in 8 bits (bitsandbytes, CUDA)")
+    parser.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: 0, at the end only)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, with its "
+                                                              "settings (a flag given again must not change them)")
+    parser.add_argument("--force", action="store_true", help="start over in an --out that an earlier run wrote")
+    parser.add_argument("--eval-images", type=int, default=100,
+                        help="ShapesWorld default only: images per shape measured before and after (default: %(default)s)")
+
+
+# The EraseConfig fields that the erase flags set (the flag is the field with - for _).
+ERASE_FLAG_FIELDS = ("pairs", "preserve", "preserve_weight", "objective", "eta", "window", "token_threshold",
+                     "window_threshold", "wga", "trainable", "optimizer", "lr", "weight_decay", "epochs", "steps",
+                     "batch_size", "images_per_prompt", "grad_clip", "gradient_checkpointing", "guidance_scale",
+                     "temperature", "seed", "dtype", "device", "load_in_8bit", "save_every")
+# Flags whose None is a value of its own ("none" on the command line): given when spelt out.
+OPTIONAL_VALUE_FLAGS = ("token_threshold", "window_threshold", "grad_clip")
+
+
+def given_erase_fields(args, argv) -> dict:
+    """The EraseConfig fields the command line set, and only those."""
+    spelt = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
+    given = {}
+    for name in ERASE_FLAG_FIELDS:
+        value = getattr(args, name)
+        if value is not None or (name in OPTIONAL_VALUE_FLAGS and "--" + name.replace("_", "-") in spelt):
+            given[name] = tuple(value) if name == "trainable" else value
+    return given
+
+
+def resumed_erase_fields(out: str) -> dict:
+    """The erase config recorded by the checkpoint in OUT/checkpoint (what --resume continues)."""
+    from pathlib import Path
+
+    from earkit.engine.checkpoint import checked_checkpoint_folder, read_checkpoint_record
+
+    folder = Path(out).expanduser() / "checkpoint"
+    try:
+        folder = checked_checkpoint_folder(folder)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"--resume: nothing to resume in {out} ({error})") from None
+    saved = read_checkpoint_record(folder)["config"].get("erase")
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume: checkpoint {folder} records no erase config")
+    if isinstance(saved.get("trainable"), list):
+        saved["trainable"] = tuple(saved["trainable"])
+    return saved
 
 
 def run_erase(args) -> None:
-    from earkit.engine.trainer import DEFAULT_TRAINABLE, EraseConfig, erase
+    from earkit.engine.model import check_device
+    from earkit.engine.trainer import EraseConfig, erase
 
+    given = given_erase_fields(args, args.argv)
+    check_device(given.get("device"))  # before anything loads
     if args.model is None:
-        return run_default_erase(args)
-    config = EraseConfig(
-        model=args.model, out=args.out, concept=args.concept, anchor=args.anchor, pairs=args.pairs,
-        preserve=args.preserve, preserve_weight=args.preserve_weight,
-        objective=args.objective, eta=args.eta, window=args.window, token_threshold=args.token_threshold,
-        window_threshold=args.window_threshold, wga=args.wga, trainable=tuple(args.trainable or DEFAULT_TRAINABLE),
-        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, epochs=args.epochs, steps=args.steps,
-        batch_size=args.batch_size, images_per_prompt=args.images_per_prompt, grad_clip=args.grad_clip,
-        gradient_checkpointing=args.gradient_checkpointing, guidance_scale=args.guidance_scale,
-        temperature=args.temperature, seed=args.seed, dtype=args.dtype, device=args.device,
-        load_in_8bit=args.load_in_8bit, save_every=args.save_every, resume=args.resume, force=args.force,
-    )
+        return run_default_erase(args, given)
+    if args.eval_images != 100:
+        raise ValueError("--eval-images applies to the ShapesWorld default only (no --model); measure a Janus "
+                         "erasure with earkit eval")
+    fields = dict(model=args.model, out=args.out, concept=args.concept, anchor=args.anchor)
+    if args.resume:
+        saved = resumed_erase_fields(args.out)
+        known = {field.name for field in dataclasses.fields(EraseConfig)}
+        fields = {**{k: v for k, v in saved.items() if k in known}, **{k: v for k, v in fields.items() if v is not None}}
+        fields["out"] = args.out
+    config = EraseConfig(**{**fields, **given, "resume": args.resume, "force": args.force})
     result = erase(config)
     last = result.losses[-1] if result.losses else float("nan")
     print(f"erased: {result.steps} steps ({result.optimizer_steps} optimizer steps) in {result.seconds:.1f} s, "
           f"last loss {last:.4f}; checkpoint {result.checkpoint}")
 
 
-def run_default_erase(args) -> None:
-    """`earkit erase` with no model: the ShapesWorld demonstration, measured before and after."""
+# Flags the ShapesWorld default cannot honour: it makes its own pairs and preserve prompts, and
+# its 7 MB generator has nothing to gain from 8-bit weights.
+DEFAULT_ERASE_REFUSES = {"pairs": "--pairs", "preserve": "--preserve", "load_in_8bit": "--load-in-8bit"}
+
+
+def run_default_erase(args, given: dict) -> None:
+    """`earkit erase` with no model: the ShapesWorld demonstration, measured before and after.
+    Every training flag applies to it (over ShapesWorld's own defaults); --resume continues it."""
     from earkit.engine import shapesworld
 
-    if args.preserve is not None:
-        raise ValueError("--preserve needs --model: the ShapesWorld default preserves the other shapes itself")
+    refused = [flag for name, flag in DEFAULT_ERASE_REFUSES.items() if name in given]
+    if refused:
+        raise ValueError(f"{', '.join(refused)} needs --model: the ShapesWorld default makes its own prompt pairs "
+                         "and preserves the other shapes itself")
+    settings = {}
+    concept, anchor, seed = args.concept, args.anchor, given.pop("seed", None)
+    if args.resume:
+        saved = resumed_erase_fields(args.out)
+        settings = {name: saved[name] for name in ERASE_FLAG_FIELDS if name in saved and name not in DEFAULT_ERASE_REFUSES
+                    and name != "seed"}
+        concept, anchor = concept or saved.get("concept"), anchor or saved.get("anchor")
+        seed = saved.get("seed") if seed is None else seed
     report = shapesworld.erase_and_evaluate(
-        out=args.out, concept=args.concept or shapesworld.DEFAULT_CONCEPT,
-        anchor=args.anchor or shapesworld.DEFAULT_ANCHOR, seed=args.seed, force=args.force,
+        out=args.out, concept=concept or shapesworld.DEFAULT_CONCEPT, anchor=anchor or shapesworld.DEFAULT_ANCHOR,
+        seed=0 if seed is None else seed, force=args.force, resume=args.resume, n_per_shape=args.eval_images,
+        **{**settings, **given},
     )
     print(report)
 
@@ -113,13 +189,15 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
     build = commands.add_parser("build", help="train ShapesWorld's VQ tokenizer, generator and judge")
     build.add_argument("--out", required=True, help="the world folder to write")
     build.add_argument("--quick", action="store_true", help="a tiny budget (plumbing only, not quality)")
-    build.add_argument("--force", action="store_true", help="rebuild into an existing folder")
+    build.add_argument("--force", action="store_true",
+                       help="replace an earlier world folder (never one holding files earkit did not write)")
     check = commands.add_parser("check", help="measure a world: judge accuracy, generator shape/colour rates")
     check.add_argument("--world", default=None, help="a world folder (default: the shipped one)")
     check.add_argument("--prompts-per-shape", type=int, default=100)
     check.add_argument("--judge-images", type=int, default=1000)
     check.add_argument("--seed", type=int, default=12345)
     check.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run_world(args) -> None:
@@ -132,11 +210,13 @@ def run_world(args) -> None:
         print(f"built ShapesWorld in {out}: {(out / 'world.json').read_text()}")
     else:
         report = shapesworld.check_world(args.world, n_per_shape=args.prompts_per_shape,
-                                         judge_images=args.judge_images, seed=args.seed)
+                                         judge_images=args.judge_images, seed=args.seed, progress=not args.quiet)
         print(json.dumps(report, indent=1) if args.json else shapesworld.format_check(report))
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    from earkit.ecgvf.images import add_sampling_arguments
+
     parser.add_argument("--model", default=None, help="Janus model folder or hub id (default: the shipped ShapesWorld)")
     parser.add_argument("--checkpoint", help="an erasure checkpoint folder to apply to the model")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
@@ -144,47 +224,51 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for the PNGs, grid.png and prompts.json")
     parser.add_argument("--images-per-prompt", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="CFG scale (default: 5, Janus-Pro's, or a ShapesWorld generator's own, 1.5)")
-    parser.add_argument("--temperature", type=float, default=None,
-                        help="default: 1, or ShapesWorld's own temperature for a ShapesWorld generator")
+    add_sampling_arguments(parser)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an earlier samples folder (never one holding files earkit did not write)")
 
 
 def run_sample(args) -> None:
     from pathlib import Path
 
     from earkit.engine.checkpoint import apply_trainable, load_checkpoint
-    from earkit.engine.model import load_janus
-    from earkit.engine.sampler import write_samples
+    from earkit.engine.model import check_device, check_model_source, load_janus
+    from earkit.engine.pairs import read_text_file
+    from earkit.engine.sampler import check_samples_folder, check_sampling_arguments, write_samples
 
     prompts = list(args.prompt)
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        path = Path(args.prompts_file).expanduser()
+        prompts += [line.strip() for line in read_text_file(path, "prompts file").splitlines() if line.strip()]
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompts-file")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.force:  # before minutes of loading weights
-        raise FileExistsError(f"output folder {out} is not empty (pass --force to replace it)")
+    if any(not prompt.strip() for prompt in prompts):
+        raise ValueError("--prompt must not be empty")
+    if args.images_per_prompt < 1:
+        raise ValueError(f"--images-per-prompt must be at least 1, got {args.images_per_prompt}")
+    # Everything that can be wrong is found before minutes of loading weights, and before --out is made.
+    check_samples_folder(Path(args.out), force=args.force)
+    check_device(args.device)
     if args.model is None:
         from earkit.engine.shapesworld import generator_folder
 
         args.model = str(generator_folder())
+    check_model_source(args.model)
     from earkit.ecgvf.images import resolve_guidance, resolve_temperature
 
     # Janus-Pro's guidance 5 and temperature 1, or a ShapesWorld generator's own sampling
     args.guidance_scale = resolve_guidance(args.guidance_scale, args.model)
     args.temperature = resolve_temperature(args.temperature, args.model)
+    check_sampling_arguments(args.guidance_scale, args.temperature, args.top_k, args.top_p)
+    tensors = load_checkpoint(args.checkpoint).tensors if args.checkpoint else None
     model, tokenizer = load_janus(args.model, dtype=args.dtype, device=args.device)
-    if args.checkpoint:
-        apply_trainable(model, load_checkpoint(args.checkpoint).tensors)
+    if tensors is not None:
+        apply_trainable(model, tensors)
     written = write_samples(model, tokenizer, prompts, args.out, images_per_prompt=args.images_per_prompt,
                             seed=args.seed, guidance_scale=args.guidance_scale, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, force=args.force)
@@ -196,7 +280,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="an erasure checkpoint folder (OUT/checkpoint)")
     parser.add_argument("--out", required=True, help="the full model folder to write (from_pretrained loads it)")
     parser.add_argument("--dtype", default=None, help="dtype of the exported weights (default: the base model's)")
-    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an earlier export by earkit (never another folder, the base model's least of all)")
 
 
 def run_export(args) -> None:
@@ -204,6 +289,11 @@ def run_export(args) -> None:
 
     path = export_checkpoint(args.model, args.checkpoint, args.out, force=args.force, dtype=args.dtype)
     print(f"exported to {path}")
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as a command-line user wants it: what, not which library line said it."""
+    return f"earkit: warning: {message}\n"
 
 
 def main(argv=None) -> int:
@@ -223,7 +313,9 @@ def main(argv=None) -> int:
     add_eval_arguments(commands.add_parser("eval", help="measure an erasure before and after, with a report (ECGVF)"))
     bench = commands.add_parser("bench", help="benchmarks (python -m earkit.bench)")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="bench arguments, e.g. kernels --quick")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
 
     if args.command == "bench":
         from earkit.bench.__main__ import main as bench_main
@@ -232,11 +324,14 @@ def main(argv=None) -> int:
         return 0
     runner = {"erase": run_erase, "sample": run_sample, "export": run_export, "world": run_world,
               "pairs": run_pairs, "filter": run_filter, "eval": run_eval}[args.command]
+    library_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
     try:
         runner(args)
     except USAGE_ERRORS as error:
         print(f"earkit {args.command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = library_format  # main() is also called in-process (tests, notebooks)
     return 0
 
 

@@ -26,6 +26,17 @@ def is_shapesworld(model_source: str) -> bool:
     return record.is_file() and "ShapesWorld" in record.read_text()
 
 
+def add_sampling_arguments(parser) -> None:
+    """--guidance-scale and --temperature, with the defaults that resolve_guidance and
+    resolve_temperature really apply (read from the constants, so the help cannot drift)."""
+    from earkit.engine.shapesworld import GUIDANCE_SCALE, TEMPERATURE
+
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help=f"CFG scale (default: 5, Janus-Pro's; {GUIDANCE_SCALE:g} for a ShapesWorld generator)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help=f"sampling temperature (default: 1; {TEMPERATURE:g} for a ShapesWorld generator)")
+
+
 def resolve_guidance(guidance_scale, model_source: str) -> float:
     """--guidance-scale, else Janus-Pro's 5, or ShapesWorld's own scale for a ShapesWorld generator."""
     if guidance_scale is not None:

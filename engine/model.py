@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,35 @@ def prompt_text(prompt: str, boi_token: str = BOI_TOKEN) -> str:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The device a --device text names, checked before any weight is read: ValueError naming it
+    when torch does not know it or this machine does not have it (cuda:7 on a one-GPU machine)."""
+    if device is None:
+        return default_device()
+    if isinstance(device, torch.device):
+        parsed = device
+    else:
+        if not isinstance(device, str) or not device.strip():
+            raise ValueError(f"device must be a device name like cpu, cuda or cuda:1, got {device!r}")
+        try:
+            parsed = torch.device(device.strip())
+        except (RuntimeError, ValueError):
+            raise ValueError(f"device {device!r} is not a device name (expected cpu, cuda, cuda:N or mps)") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(parsed)!r}: this machine has no usable CUDA device (use --device cpu)")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"device {str(parsed)!r}: this machine has {count} CUDA device(s), "
+                             f"cuda:0..cuda:{count - 1}")
+        return parsed
+    if parsed.type == "mps" and torch.backends.mps.is_available():
+        return parsed
+    raise ValueError(f"device {str(parsed)!r} is not available here (expected cpu or cuda)")
 
 
 def attention_implementation(device: torch.device | str) -> str:
@@ -80,7 +110,7 @@ def load_janus(source: str | os.PathLike, *, dtype: str | torch.dtype | None = "
     from transformers import AutoTokenizer, JanusForConditionalGeneration
 
     source = check_model_source(source)
-    device = torch.device(device) if device is not None else default_device()
+    device = check_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation or attention_implementation(device))
     if load_in_8bit:
@@ -139,6 +169,8 @@ def encode_prompts(tokenizer, prompts: list[str], device=None) -> PromptBatch:
     ids = special_token_ids(tokenizer)
     boi = getattr(tokenizer, "boi_token", None) or BOI_TOKEN
     rows = [tokenizer(prompt_text(p, boi), add_special_tokens=True)["input_ids"] for p in prompts]
+    if tokenizer.unk_token_id is not None and any(tokenizer.unk_token_id in row for row in rows):
+        warn_unknown_words(tokenizer, [p for p, row in zip(prompts, rows) if tokenizer.unk_token_id in row])
     rows = [row if row[0] == ids["bos"] else [ids["bos"]] + row for row in rows]
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), ids["pad"], dtype=torch.long)
@@ -148,6 +180,32 @@ def encode_prompts(tokenizer, prompts: list[str], device=None) -> PromptBatch:
         attention_mask[i, width - len(row):] = 1
     batch = PromptBatch(input_ids, attention_mask)
     return batch.to(device) if device is not None else batch
+
+
+_warned_prompts: set[str] = set()
+
+
+def unknown_words(tokenizer, prompt: str) -> list[str]:
+    """The words of a prompt that the tokenizer turns into its unknown token."""
+    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    return [prompt[start:end] for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
+            if token == tokenizer.unk_token_id]
+
+
+def warn_unknown_words(tokenizer, prompts: list[str]) -> None:
+    """A word-level tokenizer (ShapesWorld's) maps words it never saw to <unk>: the image then
+    follows the rest of the prompt, which a user asking for "a purple hexagon" must be told."""
+    for prompt in prompts:
+        if prompt in _warned_prompts:
+            continue
+        _warned_prompts.add(prompt)
+        try:
+            words = unknown_words(tokenizer, prompt)
+        except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer has no offsets
+            words = []
+        named = ", ".join(repr(word) for word in dict.fromkeys(words)) if words else "some of its words"
+        warnings.warn(f"prompt {prompt!r}: the model's tokenizer does not know {named}; they become its unknown "
+                      "token and the image follows the rest of the prompt", UserWarning, stacklevel=3)
 
 
 def unconditional(batch: PromptBatch, tokenizer) -> PromptBatch:
