@@ -22,12 +22,13 @@ Without --delta only the given model is measured (one side, "model").
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
 
 import numpy as np
+
+from earkit.engine.pairs import parse_json
 
 from . import metrics
 
@@ -249,8 +250,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def is_report_folder(folder: Path) -> bool:
     if not any(folder.iterdir()):
         return True
-    try:
-        return json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("format") == REPORT_FORMAT
+    metrics = folder / "metrics.json"
+    try:  # parse_json: a metrics.json nested too deeply is a ValueError (not a report), not a RecursionError
+        return parse_json(metrics.read_text(encoding="utf-8"), str(metrics)).get("format") == REPORT_FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 
