@@ -40,7 +40,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from earkit.engine.pairs import write_text_atomic
+from earkit.engine.pairs import UnreadableJSON, encode_utf8, parse_json, unencodable, write_files_atomic
 
 TEMPLATE_NAME = "ecgvf-pairs"
 TEMPLATE_VERSION = 1
@@ -53,13 +53,14 @@ REQUEST_MARKER = "Request (JSON): "
 # Rejection reasons, in the order the checks run (the summary counts each).
 NOT_AN_OBJECT = "not an object"
 MISSING_FIELD = "missing field"
+INVALID_TEXT = "not valid Unicode text"  # a lone surrogate ("\ud800" in the JSON): no file or tokenizer takes it
 IDENTICAL = "identical"
 CONCEPT_MISSING = "concept missing from original"
 CONCEPT_IN_MODIFIED = "concept in modified"
 REPLACEMENT_MISSING = "replacement missing from modified"
 REWRITTEN = "sentence rewritten"
 DUPLICATE = "duplicate"
-REJECTION_REASONS = (NOT_AN_OBJECT, MISSING_FIELD, IDENTICAL, CONCEPT_MISSING, CONCEPT_IN_MODIFIED,
+REJECTION_REASONS = (NOT_AN_OBJECT, MISSING_FIELD, INVALID_TEXT, IDENTICAL, CONCEPT_MISSING, CONCEPT_IN_MODIFIED,
                      REPLACEMENT_MISSING, REWRITTEN, DUPLICATE)
 
 # Field names a reply may use: the template asks for EAR's, earkit's own are accepted too.
@@ -147,7 +148,10 @@ def request_from_messages(messages) -> dict:
         if isinstance(content, str):
             for line in content.splitlines():
                 if line.startswith(REQUEST_MARKER):
-                    return json.loads(line[len(REQUEST_MARKER):])
+                    try:
+                        return parse_json(line[len(REQUEST_MARKER):], "the request line")
+                    except ValueError as error:
+                        raise BackendError(f"the request line of the messages is not JSON: {error}") from None
     raise BackendError("the messages hold no request line: build them with pair_request_messages")
 
 
@@ -169,7 +173,16 @@ def load_examples(path, limit: int = 3) -> list[dict]:
 def _check_concept(concept) -> str:
     if not isinstance(concept, str) or not concept.strip():
         raise ValueError(f"concept must be a non-empty word or phrase, got {concept!r}")
+    _check_unicode(concept, "concept")
     return " ".join(concept.split())
+
+
+def _check_unicode(text: str, what: str) -> None:
+    # A lone surrogate (a command-line byte that is not UTF-8 arrives as one) would be written on
+    # every pair and fail the write after the whole run: refuse it before the first request.
+    bad = unencodable(text)
+    if bad is not None:
+        raise ValueError(f"{what} {ascii(text)} is not valid Unicode text (it holds {ascii(bad)}; not UTF-8 input?)")
 
 
 def _word_list(values, what: str) -> list[str]:
@@ -181,6 +194,7 @@ def _word_list(values, what: str) -> list[str]:
     for value in values:
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{what} holds {value!r}, not a non-empty string")
+        _check_unicode(value, f"{what} entry")
         words.append(" ".join(value.split()))
     return list(dict.fromkeys(words))
 
@@ -318,15 +332,18 @@ class OpenAIChatBackend:
         except (OSError, ValueError) as error:  # connection reset, bad status line, ...
             raise BackendError(f"request to {self.url} failed: {type(error).__name__}: {error}") from None
         try:
-            document = json.loads(raw.decode("utf-8"))
+            document = parse_json(raw.decode("utf-8"), self.url)
+        except UnreadableJSON as error:  # nested too deeply, or a number too long
+            raise BackendError(f"{self.url} answered {error}") from None
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise BackendError(f"{self.url} answered with a non-JSON body: {_short(raw.decode('utf-8', 'replace'))}") \
                 from None
         try:
             content = document["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
+            # the body as it came, not json.dumps(document): that recurses as deep as the server nested it
             raise BackendError(f"{self.url} answered JSON without choices[0].message.content: "
-                               f"{_short(json.dumps(document))}") from None
+                               f"{_short(raw.decode('utf-8', 'replace'))}") from None
         if not isinstance(content, str):
             raise BackendError(f"{self.url} answered a {type(content).__name__} as the message content")
         return content
@@ -383,8 +400,11 @@ class TransformersBackend:
 
 
 def _short(text: str, limit: int = 200) -> str:
+    """Text for the summary and messages: one line, at most `limit` characters, and writable (a lone
+    surrogate, which a reply's JSON escape can hold, becomes the escape text \\udXXX again)."""
     text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit] + "..."
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ---------------------------------------------------------------- parsing replies
@@ -429,15 +449,15 @@ def _as_pair_list(value, *, single: bool = False):
 
 def _salvage_objects(text: str, start: int) -> list:
     """The complete objects at the head of a list cut off mid-way (a reply that ran out of tokens)."""
-    decoder, objects, position = json.JSONDecoder(), [], start + 1
+    objects, position = [], start + 1
     while True:
         while position < len(text) and text[position] in " \t\r\n,":
             position += 1
         if position >= len(text) or text[position] != "{":
             return objects
         try:
-            value, position = decoder.raw_decode(text, position)
-        except json.JSONDecodeError:
+            value, position = parse_json(text, "the reply", start=position)
+        except ValueError:  # malformed, or nested too deeply
             return objects
         objects.append(value)
 
@@ -447,10 +467,11 @@ def extract_pair_list(reply) -> tuple[list, bool]:
 
     Tolerated: code fences, prose before or after, trailing commas, {"pairs": [...]}, a list cut
     off after complete objects. MalformedReply when no such list is there (an empty list included:
-    it gives nothing, and is retried like any other useless reply)."""
+    it gives nothing, and is retried like any other useless reply). A reply whose JSON is nested
+    too deeply to read ("[" * 100000), or with a number too long to read, is malformed too, said so."""
     if not isinstance(reply, str) or not reply.strip():
         raise MalformedReply("empty reply")
-    decoder = json.JSONDecoder()
+    unreadable = []  # why a decode failed other than malformed JSON, for the message when nothing is found
     fenced = re.findall(r"```[A-Za-z]*\s*\n?(.*?)```", reply, flags=re.DOTALL)
     texts = fenced + [reply]
 
@@ -460,8 +481,11 @@ def extract_pair_list(reply) -> tuple[list, bool]:
         for source in (text, without_trailing_commas(text)):
             for match in itertools.islice(re.finditer(re.escape(opening), source), 200):
                 try:
-                    yield decoder.raw_decode(source, match.start())[0]
+                    yield parse_json(source, "the reply", start=match.start())[0]
                 except json.JSONDecodeError:
+                    continue
+                except UnreadableJSON as error:
+                    unreadable.append(str(error).removeprefix("the reply: "))
                     continue
 
     # In order of trust: a whole list (or a {"pairs": [...]} wrapper), the complete objects of a
@@ -481,6 +505,8 @@ def extract_pair_list(reply) -> tuple[list, bool]:
             pairs = _as_pair_list(value, single=True)
             if pairs is not None:
                 return pairs, False
+    if unreadable:
+        raise MalformedReply(unreadable[0])
     if re.search(r"\[\s*\]", reply):
         raise MalformedReply("an empty list")
     raise MalformedReply("no JSON list of pairs in the reply")
@@ -554,6 +580,8 @@ def check_pair(item, concept: str, *, min_similarity: float = DEFAULT_MIN_SIMILA
     original, modified, replaced = (_field(item, keys) for keys in (ORIGINAL_KEYS, MODIFIED_KEYS, REPLACED_KEYS))
     if not isinstance(original, str) or not original.strip() or not isinstance(modified, str) or not modified.strip():
         return None, MISSING_FIELD
+    if any(isinstance(text, str) and unencodable(text) is not None for text in (original, modified, replaced)):
+        return None, INVALID_TEXT
     original, modified = " ".join(original.split()), " ".join(modified.split())
     replaced = " ".join(replaced.split()) if isinstance(replaced, str) and replaced.strip() else None
     pattern = concept_pattern(concept)
@@ -591,8 +619,23 @@ def validate_items(items, concept: str, *, seen: set | None = None,
                 accepted.append(pair)
         if pair is None:
             shown = item if isinstance(item, dict) else {"value": item}
-            rejected.append({**{key: value for key, value in shown.items() if isinstance(key, str)}, "reason": reason})
+            record = {_short(key, 80): _recorded(value) for key, value in shown.items() if isinstance(key, str)}
+            rejected.append({**record, "reason": reason})
     return accepted, rejected
+
+
+def _recorded(value):
+    """A rejected pair's field as the summary keeps it: text and numbers as they are (a lone
+    surrogate as its escape text, so the summary can be written), a list or an object only as its
+    kind and length: a reply may nest one thousands deep, which json.dumps cannot write."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # NaN would make the summary JSON that only Python reads
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    kind = "list" if isinstance(value, list) else "object" if isinstance(value, dict) else type(value).__name__
+    return f"<a JSON {kind}" + (f" of {len(value)}>" if isinstance(value, (list, dict)) else ">")
 
 
 # ---------------------------------------------------------------- the run
@@ -771,23 +814,34 @@ def _refuse_existing(path: Path, force: bool) -> None:
 
 
 def write_generated(pairs, path, *, force: bool = False, summary: dict | None = None) -> Path:
-    """Write generated pairs as JSON lines (load_pairs reads them), atomically; an existing file is
-    replaced only with force. With `summary`, it goes beside the file as <stem>.summary.json."""
+    """Write generated pairs as JSON lines (load_pairs reads them); with `summary`, it goes beside
+    them as <stem>.summary.json. Both or neither: everything is turned into bytes first, then the
+    files are written atomically together (a summary never claims pairs that are not there, and a
+    rerun is never refused over half an output). An existing file is replaced only with force."""
     pairs = list(pairs)
     if not pairs:
         raise ValueError("no pairs to write")
+    path = Path(path).expanduser()
     lines = []
     for index, pair in enumerate(pairs):
         if not isinstance(pair, dict) or not all(isinstance(pair.get(key), str) and pair[key].strip()
                                                  for key in ("concept_prompt", "anchor_prompt")):
             raise ValueError(f"pairs[{index}] is not a generated pair with concept_prompt and anchor_prompt: {pair!r}")
-        lines.append(json.dumps(pair, ensure_ascii=False))
-    path = Path(path).expanduser()
+        line = json.dumps(pair, ensure_ascii=False)
+        bad = unencodable(line)
+        if bad is not None:  # validate_items rejects these; a pair made elsewhere may still hold one
+            raise ValueError(f"pairs[{index}] holds the lone surrogate {ascii(bad)}, which is not valid Unicode and "
+                             f"cannot be written as UTF-8: {_short(line)} (nothing written)")
+        lines.append(line)
+    files = {path: encode_utf8("\n".join(lines) + "\n", path)}
     _refuse_existing(path, force)
     if summary is not None:
         _refuse_existing(summary_path(path), force)
-        write_text_atomic(summary_path(path), json.dumps(summary, ensure_ascii=False, indent=1) + "\n")
-    write_text_atomic(path, "\n".join(lines) + "\n")
+        # backslashreplace writes a lone surrogate in a string as its JSON escape (\ud800), which
+        # reads back as the same string: the summary is a record of what came back, kept whole.
+        text = json.dumps(summary, ensure_ascii=False, indent=1) + "\n"
+        files[summary_path(path)] = text.encode("utf-8", "backslashreplace")
+    write_files_atomic(files)
     return path
 
 
