@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import http.client
 import itertools
 import json
 import math
@@ -36,7 +37,10 @@ import random
 import re
 import socket
 import sys
+import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -69,6 +73,10 @@ MODIFIED_KEYS = ("modified_prompt", "anchor_prompt")
 REPLACED_KEYS = ("replaced", "anchor", "replacement")
 
 DEFAULT_MIN_SIMILARITY = 0.75
+
+# The longest a request may take. A day is already a stuck server, and waits near 1e10 s overflow
+# the socket and timer clocks.
+MAX_TIMEOUT = 24 * 3600.0
 
 
 class BackendError(RuntimeError):
@@ -290,9 +298,136 @@ class TemplateBackend:
         return compose
 
 
+def check_timeout(timeout, name: str = "timeout") -> float:
+    """`timeout` as float seconds: a number > 0 and at most MAX_TIMEOUT (nan, inf, 0 and negatives
+    are refused: nan compares false with everything, so it would wait forever unnoticed)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT:
+        raise ValueError(f"{name} must be seconds, a number > 0 and at most {MAX_TIMEOUT:g} (a day), got {timeout!r}")
+    return float(timeout)
+
+
+def origin(url: str) -> tuple:
+    """(scheme, host, port) of a URL, the port filled in for http and https: where a request goes.
+    A port that is not a port gives an origin no other URL shares."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:
+        return (scheme, parts.hostname, object())
+    return (scheme, parts.hostname, port)
+
+
+class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects for a POST that carries an API key: a 307 or 308 to the same origin (scheme, host,
+    port; a path moved on the same server) is followed with the same method, body and headers, key
+    included. Everything else is a BackendError naming where the server pointed, with nothing sent
+    there: another origin (another host or port, or https -> http) would get the key, which urllib
+    would otherwise send to wherever a redirect names; and a 301/302/303 would turn the POST into a
+    GET without its body, which no chat server answers."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if origin(newurl) != origin(req.full_url):
+            fp.close()
+            raise BackendError(f"HTTP {code} from {req.full_url}: redirected to {newurl}, another origin: not "
+                               "followed, the API key goes only where --backend points (point it there if you "
+                               "trust that server)")
+        if code not in (307, 308):
+            fp.close()
+            raise BackendError(f"HTTP {code} from {req.full_url}: redirected to {newurl}: not followed, a {code} "
+                               "would turn the POST into a GET without its body (point --backend there)")
+        return urllib.request.Request(newurl, data=req.data, headers=dict(req.headers),
+                                      origin_req_host=req.origin_req_host, unverifiable=True, method=req.get_method())
+
+    # Python 3.10's handler has no 308: name every code, so each goes through redirect_request.
+    http_error_301 = http_error_302 = http_error_303 = http_error_307 = http_error_308 = (
+        urllib.request.HTTPRedirectHandler.http_error_302)
+
+
+class RequestDeadline:
+    """One wall-clock limit for a whole HTTP request: connecting, the status line and headers, the
+    body, and a redirect followed. A socket timeout bounds each read only, so a server that sends a
+    byte a second would hold a request, and the run, forever. At the deadline a watchdog timer
+    shuts the request's sockets down, which ends whatever read is waiting."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._sockets = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def watch(self, sock) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                self._shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock) -> None:
+        try:  # the OS socket itself (under TLS too, without touching the TLS state another thread is in)
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed already, or detached when TLS took it over (that TLS socket is watched too)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def connection_class(self, base):
+        """`base` (http.client.HTTPConnection or HTTPSConnection) whose sockets this deadline watches."""
+        deadline = self
+
+        class Watched(base):
+            def connect(self):
+                left = deadline.remaining()
+                if deadline.expired or left <= 0:
+                    raise TimeoutError("the request's time ran out")
+                # The connect, and a TLS handshake as a whole (ssl bounds each call by the socket
+                # timeout, not each read), wait at most the time left; then the watchdog takes over.
+                self.timeout = left
+                super().connect()
+                deadline.watch(self.sock)
+
+        return Watched
+
+
+class _DeadlineHandler:
+    """Mixed into urllib's HTTP(S) handlers: their connections are watched by `deadline`."""
+
+    def __init__(self, deadline: RequestDeadline, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(self.deadline.connection_class(http_class), req, **kwargs)
+
+
+class _DeadlineHTTPHandler(_DeadlineHandler, urllib.request.HTTPHandler):
+    pass
+
+
+class _DeadlineHTTPSHandler(_DeadlineHandler, urllib.request.HTTPSHandler):
+    pass
+
+
 class OpenAIChatBackend:
     """An OpenAI-compatible chat server (OpenAI, a local vLLM or llama.cpp server, ...):
-    POST {base_url}/chat/completions, standard library only. Every failure is a BackendError."""
+    POST {base_url}/chat/completions, standard library only. Every failure is a BackendError.
+
+    `timeout` bounds each whole request (connect, headers, body), not each read. The API key is
+    sent only to the origin of base_url: a redirect elsewhere is a BackendError (SameOriginRedirects)."""
 
     name = "openai"
 
@@ -301,13 +436,45 @@ class OpenAIChatBackend:
             raise ValueError(f"base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")
         if not isinstance(model, str) or not model.strip():
             raise ValueError(f"model must be the server's model name, got {model!r}")
-        if not timeout or timeout <= 0:
-            raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        self.timeout = check_timeout(timeout)
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + "/chat/completions"
         self.model = model.strip()
         self.api_key = api_key
-        self.timeout = float(timeout)
+
+    def post(self, data: bytes, headers: dict) -> bytes:
+        """The body of the answer to one POST to self.url, within self.timeout all told."""
+        too_late = f"no complete answer from {self.url} within {self.timeout:g} s"
+        deadline = RequestDeadline(self.timeout)
+        opener = urllib.request.build_opener(_DeadlineHTTPHandler(deadline), _DeadlineHTTPSHandler(deadline),
+                                             SameOriginRedirects())
+        request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+        try:
+            with opener.open(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as error:  # before URLError: it is one
+            try:
+                detail = _short(error.read().decode("utf-8", "replace")) if error.fp else ""
+            except (OSError, ValueError, http.client.HTTPException):
+                detail = ""
+            if deadline.expired:
+                raise BackendError(too_late) from None
+            raise BackendError(f"HTTP {error.code} from {self.url}: {detail or error.reason}") from None
+        except urllib.error.URLError as error:
+            if deadline.expired or isinstance(error.reason, (socket.timeout, TimeoutError)):
+                raise BackendError(too_late) from None
+            raise BackendError(f"cannot reach {self.url}: {error.reason}") from None
+        except (socket.timeout, TimeoutError):  # a timeout while reading the body is not wrapped in URLError
+            raise BackendError(too_late) from None
+        except (OSError, ValueError, http.client.HTTPException) as error:  # reset, bad status line, cut body, ...
+            if deadline.expired:
+                raise BackendError(too_late) from None
+            raise BackendError(f"request to {self.url} failed: {type(error).__name__}: {error}") from None
+        finally:
+            deadline.cancel()
+        if deadline.expired:  # a body without a length ends at the shutdown, cut short but without an error
+            raise BackendError(too_late)
+        return raw
 
     def complete(self, messages, *, seed: int, temperature: float, max_tokens: int) -> str:
         body = {"model": self.model, "messages": list(messages), "temperature": float(temperature),
@@ -315,22 +482,7 @@ class OpenAIChatBackend:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"), headers=headers,
-                                         method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as error:  # before URLError: it is one
-            detail = _short(error.read().decode("utf-8", "replace")) if error.fp else ""
-            raise BackendError(f"HTTP {error.code} from {self.url}: {detail or error.reason}") from None
-        except urllib.error.URLError as error:
-            if isinstance(error.reason, (socket.timeout, TimeoutError)):
-                raise BackendError(f"no answer from {self.url} within {self.timeout:g} s") from None
-            raise BackendError(f"cannot reach {self.url}: {error.reason}") from None
-        except (socket.timeout, TimeoutError):  # a timeout while reading the body is not wrapped in URLError
-            raise BackendError(f"no answer from {self.url} within {self.timeout:g} s") from None
-        except (OSError, ValueError) as error:  # connection reset, bad status line, ...
-            raise BackendError(f"request to {self.url} failed: {type(error).__name__}: {error}") from None
+        raw = self.post(json.dumps(body).encode("utf-8"), headers)
         try:
             document = parse_json(raw.decode("utf-8"), self.url)
         except UnreadableJSON as error:  # nested too deeply, or a number too long
@@ -891,7 +1043,8 @@ def add_pairs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-similarity", type=float, default=DEFAULT_MIN_SIMILARITY,
                         help="least token similarity of the two prompts without the concept/replacement (default: %(default)s)")
     parser.add_argument("--max-requests", type=int, default=None, help="request budget over all backends")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds per HTTP request, all told: connect, headers, body (default: %(default)s)")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
                         help="environment variable holding the API key for openai backends (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="device for transformers backends (default: %(default)s)")
@@ -905,6 +1058,11 @@ def run_pairs(args) -> dict:
     out = Path(args.out).expanduser()
     for path in (out, summary_path(out)):  # before asking anyone: a run can take hours of LLM time
         _refuse_existing(path, args.force)
+    check_timeout(args.timeout, "--timeout")  # for every backend: nan or 0 is a typo, whichever backend runs
+    if args.examples_limit < 0:
+        raise ValueError(f"--examples-limit must be >= 0, got {args.examples_limit}")
+    if args.max_requests is not None and args.max_requests < 1:
+        raise ValueError(f"--max-requests must be at least 1, got {args.max_requests}")
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     backends = [parse_backend(spec, timeout=args.timeout, api_key=api_key, device=args.device)
                 for spec in args.backend or ["template"]]

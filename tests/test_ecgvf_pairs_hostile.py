@@ -4,9 +4,16 @@ nested as deep; lone surrogates in replies; nonsense timeouts. Each must end as 
 (a run keeps what it has) or as one line naming the problem (exit 2), never as a traceback, a
 leaked key, a hung run or half of a command's outputs."""
 
+import io
 import json
+import math
+import shutil
+import socket
 import ssl
+import subprocess
 import threading
+import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -122,6 +129,92 @@ def one_line_error(err: str, *words) -> str:
     for word in words:
         assert word in lines[0], lines[0]
     return lines[0]
+
+
+# ---------------------------------------------------------------- 1. the API key and redirects
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_a_redirect_to_another_origin_never_gets_the_key(code):
+    with Stub(good) as other, Stub(redirect_to(other.url + "/chat/completions", code)) as first:
+        backend = OpenAIChatBackend(first.url, "m", api_key=KEY, timeout=5)
+        with pytest.raises(BackendError, match="another origin") as error:
+            backend.complete(MESSAGES, seed=0, temperature=0, max_tokens=8)
+        assert other.url in str(error.value) and KEY not in str(error.value)
+        assert first.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
+        assert not any("Authorization" in r["headers"] for r in other.requests)
+        assert other.requests == []  # not followed at all: a redirected POST would lose its body anyway
+
+
+def test_a_redirect_within_the_origin_keeps_the_post_and_the_key():
+    def respond(handler, body, index):
+        if handler.path == "/v1/chat/completions":
+            return send(handler, 307, b"", headers=[("Location", "/v2/chat/completions")])
+        good(handler, body, index)
+
+    with Stub(respond) as stub:
+        backend = OpenAIChatBackend(stub.url, "m", api_key=KEY, timeout=5)
+        reply = backend.complete(MESSAGES, seed=4, temperature=0, max_tokens=8)
+    assert extract_pair_list(reply)[0][0]["original_prompt"] == "a red circle number 4 0"
+    assert [(r["method"], r["path"]) for r in stub.requests] == [("POST", "/v1/chat/completions"),
+                                                                 ("POST", "/v2/chat/completions")]
+    assert all(r["headers"]["Authorization"] == f"Bearer {KEY}" for r in stub.requests)
+    assert stub.requests[0]["body"] == stub.requests[1]["body"]
+
+
+def test_a_same_origin_redirect_that_would_drop_the_body_is_refused():
+    with Stub(redirect_to("/v2/chat/completions", 302)) as stub:
+        backend = OpenAIChatBackend(stub.url, "m", api_key=KEY, timeout=5)
+        with pytest.raises(BackendError, match="302.*/v2/chat/completions"):
+            backend.complete(MESSAGES, seed=0, temperature=0, max_tokens=8)
+    assert [r["method"] for r in stub.requests] == ["POST"]  # no GET without the body follows
+
+
+@pytest.mark.parametrize("url, new, same", [
+    ("https://api.example.com/v1/chat/completions", "http://api.example.com/v1/chat/completions", False),
+    ("https://api.example.com/v1/chat/completions", "https://api.example.com:443/v2", True),
+    ("http://127.0.0.1/v1/chat/completions", "http://127.0.0.1:80/v2", True),
+    ("http://127.0.0.1:8000/v1/chat/completions", "http://127.0.0.1:8001/v1/chat/completions", False),
+    ("http://127.0.0.1:8000/v1/chat/completions", "http://localhost:8000/v1/chat/completions", False),
+    ("https://api.example.com/v1/chat/completions", "https://api.example.com.evil.org/v1", False),
+    ("https://api.example.com/v1/chat/completions", "https://api.example.com:99999/v1", False),
+])
+def test_https_to_http_or_any_other_origin_is_not_followed(url, new, same):
+    from earkit.ecgvf.pairs import SameOriginRedirects
+
+    handler = SameOriginRedirects()
+    request = urllib.request.Request(url, data=b"{}", headers={"Authorization": f"Bearer {KEY}"}, method="POST")
+    if same:
+        followed = handler.redirect_request(request, io.BytesIO(b""), 307, "Temporary Redirect", {}, new)
+        assert followed.full_url == new and followed.get_header("Authorization") == f"Bearer {KEY}"
+        assert followed.data == b"{}" and followed.get_method() == "POST"
+    else:
+        with pytest.raises(BackendError, match="another origin"):
+            handler.redirect_request(request, io.BytesIO(b""), 307, "Temporary Redirect", {}, new)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 (openssl), or skip."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_an_https_server_redirecting_to_http_does_not_get_the_key_sent_in_clear(tls_files, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files[0]))  # the client trusts the stub's certificate
+    with Stub(good) as plain, Stub(redirect_to(plain.url + "/chat/completions", 307), tls=tls_files) as secure:
+        assert secure.url.startswith("https://")
+        ok = OpenAIChatBackend(secure.url, "m", api_key=KEY, timeout=5)
+        with pytest.raises(BackendError, match="another origin"):
+            ok.complete(MESSAGES, seed=0, temperature=0, max_tokens=8)
+        assert secure.requests[0]["headers"]["Authorization"] == f"Bearer {KEY}"
+        assert plain.requests == []
 
 
 # ---------------------------------------------------------------- 2. JSON nested too deeply
@@ -255,6 +348,64 @@ def test_eval_refuses_to_replace_a_folder_whose_metrics_are_nested_too_deeply(tm
     assert (report / "metrics.json").read_text() == DEEP
 
 
+# ---------------------------------------------------------------- 3. one deadline per request
+
+
+def dripper(where: str, gap: float = 0.3, lifetime: float = 8.0):
+    """Answers one byte every `gap` seconds, in the headers or in the body, for up to `lifetime`."""
+    def respond(handler, body, index):
+        content = chat_answer(pairs_reply(body["seed"]))
+        head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + b"X-Slow: " + b"a" * 200 + b"\r\n"
+                + f"Content-Length: {len(content)}\r\n\r\n".encode())
+        fast, slow = (b"", head + content) if where == "headers" else (head, content)
+        handler.wfile.write(fast)
+        handler.wfile.flush()
+        started = time.monotonic()
+        for byte in slow:
+            if handler.server_stop.is_set() or time.monotonic() - started > lifetime:
+                return
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
+            time.sleep(gap)
+    return respond
+
+
+class DripStub(Stub):
+    def __init__(self, where):
+        super().__init__(self.respond)
+        self.inner = dripper(where)
+
+    def respond(self, handler, body, index):
+        handler.server_stop = self.stop
+        self.inner(handler, body, index)
+
+
+@pytest.mark.parametrize("where", ["headers", "body"])
+def test_a_dripping_server_cannot_hold_a_request_past_its_timeout(where):
+    with DripStub(where) as stub:
+        backend = OpenAIChatBackend(stub.url, "m", timeout=1)
+        started = time.monotonic()
+        with pytest.raises(BackendError, match=r"no complete answer from .* within 1 s"):
+            backend.complete(MESSAGES, seed=0, temperature=0, max_tokens=8)
+        assert time.monotonic() - started < 3
+
+
+def test_earkit_pairs_counts_a_dripping_backend_as_failed_and_goes_on(tmp_path, capsys):
+    out = tmp_path / "circle.jsonl"
+    with DripStub("body") as stub:
+        started = time.monotonic()
+        status, printed, err = cli(["pairs", "--concept", "circle", "--backend", f"openai:{stub.url}:m",
+                                    "--backend", "template", "--n", "5", "--retries", "0", "--timeout", "1",
+                                    "--out", str(out), "--quiet"], capsys)
+        elapsed = time.monotonic() - started
+    assert status == 0, err
+    assert elapsed < 4
+    summary = json.loads(summary_path(out).read_text())
+    dripping = summary["per_backend"]["openai:m"]
+    assert dripping["backend_errors"] == 1 and "within 1 s" in dripping["errors"][0]
+    assert len(load_pairs(out)) == 5
+
+
 # ---------------------------------------------------------------- 4. lone surrogates and all-or-nothing writes
 
 
@@ -348,6 +499,23 @@ def test_a_concept_or_anchor_that_is_not_utf8_is_refused_before_any_request():
         generate_pairs("circle", backends=[TemplateBackend()], n_pairs=1, anchors=["sq\udcffuare"], progress=False)
 
 
+# ---------------------------------------------------------------- 5. the timeout itself
+
+
+@pytest.mark.parametrize("timeout", ["nan", "inf", "-inf", "0", "-1", "1e12"])
+def test_a_timeout_that_is_not_a_positive_finite_number_is_refused_before_any_request(tmp_path, capsys, timeout):
+    with Stub(good) as stub:
+        status, _, err = cli(["pairs", "--concept", "circle", "--backend", f"openai:{stub.url}:m", "--n", "2",
+                              "--out", str(tmp_path / "p.jsonl"), "--quiet", f"--timeout={timeout}"], capsys)
+        assert stub.requests == []
+    assert status == 2
+    one_line_error(err, "earkit pairs: error:", "--timeout")
+    assert list(tmp_path.iterdir()) == []
+    for value in (math.nan, math.inf, 0, -1, True):
+        with pytest.raises(ValueError, match="timeout"):
+            OpenAIChatBackend("http://127.0.0.1:1/v1", "m", timeout=value)
+
+
 # ---------------------------------------------------------------- the same failures, elsewhere
 
 
@@ -415,6 +583,57 @@ def test_a_rejected_pair_nested_as_deep_as_json_reads_does_not_stop_the_summary(
         assert written["rejected_pairs"][0]["extra"].startswith("<a JSON list")
         assert written["rejected_pairs"][0]["original_prompt"] == "a red square"
     assert parsed >= 5
+
+
+class TlsDripServer:
+    """A TCP server that answers a TLS client with the header of a 16 kB handshake record, then
+    one byte of it every 0.3 s: the handshake never ends, and no single read waits long."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://127.0.0.1:{self.listener.getsockname()[1]}/v1"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+
+    def serve(self):
+        self.listener.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self.drip, args=(connection,), daemon=True).start()
+
+    def drip(self, connection):
+        with connection:
+            try:
+                connection.sendall(b"\x16\x03\x03\x3f\xff")
+                started = time.monotonic()
+                while not self.stop.is_set() and time.monotonic() - started < 8:
+                    connection.sendall(b"\x00")
+                    time.sleep(0.3)
+            except OSError:
+                pass
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.listener.close()
+
+
+def test_a_server_dripping_the_tls_handshake_is_cut_at_the_deadline():
+    # A guard more than a regression test: ssl already bounds a whole handshake by the socket
+    # timeout, which the deadline sets to the time left before connecting.
+    with TlsDripServer() as server:
+        backend = OpenAIChatBackend(server.url, "m", api_key=KEY, timeout=1)
+        started = time.monotonic()
+        with pytest.raises(BackendError, match="within 1 s"):
+            backend.complete(MESSAGES, seed=0, temperature=0, max_tokens=8)
+        assert time.monotonic() - started < 3
 
 
 def test_earkit_filter_writes_its_two_files_together_or_not_at_all(tmp_path, monkeypatch):
