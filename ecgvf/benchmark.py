@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from earkit.engine.pairs import read_text_file
+from earkit.engine.pairs import parse_json, read_text_file, unencodable
 
 ROLES = ("target", "preserve")
 
@@ -51,6 +51,16 @@ def clean(text) -> str | None:
     return " ".join(text.split()) if isinstance(text, str) and text.strip() else None
 
 
+def text_field(record: dict, key: str, where: str) -> str | None:
+    """clean(record[key]), refusing text that is not valid Unicode (a lone surrogate from a JSON
+    escape such as \\ud800): the report written from it after minutes of sampling would fail."""
+    value = record.get(key)
+    bad = unencodable(value) if isinstance(value, str) else None
+    if bad is not None:
+        raise ValueError(f"{where}: {key!r} is not valid Unicode text: it holds the lone surrogate {ascii(bad)}")
+    return clean(value)
+
+
 def unique(prompts: list[BenchmarkPrompt]) -> list[BenchmarkPrompt]:
     seen, kept = set(), []
     for prompt in prompts:
@@ -66,7 +76,7 @@ def jsonl_objects(path: Path, text: str) -> list[tuple[str, dict]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = parse_json(line, f"{path} line {number}")
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} line {number}: malformed JSON ({error.msg})") from None
         records.append((f"{path} line {number}", record))
@@ -77,8 +87,9 @@ def is_benchmark_jsonl(path: Path, text: str) -> bool:
     first = text.lstrip()
     if not first.startswith("{"):
         return False
+    line = 1 + text.count("\n", 0, len(text) - len(first))  # blank lines may come first
     try:
-        record = json.loads(first.split("\n", 1)[0])
+        record = parse_json(first.split("\n", 1)[0], f"{path} line {line}")
     except json.JSONDecodeError:
         return False
     return isinstance(record, dict) and "role" in record
@@ -97,7 +108,7 @@ def read_prompt_records(path: Path, text: str) -> list[tuple[str, dict]]:
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
-            document = json.loads(text)
+            document = parse_json(text, str(path))
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} line {error.lineno}: malformed JSON ({error.msg})") from None
         return [(f"{path} entry {n}", {"prompt": r} if isinstance(r, str) else r) for n, r in enumerate(document, 1)]
@@ -114,10 +125,10 @@ def load_prompt_file(path, *, concept: str | None = None, what: str = "prompt fi
     for where, record in read_prompt_records(path, text):
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected an object with a 'prompt', got {type(record).__name__}")
-        prompt = clean(record.get("prompt"))
+        prompt = text_field(record, "prompt", where)
         if prompt is None:
             raise ValueError(f"{where}: has no 'prompt' text")
-        prompts.append(BenchmarkPrompt(prompt, clean(record.get("concept")) or concept))
+        prompts.append(BenchmarkPrompt(prompt, text_field(record, "concept", where) or concept))
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     return unique(prompts)
@@ -128,12 +139,12 @@ def load_benchmark_jsonl(path: Path, text: str, concept: str | None) -> Benchmar
     for where, record in jsonl_objects(path, text):
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected an object")
-        prompt, role = clean(record.get("prompt")), record.get("role")
+        prompt, role = text_field(record, "prompt", where), record.get("role")
         if prompt is None:
             raise ValueError(f"{where}: has no 'prompt' text")
         if role not in ROLES:
             raise ValueError(f"{where}: role must be one of {ROLES}, got {role!r}")
-        roles[role].append(BenchmarkPrompt(prompt, clean(record.get("concept"))))
+        roles[role].append(BenchmarkPrompt(prompt, text_field(record, "concept", where)))
     concept = concept or single_concept([p.concept for p in roles["target"]], path)
     target = [BenchmarkPrompt(p.prompt, concept) for p in roles["target"]]
     return Benchmark(concept, unique(target), unique(roles["preserve"]), str(path), "benchmark")

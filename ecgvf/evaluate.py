@@ -22,12 +22,13 @@ Without --delta only the given model is measured (one side, "model").
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
 
 import numpy as np
+
+from earkit.engine.pairs import parse_json
 
 from . import metrics
 
@@ -249,9 +250,10 @@ REPORT_NAMES = {"metrics.json", "summary.md", "report.html", "images", "charts"}
 
 def legacy_report_names(folder: Path) -> set[str] | None:
     """A report written before manifests existed: its metrics.json says so."""
-    try:
-        record = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+    metrics = folder / "metrics.json"
+    try:  # parse_json: a metrics.json nested too deeply is a ValueError (not a report), not a RecursionError
+        record = parse_json(metrics.read_text(encoding="utf-8"), str(metrics))
+    except (OSError, ValueError):
         return None
     return REPORT_NAMES if isinstance(record, dict) and record.get("format") == REPORT_FORMAT else None
 

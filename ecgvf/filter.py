@@ -24,7 +24,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from earkit.engine.pairs import write_text_atomic
+from earkit.engine.pairs import encode_utf8, write_files_atomic
 
 ORIGINAL_MISSES = "original misses the concept"
 REPLACEMENT_SHOWS = "replacement shows the concept"
@@ -200,8 +200,10 @@ def refuse_existing(paths, force: bool) -> None:
 
 def write_filter_results(records: list[dict], out, *, force: bool = False, judge: dict | None = None,
                          rules: FilterRules | None = None) -> tuple[Path, Path]:
-    """The kept pairs as pairs JSONL (plus their filter scores) and every decision, both atomically.
-    The kept file may be empty of pairs (every pair dropped); the decisions say why."""
+    """The kept pairs as pairs JSONL (plus their filter scores) and every decision, atomically and
+    together: both files or neither (a decisions file without its kept pairs would be refused by a
+    rerun without --force). The kept file may be empty of pairs (every pair dropped); the
+    decisions say why."""
     out = Path(out).expanduser()
     decisions = decisions_path(out)
     refuse_existing([out, decisions], force)
@@ -216,8 +218,10 @@ def write_filter_results(records: list[dict], out, *, force: bool = False, judge
     header = {"summary": filter_summary(records), "judge": judge, "rules": asdict(rules) if rules else None}
     decision_lines = [json.dumps({"filter": header}, ensure_ascii=False)]
     decision_lines += [json.dumps(record, ensure_ascii=False) for record in records]
-    write_text_atomic(decisions, "\n".join(decision_lines) + "\n")
-    write_text_atomic(out, "".join(line + "\n" for line in kept_lines))
+    # Both to bytes before either is written: whatever fails on the data fails with nothing written.
+    files = {decisions: encode_utf8("\n".join(decision_lines) + "\n", decisions),
+             out: encode_utf8("".join(line + "\n" for line in kept_lines), out)}
+    write_files_atomic(files)
     return out, decisions
 
 

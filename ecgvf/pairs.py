@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import http.client
 import itertools
 import json
 import math
@@ -36,11 +37,14 @@ import random
 import re
 import socket
 import sys
+import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from earkit.engine.pairs import write_text_atomic
+from earkit.engine.pairs import UnreadableJSON, encode_utf8, parse_json, unencodable, write_files_atomic
 
 TEMPLATE_NAME = "ecgvf-pairs"
 TEMPLATE_VERSION = 1
@@ -53,13 +57,14 @@ REQUEST_MARKER = "Request (JSON): "
 # Rejection reasons, in the order the checks run (the summary counts each).
 NOT_AN_OBJECT = "not an object"
 MISSING_FIELD = "missing field"
+INVALID_TEXT = "not valid Unicode text"  # a lone surrogate ("\ud800" in the JSON): no file or tokenizer takes it
 IDENTICAL = "identical"
 CONCEPT_MISSING = "concept missing from original"
 CONCEPT_IN_MODIFIED = "concept in modified"
 REPLACEMENT_MISSING = "replacement missing from modified"
 REWRITTEN = "sentence rewritten"
 DUPLICATE = "duplicate"
-REJECTION_REASONS = (NOT_AN_OBJECT, MISSING_FIELD, IDENTICAL, CONCEPT_MISSING, CONCEPT_IN_MODIFIED,
+REJECTION_REASONS = (NOT_AN_OBJECT, MISSING_FIELD, INVALID_TEXT, IDENTICAL, CONCEPT_MISSING, CONCEPT_IN_MODIFIED,
                      REPLACEMENT_MISSING, REWRITTEN, DUPLICATE)
 
 # Field names a reply may use: the template asks for EAR's, earkit's own are accepted too.
@@ -68,6 +73,10 @@ MODIFIED_KEYS = ("modified_prompt", "anchor_prompt")
 REPLACED_KEYS = ("replaced", "anchor", "replacement")
 
 DEFAULT_MIN_SIMILARITY = 0.75
+
+# The longest a request may take. A day is already a stuck server, and waits near 1e10 s overflow
+# the socket and timer clocks.
+MAX_TIMEOUT = 24 * 3600.0
 
 
 class BackendError(RuntimeError):
@@ -147,7 +156,10 @@ def request_from_messages(messages) -> dict:
         if isinstance(content, str):
             for line in content.splitlines():
                 if line.startswith(REQUEST_MARKER):
-                    return json.loads(line[len(REQUEST_MARKER):])
+                    try:
+                        return parse_json(line[len(REQUEST_MARKER):], "the request line")
+                    except ValueError as error:
+                        raise BackendError(f"the request line of the messages is not JSON: {error}") from None
     raise BackendError("the messages hold no request line: build them with pair_request_messages")
 
 
@@ -169,7 +181,16 @@ def load_examples(path, limit: int = 3) -> list[dict]:
 def _check_concept(concept) -> str:
     if not isinstance(concept, str) or not concept.strip():
         raise ValueError(f"concept must be a non-empty word or phrase, got {concept!r}")
+    _check_unicode(concept, "concept")
     return " ".join(concept.split())
+
+
+def _check_unicode(text: str, what: str) -> None:
+    # A lone surrogate (a command-line byte that is not UTF-8 arrives as one) would be written on
+    # every pair and fail the write after the whole run: refuse it before the first request.
+    bad = unencodable(text)
+    if bad is not None:
+        raise ValueError(f"{what} {ascii(text)} is not valid Unicode text (it holds {ascii(bad)}; not UTF-8 input?)")
 
 
 def _word_list(values, what: str) -> list[str]:
@@ -181,6 +202,7 @@ def _word_list(values, what: str) -> list[str]:
     for value in values:
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{what} holds {value!r}, not a non-empty string")
+        _check_unicode(value, f"{what} entry")
         words.append(" ".join(value.split()))
     return list(dict.fromkeys(words))
 
@@ -276,9 +298,136 @@ class TemplateBackend:
         return compose
 
 
+def check_timeout(timeout, name: str = "timeout") -> float:
+    """`timeout` as float seconds: a number > 0 and at most MAX_TIMEOUT (nan, inf, 0 and negatives
+    are refused: nan compares false with everything, so it would wait forever unnoticed)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT:
+        raise ValueError(f"{name} must be seconds, a number > 0 and at most {MAX_TIMEOUT:g} (a day), got {timeout!r}")
+    return float(timeout)
+
+
+def origin(url: str) -> tuple:
+    """(scheme, host, port) of a URL, the port filled in for http and https: where a request goes.
+    A port that is not a port gives an origin no other URL shares."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:
+        return (scheme, parts.hostname, object())
+    return (scheme, parts.hostname, port)
+
+
+class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects for a POST that carries an API key: a 307 or 308 to the same origin (scheme, host,
+    port; a path moved on the same server) is followed with the same method, body and headers, key
+    included. Everything else is a BackendError naming where the server pointed, with nothing sent
+    there: another origin (another host or port, or https -> http) would get the key, which urllib
+    would otherwise send to wherever a redirect names; and a 301/302/303 would turn the POST into a
+    GET without its body, which no chat server answers."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if origin(newurl) != origin(req.full_url):
+            fp.close()
+            raise BackendError(f"HTTP {code} from {req.full_url}: redirected to {newurl}, another origin: not "
+                               "followed, the API key goes only where --backend points (point it there if you "
+                               "trust that server)")
+        if code not in (307, 308):
+            fp.close()
+            raise BackendError(f"HTTP {code} from {req.full_url}: redirected to {newurl}: not followed, a {code} "
+                               "would turn the POST into a GET without its body (point --backend there)")
+        return urllib.request.Request(newurl, data=req.data, headers=dict(req.headers),
+                                      origin_req_host=req.origin_req_host, unverifiable=True, method=req.get_method())
+
+    # Python 3.10's handler has no 308: name every code, so each goes through redirect_request.
+    http_error_301 = http_error_302 = http_error_303 = http_error_307 = http_error_308 = (
+        urllib.request.HTTPRedirectHandler.http_error_302)
+
+
+class RequestDeadline:
+    """One wall-clock limit for a whole HTTP request: connecting, the status line and headers, the
+    body, and a redirect followed. A socket timeout bounds each read only, so a server that sends a
+    byte a second would hold a request, and the run, forever. At the deadline a watchdog timer
+    shuts the request's sockets down, which ends whatever read is waiting."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._sockets = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def watch(self, sock) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                self._shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock) -> None:
+        try:  # the OS socket itself (under TLS too, without touching the TLS state another thread is in)
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed already, or detached when TLS took it over (that TLS socket is watched too)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def connection_class(self, base):
+        """`base` (http.client.HTTPConnection or HTTPSConnection) whose sockets this deadline watches."""
+        deadline = self
+
+        class Watched(base):
+            def connect(self):
+                left = deadline.remaining()
+                if deadline.expired or left <= 0:
+                    raise TimeoutError("the request's time ran out")
+                # The connect, and a TLS handshake as a whole (ssl bounds each call by the socket
+                # timeout, not each read), wait at most the time left; then the watchdog takes over.
+                self.timeout = left
+                super().connect()
+                deadline.watch(self.sock)
+
+        return Watched
+
+
+class _DeadlineHandler:
+    """Mixed into urllib's HTTP(S) handlers: their connections are watched by `deadline`."""
+
+    def __init__(self, deadline: RequestDeadline, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(self.deadline.connection_class(http_class), req, **kwargs)
+
+
+class _DeadlineHTTPHandler(_DeadlineHandler, urllib.request.HTTPHandler):
+    pass
+
+
+class _DeadlineHTTPSHandler(_DeadlineHandler, urllib.request.HTTPSHandler):
+    pass
+
+
 class OpenAIChatBackend:
     """An OpenAI-compatible chat server (OpenAI, a local vLLM or llama.cpp server, ...):
-    POST {base_url}/chat/completions, standard library only. Every failure is a BackendError."""
+    POST {base_url}/chat/completions, standard library only. Every failure is a BackendError.
+
+    `timeout` bounds each whole request (connect, headers, body), not each read. The API key is
+    sent only to the origin of base_url: a redirect elsewhere is a BackendError (SameOriginRedirects)."""
 
     name = "openai"
 
@@ -287,13 +436,45 @@ class OpenAIChatBackend:
             raise ValueError(f"base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")
         if not isinstance(model, str) or not model.strip():
             raise ValueError(f"model must be the server's model name, got {model!r}")
-        if not timeout or timeout <= 0:
-            raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        self.timeout = check_timeout(timeout)
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + "/chat/completions"
         self.model = model.strip()
         self.api_key = api_key
-        self.timeout = float(timeout)
+
+    def post(self, data: bytes, headers: dict) -> bytes:
+        """The body of the answer to one POST to self.url, within self.timeout all told."""
+        too_late = f"no complete answer from {self.url} within {self.timeout:g} s"
+        deadline = RequestDeadline(self.timeout)
+        opener = urllib.request.build_opener(_DeadlineHTTPHandler(deadline), _DeadlineHTTPSHandler(deadline),
+                                             SameOriginRedirects())
+        request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+        try:
+            with opener.open(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as error:  # before URLError: it is one
+            try:
+                detail = _short(error.read().decode("utf-8", "replace")) if error.fp else ""
+            except (OSError, ValueError, http.client.HTTPException):
+                detail = ""
+            if deadline.expired:
+                raise BackendError(too_late) from None
+            raise BackendError(f"HTTP {error.code} from {self.url}: {detail or error.reason}") from None
+        except urllib.error.URLError as error:
+            if deadline.expired or isinstance(error.reason, (socket.timeout, TimeoutError)):
+                raise BackendError(too_late) from None
+            raise BackendError(f"cannot reach {self.url}: {error.reason}") from None
+        except (socket.timeout, TimeoutError):  # a timeout while reading the body is not wrapped in URLError
+            raise BackendError(too_late) from None
+        except (OSError, ValueError, http.client.HTTPException) as error:  # reset, bad status line, cut body, ...
+            if deadline.expired:
+                raise BackendError(too_late) from None
+            raise BackendError(f"request to {self.url} failed: {type(error).__name__}: {error}") from None
+        finally:
+            deadline.cancel()
+        if deadline.expired:  # a body without a length ends at the shutdown, cut short but without an error
+            raise BackendError(too_late)
+        return raw
 
     def complete(self, messages, *, seed: int, temperature: float, max_tokens: int) -> str:
         body = {"model": self.model, "messages": list(messages), "temperature": float(temperature),
@@ -301,32 +482,20 @@ class OpenAIChatBackend:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"), headers=headers,
-                                         method="POST")
+        raw = self.post(json.dumps(body).encode("utf-8"), headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as error:  # before URLError: it is one
-            detail = _short(error.read().decode("utf-8", "replace")) if error.fp else ""
-            raise BackendError(f"HTTP {error.code} from {self.url}: {detail or error.reason}") from None
-        except urllib.error.URLError as error:
-            if isinstance(error.reason, (socket.timeout, TimeoutError)):
-                raise BackendError(f"no answer from {self.url} within {self.timeout:g} s") from None
-            raise BackendError(f"cannot reach {self.url}: {error.reason}") from None
-        except (socket.timeout, TimeoutError):  # a timeout while reading the body is not wrapped in URLError
-            raise BackendError(f"no answer from {self.url} within {self.timeout:g} s") from None
-        except (OSError, ValueError) as error:  # connection reset, bad status line, ...
-            raise BackendError(f"request to {self.url} failed: {type(error).__name__}: {error}") from None
-        try:
-            document = json.loads(raw.decode("utf-8"))
+            document = parse_json(raw.decode("utf-8"), self.url)
+        except UnreadableJSON as error:  # nested too deeply, or a number too long
+            raise BackendError(f"{self.url} answered {error}") from None
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise BackendError(f"{self.url} answered with a non-JSON body: {_short(raw.decode('utf-8', 'replace'))}") \
                 from None
         try:
             content = document["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
+            # the body as it came, not json.dumps(document): that recurses as deep as the server nested it
             raise BackendError(f"{self.url} answered JSON without choices[0].message.content: "
-                               f"{_short(json.dumps(document))}") from None
+                               f"{_short(raw.decode('utf-8', 'replace'))}") from None
         if not isinstance(content, str):
             raise BackendError(f"{self.url} answered a {type(content).__name__} as the message content")
         return content
@@ -383,8 +552,11 @@ class TransformersBackend:
 
 
 def _short(text: str, limit: int = 200) -> str:
+    """Text for the summary and messages: one line, at most `limit` characters, and writable (a lone
+    surrogate, which a reply's JSON escape can hold, becomes the escape text \\udXXX again)."""
     text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit] + "..."
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ---------------------------------------------------------------- parsing replies
@@ -429,15 +601,15 @@ def _as_pair_list(value, *, single: bool = False):
 
 def _salvage_objects(text: str, start: int) -> list:
     """The complete objects at the head of a list cut off mid-way (a reply that ran out of tokens)."""
-    decoder, objects, position = json.JSONDecoder(), [], start + 1
+    objects, position = [], start + 1
     while True:
         while position < len(text) and text[position] in " \t\r\n,":
             position += 1
         if position >= len(text) or text[position] != "{":
             return objects
         try:
-            value, position = decoder.raw_decode(text, position)
-        except json.JSONDecodeError:
+            value, position = parse_json(text, "the reply", start=position)
+        except ValueError:  # malformed, or nested too deeply
             return objects
         objects.append(value)
 
@@ -447,10 +619,11 @@ def extract_pair_list(reply) -> tuple[list, bool]:
 
     Tolerated: code fences, prose before or after, trailing commas, {"pairs": [...]}, a list cut
     off after complete objects. MalformedReply when no such list is there (an empty list included:
-    it gives nothing, and is retried like any other useless reply)."""
+    it gives nothing, and is retried like any other useless reply). A reply whose JSON is nested
+    too deeply to read ("[" * 100000), or with a number too long to read, is malformed too, said so."""
     if not isinstance(reply, str) or not reply.strip():
         raise MalformedReply("empty reply")
-    decoder = json.JSONDecoder()
+    unreadable = []  # why a decode failed other than malformed JSON, for the message when nothing is found
     fenced = re.findall(r"```[A-Za-z]*\s*\n?(.*?)```", reply, flags=re.DOTALL)
     texts = fenced + [reply]
 
@@ -460,8 +633,11 @@ def extract_pair_list(reply) -> tuple[list, bool]:
         for source in (text, without_trailing_commas(text)):
             for match in itertools.islice(re.finditer(re.escape(opening), source), 200):
                 try:
-                    yield decoder.raw_decode(source, match.start())[0]
+                    yield parse_json(source, "the reply", start=match.start())[0]
                 except json.JSONDecodeError:
+                    continue
+                except UnreadableJSON as error:
+                    unreadable.append(str(error).removeprefix("the reply: "))
                     continue
 
     # In order of trust: a whole list (or a {"pairs": [...]} wrapper), the complete objects of a
@@ -481,6 +657,8 @@ def extract_pair_list(reply) -> tuple[list, bool]:
             pairs = _as_pair_list(value, single=True)
             if pairs is not None:
                 return pairs, False
+    if unreadable:
+        raise MalformedReply(unreadable[0])
     if re.search(r"\[\s*\]", reply):
         raise MalformedReply("an empty list")
     raise MalformedReply("no JSON list of pairs in the reply")
@@ -554,6 +732,8 @@ def check_pair(item, concept: str, *, min_similarity: float = DEFAULT_MIN_SIMILA
     original, modified, replaced = (_field(item, keys) for keys in (ORIGINAL_KEYS, MODIFIED_KEYS, REPLACED_KEYS))
     if not isinstance(original, str) or not original.strip() or not isinstance(modified, str) or not modified.strip():
         return None, MISSING_FIELD
+    if any(isinstance(text, str) and unencodable(text) is not None for text in (original, modified, replaced)):
+        return None, INVALID_TEXT
     original, modified = " ".join(original.split()), " ".join(modified.split())
     replaced = " ".join(replaced.split()) if isinstance(replaced, str) and replaced.strip() else None
     pattern = concept_pattern(concept)
@@ -591,8 +771,23 @@ def validate_items(items, concept: str, *, seen: set | None = None,
                 accepted.append(pair)
         if pair is None:
             shown = item if isinstance(item, dict) else {"value": item}
-            rejected.append({**{key: value for key, value in shown.items() if isinstance(key, str)}, "reason": reason})
+            record = {_short(key, 80): _recorded(value) for key, value in shown.items() if isinstance(key, str)}
+            rejected.append({**record, "reason": reason})
     return accepted, rejected
+
+
+def _recorded(value):
+    """A rejected pair's field as the summary keeps it: text and numbers as they are (a lone
+    surrogate as its escape text, so the summary can be written), a list or an object only as its
+    kind and length: a reply may nest one thousands deep, which json.dumps cannot write."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # NaN would make the summary JSON that only Python reads
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    kind = "list" if isinstance(value, list) else "object" if isinstance(value, dict) else type(value).__name__
+    return f"<a JSON {kind}" + (f" of {len(value)}>" if isinstance(value, (list, dict)) else ">")
 
 
 # ---------------------------------------------------------------- the run
@@ -763,6 +958,23 @@ def summary_path(path) -> Path:
     return path.with_name(path.stem + ".summary.json")
 
 
+def is_pairs_summary(path: Path) -> bool:
+    """A summary that `earkit pairs` wrote: a JSON object with its concept, template and counts."""
+    try:
+        record = parse_json(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"concept", "template", "requested", "valid"} <= set(record)
+
+
+def refuse_foreign_summary(path: Path) -> None:
+    """--out names the pairs file and --force may replace it; the summary beside it is a name the
+    user never typed, so it is replaced only when earkit pairs wrote it."""
+    if path.exists() and not is_pairs_summary(path):
+        raise FileExistsError(f"not replacing {path}: earkit pairs did not write it (it writes its summary there); "
+                              "move it or choose another --out")
+
+
 def _refuse_existing(path: Path, force: bool) -> None:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder, not a pairs file")
@@ -771,23 +983,35 @@ def _refuse_existing(path: Path, force: bool) -> None:
 
 
 def write_generated(pairs, path, *, force: bool = False, summary: dict | None = None) -> Path:
-    """Write generated pairs as JSON lines (load_pairs reads them), atomically; an existing file is
-    replaced only with force. With `summary`, it goes beside the file as <stem>.summary.json."""
+    """Write generated pairs as JSON lines (load_pairs reads them); with `summary`, it goes beside
+    them as <stem>.summary.json. Both or neither: everything is turned into bytes first, then the
+    files are written atomically together (a summary never claims pairs that are not there, and a
+    rerun is never refused over half an output). An existing file is replaced only with force."""
     pairs = list(pairs)
     if not pairs:
         raise ValueError("no pairs to write")
+    path = Path(path).expanduser()
     lines = []
     for index, pair in enumerate(pairs):
         if not isinstance(pair, dict) or not all(isinstance(pair.get(key), str) and pair[key].strip()
                                                  for key in ("concept_prompt", "anchor_prompt")):
             raise ValueError(f"pairs[{index}] is not a generated pair with concept_prompt and anchor_prompt: {pair!r}")
-        lines.append(json.dumps(pair, ensure_ascii=False))
-    path = Path(path).expanduser()
+        line = json.dumps(pair, ensure_ascii=False)
+        bad = unencodable(line)
+        if bad is not None:  # validate_items rejects these; a pair made elsewhere may still hold one
+            raise ValueError(f"pairs[{index}] holds the lone surrogate {ascii(bad)}, which is not valid Unicode and "
+                             f"cannot be written as UTF-8: {_short(line)} (nothing written)")
+        lines.append(line)
+    files = {path: encode_utf8("\n".join(lines) + "\n", path)}
     _refuse_existing(path, force)
     if summary is not None:
         _refuse_existing(summary_path(path), force)
-        write_text_atomic(summary_path(path), json.dumps(summary, ensure_ascii=False, indent=1) + "\n")
-    write_text_atomic(path, "\n".join(lines) + "\n")
+        refuse_foreign_summary(summary_path(path))
+        # backslashreplace writes a lone surrogate in a string as its JSON escape (\ud800), which
+        # reads back as the same string: the summary is a record of what came back, kept whole.
+        text = json.dumps(summary, ensure_ascii=False, indent=1) + "\n"
+        files[summary_path(path)] = text.encode("utf-8", "backslashreplace")
+    write_files_atomic(files)
     return path
 
 
@@ -837,7 +1061,8 @@ def add_pairs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-similarity", type=float, default=DEFAULT_MIN_SIMILARITY,
                         help="least token similarity of the two prompts without the concept/replacement (default: %(default)s)")
     parser.add_argument("--max-requests", type=int, default=None, help="request budget over all backends")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per HTTP request (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds per HTTP request, all told: connect, headers, body (default: %(default)s)")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
                         help="environment variable holding the API key for openai backends (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="device for transformers backends (default: %(default)s)")
@@ -851,6 +1076,18 @@ def run_pairs(args) -> dict:
     out = Path(args.out).expanduser()
     for path in (out, summary_path(out)):  # before asking anyone: a run can take hours of LLM time
         _refuse_existing(path, args.force)
+    refuse_foreign_summary(summary_path(out))
+    from earkit.engine.checkpoint import check_writable
+    from earkit.engine.model import check_device
+
+    check_writable(out, "--out")
+    if any(spec.startswith("transformers:") for spec in args.backend or []):
+        check_device(args.device)
+    check_timeout(args.timeout, "--timeout")  # for every backend: nan or 0 is a typo, whichever backend runs
+    if args.examples_limit < 0:
+        raise ValueError(f"--examples-limit must be >= 0, got {args.examples_limit}")
+    if args.max_requests is not None and args.max_requests < 1:
+        raise ValueError(f"--max-requests must be at least 1, got {args.max_requests}")
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     backends = [parse_backend(spec, timeout=args.timeout, api_key=api_key, device=args.device)
                 for spec in args.backend or ["template"]]

@@ -87,6 +87,50 @@ def pairs_from_concept(concept: str, anchor: str, templates: list[str] | None = 
 # ---------------------------------------------------------------- reading files
 
 
+class UnreadableJSON(ValueError):
+    """Well-formed JSON from outside (a file, a server, an LLM's reply) that the parser cannot hold."""
+
+
+class NestedTooDeeply(UnreadableJSON):
+    """JSON nested deeper than the parser can follow."""
+
+
+def parse_json(text: str, source: str, *, start: int | None = None):
+    """json.loads(text) for text from outside; with `start`, the (value, end) of the JSON value
+    that starts at text[start] (JSONDecoder.raw_decode). Every way outside JSON fails is a
+    ValueError naming `source` (a file and line, a URL):
+
+      malformed                        json.JSONDecodeError, as ever, for the caller to word
+      "[" * 100000                     NestedTooDeeply: json recurses once per bracket, and the
+                                       RecursionError would end a command with a traceback
+      a number of 5000 digits          UnreadableJSON: Python converts at most 4300 digits, and its
+                                       plain ValueError would pass a `except JSONDecodeError`
+    """
+    try:
+        return json.loads(text) if start is None else _DECODER.raw_decode(text, start)
+    except RecursionError:
+        raise NestedTooDeeply(f"{source}: JSON nested too deeply to read") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError:
+        raise UnreadableJSON(f"{source}: a JSON number too long to read (more digits than Python converts)") \
+            from None
+
+
+_DECODER = json.JSONDecoder()
+
+
+def unencodable(text: str) -> str | None:
+    """The first character of `text` that UTF-8 cannot encode (a lone surrogate, which the JSON
+    escape "\\ud800" decodes to), or None. Such text breaks every file written from it and every
+    tokenizer, so readers refuse it where it comes in."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return text[error.start]
+    return None
+
+
 def pick_text(record: dict, keys: tuple[str, ...], where: str) -> str | None:
     """The stripped value of the first of `keys` in the record; None when absent, null or blank."""
     for key in keys:
@@ -94,6 +138,10 @@ def pick_text(record: dict, keys: tuple[str, ...], where: str) -> str | None:
             value = record[key]
             if not isinstance(value, str):
                 raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__} {value!r}")
+            bad = unencodable(value)
+            if bad is not None:
+                raise ValueError(f"{where}: {key!r} is not valid Unicode text: it holds the lone surrogate "
+                                 f"{ascii(bad)} (a JSON escape such as \\ud800 without its pair)")
             return value.strip() or None
     return None
 
@@ -124,15 +172,14 @@ def jsonl_records(path: Path, text: str):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = parse_json(line, f"{path} line {number}")
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} line {number}: malformed JSON ({error.msg}, column {error.colno})") from None
         yield f"{path} line {number}", record
 
 
-def json_entry_lines(text: str):
+def json_entry_lines(text: str, source: str = "JSON text"):
     """The line each entry of a valid top-level JSON list starts on."""
-    decoder = json.JSONDecoder()
     position = text.index("[") + 1
     line = 1 + text.count("\n", 0, position)
     while True:
@@ -142,7 +189,7 @@ def json_entry_lines(text: str):
         if text[position] == "]":
             return
         yield line
-        _, end = decoder.raw_decode(text, position)
+        _, end = parse_json(text, f"{source} line {line}", start=position)
         line += text.count("\n", position, end)
         position = end
 
@@ -150,7 +197,7 @@ def json_entry_lines(text: str):
 def json_list_records(path: Path, text: str):
     """(where, record) per entry of a JSON list, as the EAR train_*.json files are."""
     try:
-        document = json.loads(text)
+        document = parse_json(text, str(path))
     except json.JSONDecodeError as error:
         if text.lstrip().startswith("{") and error.msg == "Extra data":  # one object per line in a .json file
             yield from jsonl_records(path, text)
@@ -159,7 +206,7 @@ def json_list_records(path: Path, text: str):
     if not isinstance(document, list):
         raise ValueError(f"{path} line 1: the top level is a {type(document).__name__}, expected a list of pair "
                          "objects (or one object per line, as .jsonl)")
-    for index, (line, record) in enumerate(zip(json_entry_lines(text), document), 1):
+    for index, (line, record) in enumerate(zip(json_entry_lines(text, str(path)), document), 1):
         yield f"{path} entry {index} (line {line})", record
 
 
@@ -293,23 +340,78 @@ def write_pairs_jsonl(pairs: list[PromptPair], path: str | os.PathLike, *, force
 
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write text to a temporary file beside `path`, flush it to disk, then rename it over `path`:
-    a crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}-{time.time_ns()}")
+    a crash leaves the old file or the new one, never half of one. ValueError naming the file when
+    the text is not encodable as UTF-8 (a lone surrogate), before anything is written."""
+    return write_files_atomic({path: encode_utf8(text, path)})[0]
+
+
+def encode_utf8(text: str, path) -> bytes:
+    """The UTF-8 bytes of a file's text; ValueError naming the file for a lone surrogate."""
     try:
-        with open(temporary, "w", encoding="utf-8", newline="\n") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    if os.name != "nt":  # flush the rename itself (Windows cannot open a folder to flush it)
-        descriptor = os.open(path.parent, os.O_RDONLY)
+        return text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"cannot write {path}: its text holds the lone surrogate {ascii(text[error.start])}, "
+                         "which is not valid Unicode (nothing written)") from None
+
+
+def write_files_atomic(files: dict) -> list[Path]:
+    """Write several files as one, {path: bytes}: the outputs of one command (pairs and their
+    summary, kept pairs and their decisions) are there together or not at all, so a summary never
+    describes a file that was not written and a rerun is never refused over half an output.
+
+    Each file goes to a temporary file beside it, flushed to disk; only when every one is written
+    are they renamed into place. If a rename fails, those already renamed are undone: a new file is
+    removed, a replaced one gets its old content back (kept under a second name, a hard link, until
+    all are in place; on a filesystem without hard links a replaced file cannot be put back).
+    Serialize everything to bytes before calling: then nothing that can fail on the data runs
+    after the first byte is written."""
+    files = {Path(path): data for path, data in files.items()}
+    for path, data in files.items():
+        if not isinstance(data, bytes):
+            raise TypeError(f"write_files_atomic takes bytes per path, got {type(data).__name__} for {path}")
+    stamp = f"{os.getpid()}-{time.time_ns()}"
+    staged, placed, backups = [], [], []  # (temporary, path); (path, existed, backup); backup paths
+    try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.partial-{stamp}")
+            staged.append((temporary, path))
+            with open(temporary, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
         try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-    return path
+            for temporary, path in staged:
+                existed, backup = path.exists(), None
+                if existed and path.is_file():
+                    backup = path.with_name(f".{path.name}.previous-{stamp}")
+                    try:
+                        os.link(path, backup)
+                        backups.append(backup)
+                    except OSError:
+                        backup = None
+                placed.append((path, existed, backup))
+                os.replace(temporary, path)
+        except BaseException:
+            for path, existed, backup in reversed(placed):
+                try:
+                    if backup is not None:
+                        os.replace(backup, path)
+                    elif not existed:
+                        path.unlink(missing_ok=True)
+                except OSError:
+                    pass  # the error being raised says more than this one
+            raise
+    finally:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+        for backup in backups:
+            backup.unlink(missing_ok=True)
+    if os.name != "nt":  # flush the renames themselves (Windows cannot open a folder to flush it)
+        for folder in dict.fromkeys(path.parent for path in files):
+            descriptor = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+    return list(files)

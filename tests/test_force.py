@@ -152,6 +152,17 @@ def test_filter_force_never_replaces_a_decisions_file_it_did_not_write(tmp_path,
     assert snapshot(tmp_path) == before
 
 
+def test_pairs_force_never_replaces_a_summary_it_did_not_write(tmp_path, capsys):
+    out = tmp_path / "circle.jsonl"
+    argv = ["pairs", "--concept", "circle", "--n", "3", "--out", str(out)]
+    assert cli_main(argv) == 0
+    assert cli_main(argv + ["--force", "--seed", "1"]) == 0  # its own pair of files: replaced
+    (tmp_path / "circle.summary.json").write_text('{"my": "own notes"}\n')
+    before = snapshot(tmp_path)
+    refused(capsys, argv + ["--force"], expect="circle.summary.json")
+    assert snapshot(tmp_path) == before
+
+
 def test_check_replaceable_names_what_is_foreign(tmp_path):
     folder = tmp_path / "ckpt"
     checkpoint.save_checkpoint(folder, tensors={"w": __import__("torch").zeros(2)}, optimizer_state={},
@@ -190,7 +201,7 @@ def test_check_writable_tries_for_real(tmp_path):
         checkpoint.check_writable(unwritable_folder(tmp_path) / "report", "report folder")
 
 
-@pytest.mark.parametrize("command", ["eval", "sample", "erase", "filter"])
+@pytest.mark.parametrize("command", ["eval", "sample", "erase", "filter", "pairs"])
 def test_an_unwritable_out_is_one_line_and_exit_2_before_any_work(tmp_path, capsys, command):
     out = unwritable_folder(tmp_path) / "earkit-out"
     pairs = tmp_path / "pairs.jsonl"
@@ -200,5 +211,6 @@ def test_an_unwritable_out_is_one_line_and_exit_2_before_any_work(tmp_path, caps
         "sample": ["sample", "--prompt", "a red circle", "--out", str(out)],
         "erase": ["erase", "--steps", "1", "--out", str(out)],
         "filter": ["filter", "--pairs", str(pairs), "--out", str(out / "kept.jsonl")],
+        "pairs": ["pairs", "--concept", "circle", "--n", "2", "--out", str(out / "circle.jsonl")],
     }[command]
     refused(capsys, argv, expect="cannot write")
