@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from earkit.kernels import guided_cross_entropy
-from helpers import DTYPES, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, reduce, threshold_in_gap, windowed_weights
+from helpers import (DTYPES, GRAD_TOL, LOSS_TOL, REDUCTIONS, SHARED_MEMORY_LAYOUTS, far_from, reduce, rows_sharing_memory,
+                     threshold_in_gap, windowed_weights)
 
 
 def expected_guided(student, concept, anchor, *, eta=1.0, threshold=None, window=None, window_threshold=None,
@@ -148,6 +149,36 @@ def test_inplace_backward_reuses_the_student_buffer(backend):
     guided_cross_entropy(buffer, *tensors[1:], reduction="mean", inplace_backward=True, **options).backward()
     assert seen[0].data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(source.grad, want_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("windowed", [False, True], ids=["rows", "windows"])
+@pytest.mark.parametrize("layout", SHARED_MEMORY_LAYOUTS)
+def test_inplace_backward_on_student_rows_sharing_memory(backend, layout, windowed):
+    # As for masked_cross_entropy: an expanded student (stride 0 along rows) cannot take the
+    # gradient in place, so the op falls back to a fresh buffer instead of summing rows into one.
+    generator = torch.Generator().manual_seed(14)
+    shape = (2, 6, 37) if windowed else (9, 37)
+    source, make = rows_sharing_memory(layout, shape, generator)
+    concept = make(source) + torch.randn(shape, generator=generator)
+    anchor = concept + torch.randn(shape, generator=generator)
+    options = {}
+    if windowed:
+        _, _, _, window_sums = expected_guided(make(source), concept, anchor, window=3, window_threshold=1e9)
+        options = dict(window=3, window_threshold=threshold_in_gap(window_sums, 0.4))
+    want_loss, want_grad, _, _ = expected_guided(make(source), concept, anchor, **options)
+    source64 = source.double().requires_grad_()
+    (want_source_grad,) = torch.autograd.grad(make(source64), source64, want_grad)
+    leaf = source.clone().requires_grad_()
+    loss = guided_cross_entropy(make(leaf), concept, anchor, inplace_backward=True, **options)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
+    torch.testing.assert_close(leaf.grad.double(), want_source_grad, **GRAD_TOL[torch.float32])
+    student = make(source.clone()).requires_grad_()
+    guided_cross_entropy(student, concept, anchor, inplace_backward=True, **options).backward()
+    torch.testing.assert_close(student.grad.double(), want_grad, **GRAD_TOL[torch.float32])
+    plain = make(source.clone()).requires_grad_()  # the same layout without inplace_backward
+    guided_cross_entropy(plain, concept, anchor, **options).backward()
+    torch.testing.assert_close(student.grad, plain.grad, rtol=0, atol=0)
 
 
 def test_nan_logits_propagate_through_the_threshold(backend):

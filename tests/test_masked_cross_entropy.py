@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from earkit.kernels import masked_cross_entropy
-from helpers import DTYPES, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, reduce, threshold_in_gap, windowed_weights
+from helpers import (DTYPES, GRAD_TOL, LOSS_TOL, REDUCTIONS, SHARED_MEMORY_LAYOUTS, far_from, reduce, rows_sharing_memory,
+                     threshold_in_gap, windowed_weights)
 
 
 def expected_masked(logits, target, *, threshold=None, ignore_index=-100, window=None, window_threshold=None,
@@ -147,6 +148,38 @@ def test_inplace_backward_reuses_the_logits_buffer(backend):
     masked_cross_entropy(buffer, target, reduction="mean", inplace_backward=True, **options).backward()
     assert seen[0].data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(source.grad, want_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("windowed", [False, True], ids=["rows", "windows"])
+@pytest.mark.parametrize("layout", SHARED_MEMORY_LAYOUTS)
+def test_inplace_backward_on_rows_sharing_memory(backend, layout, windowed):
+    # Rows that overlap in memory (an expanded input, stride 0) cannot hold one gradient each:
+    # written in place, every row's gradient landed on the same elements. The op must fall back
+    # to a fresh buffer and give the gradient it gives without inplace_backward.
+    generator = torch.Generator().manual_seed(13)
+    shape = (2, 6, 37) if windowed else (9, 37)
+    source, make = rows_sharing_memory(layout, shape, generator)
+    target = torch.randint(0, 37, shape[:-1], generator=generator)
+    options = {}
+    if windowed:
+        _, _, _, window_sums = expected_masked(make(source), target, window=3, window_threshold=1e9)
+        options = dict(window=3, window_threshold=threshold_in_gap(window_sums, 0.4))
+    want_loss, want_grad, _, _ = expected_masked(make(source), target, **options)
+    source64 = source.double().requires_grad_()
+    (want_source_grad,) = torch.autograd.grad(make(source64), source64, want_grad)
+    # A view of a leaf (the gradient flows back through expand / as_strided) ...
+    leaf = source.clone().requires_grad_()
+    loss = masked_cross_entropy(make(leaf), target, inplace_backward=True, **options)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
+    torch.testing.assert_close(leaf.grad.double(), want_source_grad, **GRAD_TOL[torch.float32])
+    # ... and a leaf that is itself the overlapping view.
+    logits = make(source.clone()).requires_grad_()
+    masked_cross_entropy(logits, target, inplace_backward=True, **options).backward()
+    torch.testing.assert_close(logits.grad.double(), want_grad, **GRAD_TOL[torch.float32])
+    plain = make(source.clone()).requires_grad_()  # the same layout without inplace_backward
+    masked_cross_entropy(plain, target, **options).backward()
+    torch.testing.assert_close(logits.grad, plain.grad, rtol=0, atol=0)
 
 
 def test_nan_logits_propagate_through_the_threshold(backend):

@@ -70,6 +70,29 @@ def test_guided_module_is_the_functional_op(backend):
     assert "window=4" in repr(module.loss)
 
 
+def test_modules_with_inplace_backward_on_an_expanded_input(backend):
+    # The modules pass inplace_backward through: an input whose rows share memory (stride 0)
+    # must get the same gradient as without it (a fresh buffer, not every row written on one).
+    generator = torch.Generator().manual_seed(4)
+    shape = (2, 5, 19)
+    _, _, concept, anchor = inputs(batch=2, seq_len=5)
+    target = torch.randint(0, 19, shape[:-1], generator=generator)
+    row = torch.randn(19, generator=generator)
+    options = dict(window=2, window_threshold=0.5)
+    modules = [
+        (MaskedCrossEntropyLoss, lambda loss, x: loss(x, target)),
+        (GuidedCrossEntropyLoss, lambda loss, x: loss(x, concept, anchor)),
+    ]
+    for module, call in modules:
+        grads = []
+        for inplace_backward in (False, True):
+            leaf = row.clone().requires_grad_()
+            call(module(inplace_backward=inplace_backward, **options), leaf.expand(shape)).backward()
+            grads.append(leaf.grad)
+        assert grads[0].abs().sum() > 0
+        torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("inplace_backward", [False, True])
 @pytest.mark.parametrize("op", ["masked", "guided"])
 def test_torch_compile_fullgraph(op, inplace_backward):
