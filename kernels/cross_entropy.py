@@ -136,6 +136,15 @@ def _check_same_layout(name: str, tensor, lead_name: str, lead: Tensor) -> None:
         raise ValueError(f"{name} has dtype {tensor.dtype} but {lead_name} has {lead.dtype}")
 
 
+def _check_ignore_index(ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    # Compared with int64 targets inside the op: a Python int beyond int64 cannot even be passed.
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64 (targets are int64), got {ignore_index}")
+    return ignore_index
+
+
 def _check_target_values(target2d: Tensor, n_classes: int, ignore_index: int) -> None:
     # A data-dependent check: it lives inside the op, where torch.compile does not trace.
     bad = (target2d != ignore_index) & ((target2d < 0) | (target2d >= n_classes))
@@ -156,7 +165,8 @@ def _rows(tensor: Tensor) -> Tensor:
 
 
 def _weights(backend, loss, keep, shape, window, window_threshold) -> Tensor:
-    if window is None:
+    # No rows (B = 0 or T = 0): no window to gate, and seq_len = 0 would divide by zero.
+    if window is None or loss.numel() == 0:
         return keep
     return backend.window_weights(loss, keep, shape[1], window, window_threshold)
 
@@ -308,8 +318,7 @@ def masked_cross_entropy(
         raise ValueError(f"target has shape {tuple(target.shape)}; expected {tuple(logits.shape[:-1])} (logits without V)")
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = _check_ignore_index(ignore_index)
     loss, _, _ = torch.ops.earkit.masked_cross_entropy(
         logits, target.long(), threshold, ignore_index, window, window_threshold, reduction, bool(inplace_backward)
     )

@@ -60,9 +60,9 @@ def guided_rows(student, concept, anchor, eta: float, threshold: float | None):
 
 def window_weights(loss, keep, seq_len: int, window: int, window_threshold: float | None):
     """a_i = m_i * G_w(i), where windows of `window` rows run along each sequence of seq_len rows."""
-    if window_threshold is None:
-        return keep
     n = loss.numel()
+    if window_threshold is None or n == 0:  # no rows: no windows (and seq_len may be 0)
+        return keep
     position = torch.arange(n, device=loss.device) % seq_len
     sequence = torch.arange(n, device=loss.device) // seq_len
     windows_per_sequence = -(-seq_len // window)

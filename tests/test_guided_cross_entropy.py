@@ -101,6 +101,24 @@ def test_loss_is_zero_when_the_student_matches_the_target(backend):
     assert loss > 0
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    "shape, options",
+    [((2, 0, 37), dict(window=3, window_threshold=0.5)), ((2, 0, 37), dict(window=3)),
+     ((0, 4, 37), dict(window=3, window_threshold=0.5)), ((0, 37), {}), ((2, 0, 37), {})],
+    ids=["B0V-window", "B0V-window-no-gate", "0TV-window", "0V", "B0V"],
+)
+def test_no_rows_give_a_zero_loss_and_an_empty_gradient(backend, shape, options, reduction):
+    student = torch.randn(shape, requires_grad=True)
+    loss = guided_cross_entropy(student, torch.randn(shape), torch.randn(shape), threshold=0.1,
+                                reduction=reduction, **options)
+    assert loss.dtype == torch.float32
+    assert loss.shape == (shape[:-1] if reduction == "none" else ())
+    assert not loss.any()
+    loss.sum().backward()
+    assert student.grad.shape == shape
+
+
 def test_teacher_inputs_get_no_gradient(backend):
     student, concept, anchor = teacher_student(torch.float32, seed=2)
     concept.requires_grad_()

@@ -120,6 +120,31 @@ def test_nothing_masked_everything_masked_and_all_ignored(backend):
     assert not loss.any()
 
 
+# Shapes with no rows: a windowed (B, 0, V) and (0, T, V), and unwindowed (0, V) and (B, 0, V).
+EMPTY_CASES = [
+    ((2, 0, 37), dict(window=3, window_threshold=0.5)),
+    ((2, 0, 37), dict(window=3)),
+    ((0, 4, 37), dict(window=3, window_threshold=0.5)),
+    ((0, 37), {}),
+    ((2, 0, 37), {}),
+]
+EMPTY_IDS = ["B0V-window", "B0V-window-no-gate", "0TV-window", "0V", "B0V"]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape, options", EMPTY_CASES, ids=EMPTY_IDS)
+def test_no_rows_give_a_zero_loss_and_an_empty_gradient(backend, shape, options, reduction):
+    # Nothing to average: "mean" and "sum" are 0, "none" is an empty loss of the target's shape.
+    logits = torch.randn(shape, requires_grad=True)
+    target = torch.zeros(shape[:-1], dtype=torch.long)
+    loss = masked_cross_entropy(logits, target, threshold=0.1, reduction=reduction, **options)
+    assert loss.dtype == torch.float32
+    assert loss.shape == (shape[:-1] if reduction == "none" else ())
+    assert not loss.any()
+    loss.sum().backward()
+    assert logits.grad.shape == shape
+
+
 @pytest.mark.parametrize("target_probability", [0.9, 0.99, 0.999, 0.9999])
 def test_bf16_gradient_of_confident_target(backend, target_probability):
     # softmax(z)[y] -> 1 makes d z_y = p_y - 1 a cancellation; rounding p_y to bf16 before the
@@ -211,6 +236,10 @@ def test_nan_logits_propagate_through_the_threshold(backend):
         (lambda z, y: (z, y, {"window": 3, "window_threshold": -math.inf}), "window_threshold"),
         (lambda z, y: (z, y, {"reduction": "avg"}), "reduction"),
         (lambda z, y: (z, y, {"ignore_index": "none"}), "ignore_index"),
+        (lambda z, y: (z, y, {"ignore_index": True}), "ignore_index"),
+        (lambda z, y: (z, y, {"ignore_index": -100.0}), "ignore_index"),
+        (lambda z, y: (z, y, {"ignore_index": 2**70}), "ignore_index"),  # beyond int64: not an OverflowError
+        (lambda z, y: (z, y, {"ignore_index": -(2**63) - 1}), "ignore_index"),
     ],
 )
 def test_bad_input_names_the_argument(backend, make_args, name):
