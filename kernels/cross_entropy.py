@@ -423,6 +423,8 @@ def guided_cross_entropy(
     and reduction as in masked_cross_entropy; the loss is 0 where the student already matches.
     inplace_backward=True writes the gradient into the student buffer, with the same fallback
     to a fresh buffer as masked_cross_entropy where the student's rows overlap in memory.
+    A target logit (1 + eta) anchor - eta concept of -inf is a class without target mass; one
+    of +inf leaves softmax undefined, and that row's loss is NaN (as log_softmax has it).
     """
     _check_float_tensor("student", student)
     _check_same_layout("concept", concept, "student", student)
