@@ -217,6 +217,30 @@ def test_nan_logits_propagate_through_the_threshold(backend):
     assert loss[1, 4].isnan() and not loss[0].isnan().any()
 
 
+def test_infinite_logits_follow_logsumexp(backend, triton_layout):
+    # l = logsumexp(z) - z_y with torch.logsumexp's convention (any +inf gives +inf): a +inf on
+    # another class gives l = +inf (softmax puts no mass on y), one on y itself inf - inf = NaN.
+    # Triton's running logsumexp shifted by the +inf max and made every such row NaN.
+    logits = 3 * torch.randn(4, 37, generator=torch.Generator().manual_seed(15))
+    target = torch.tensor([1, 2, 3, 4])
+    logits[0, 5] = math.inf
+    logits[1, 2] = math.inf
+    logits[2, 0] = -math.inf  # a class with no mass: finite
+    leaf = logits.clone().requires_grad_()
+    loss = masked_cross_entropy(leaf, target, reduction="none")
+    loss.backward(torch.ones_like(loss))
+    assert loss[0].item() == math.inf and math.isnan(loss[1].item())
+    want_loss, want_grad, _, _ = expected_masked(logits[2:], target[2:], reduction="none",
+                                                 grad_output=torch.ones(2))
+    torch.testing.assert_close(loss[2:].double(), want_loss, **LOSS_TOL)
+    torch.testing.assert_close(leaf.grad[2:].double(), want_grad, **GRAD_TOL[torch.float32])
+    # softmax(z) - onehot(y) with softmax 0 on the finite classes, NaN on the +inf one.
+    want_row = -torch.nn.functional.one_hot(target[0], 37).float()
+    want_row[5] = math.nan
+    torch.testing.assert_close(leaf.grad[0], want_row, equal_nan=True)
+    assert torch.equal(leaf.grad[1].isnan(), torch.arange(37) == 2)
+
+
 @pytest.mark.parametrize(
     "make_args, name",
     [
