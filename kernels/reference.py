@@ -29,22 +29,6 @@ def _keep_above(loss: torch.Tensor, threshold: float | None) -> torch.Tensor:
     return (~(loss <= threshold)).float()  # NaN counts as above: it must propagate
 
 
-def hard_rows(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, threshold: float | None):
-    z = logits.float()
-    lse = torch.logsumexp(z, dim=-1)
-    ignored = target == ignore_index
-    safe_target = torch.where(ignored, torch.zeros_like(target), target)
-    picked = z.gather(-1, safe_target[:, None]).squeeze(-1)
-    loss = torch.where(ignored, torch.zeros_like(lse), lse - picked)
-    keep = torch.where(ignored, torch.zeros_like(loss), _keep_above(loss, threshold))
-    return loss, keep, lse
-
-
-def guided_target(concept: torch.Tensor, anchor: torch.Tensor, eta: float) -> torch.Tensor:
-    """Logits of the target distribution p = softmax((1 + eta) z_a - eta z_c), in fp32."""
-    return (1.0 + eta) * anchor.float() - eta * concept.float()
-
-
 def _log_sum(x: torch.Tensor):
     """(x - shift, log sum exp(x - shift), shift) per row: shift is the row max, or 0 where that
     max is infinite (as torch.logsumexp: all -inf gives -inf, any +inf gives +inf), so that
@@ -53,6 +37,24 @@ def _log_sum(x: torch.Tensor):
     shift = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     shifted = x - shift[:, None]
     return shifted, torch.log(torch.exp(shifted).sum(-1)), shift
+
+
+def hard_rows(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, threshold: float | None):
+    shifted, log_sum, shift = _log_sum(logits.float())
+    lse = shift + log_sum
+    ignored = target == ignore_index
+    safe_target = torch.where(ignored, torch.zeros_like(target), target)
+    picked = shifted.gather(-1, safe_target[:, None]).squeeze(-1)
+    # l = log_sum - (z_y - shift): both small. lse - z_y, equal in exact arithmetic, subtracts
+    # two numbers of the logits' size, and at 1e4 lse is rounded to ~1e-3.
+    loss = torch.where(ignored, torch.zeros_like(lse), log_sum - picked)
+    keep = torch.where(ignored, torch.zeros_like(loss), _keep_above(loss, threshold))
+    return loss, keep, lse
+
+
+def guided_target(concept: torch.Tensor, anchor: torch.Tensor, eta: float) -> torch.Tensor:
+    """Logits of the target distribution p = softmax((1 + eta) z_a - eta z_c), in fp32."""
+    return (1.0 + eta) * anchor.float() - eta * concept.float()
 
 
 def guided_rows(student, concept, anchor, eta: float, threshold: float | None):

@@ -86,6 +86,15 @@ def _finish_row(loss, threshold, HAS_THRESHOLD: tl.constexpr):
 
 
 @triton.jit
+def _hard_loss(row_max, row_sum, picked):
+    """(lse, l) from the row's max and sum of exp(z - shift): l = log sum - (z_y - shift), both
+    small; lse - z_y would subtract two numbers of the logits' size (lse rounded ~1e-3 at 1e4)."""
+    shift = _shift_of(row_max)
+    log_sum = tl.log(row_sum)
+    return shift + log_sum, log_sum - (picked - shift)
+
+
+@triton.jit
 def _hard_forward_kernel(
     logits_ptr, logits_row_stride, target_ptr, partial_max_ptr, partial_sum_ptr,
     loss_ptr, keep_ptr, lse_ptr, n_cols, cols_per_split, ignore_index, threshold,
@@ -106,8 +115,8 @@ def _hard_forward_kernel(
         target = tl.load(target_ptr + row)
         ignored = target == ignore_index
         picked = tl.load(row_ptr + target, mask=target != ignore_index, other=0.0).to(tl.float32)
-        lse = running_max + tl.log(running_sum)
-        loss = tl.where(ignored, 0.0, lse - picked)
+        lse, loss = _hard_loss(running_max, running_sum, picked)
+        loss = tl.where(ignored, 0.0, loss)
         keep = tl.where(ignored, 0.0, _finish_row(loss, threshold, HAS_THRESHOLD))
         tl.store(loss_ptr + row, loss)
         tl.store(keep_ptr + row, keep)
@@ -138,8 +147,8 @@ def _hard_combine_kernel(
     target = tl.load(target_ptr + row)
     ignored = target == ignore_index
     picked = tl.load(logits_ptr + row * logits_row_stride + target, mask=target != ignore_index, other=0.0).to(tl.float32)
-    lse = row_max + tl.log(row_sum)
-    loss = tl.where(ignored, 0.0, lse - picked)
+    lse, loss = _hard_loss(row_max, row_sum, picked)
+    loss = tl.where(ignored, 0.0, loss)
     keep = tl.where(ignored, 0.0, _finish_row(loss, threshold, HAS_THRESHOLD))
     tl.store(loss_ptr + row, loss)
     tl.store(keep_ptr + row, keep)

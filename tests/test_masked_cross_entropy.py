@@ -217,7 +217,35 @@ def test_nan_logits_propagate_through_the_threshold(backend):
     assert loss[1, 4].isnan() and not loss[0].isnan().any()
 
 
-def test_infinite_logits_follow_logsumexp(backend, triton_layout):
+def check_large_logits(dtype, scale):
+    generator = torch.Generator().manual_seed(16)
+    unit = scale / 1e3  # spreads above the fp16 grid at this size
+    base = scale * (1 + torch.rand(16, 1, generator=generator)) + torch.linspace(0, 30 * unit, 127)
+    logits = base + 2 * unit * torch.randn(16, 127, generator=generator)
+    logits = ((logits * 64).round() / 64).to(dtype)  # exactly what the float64 oracle sees
+    target = torch.randint(0, 127, (16,), generator=generator)
+    target[:8] = logits[:8].float().argmax(-1)  # confident tokens: losses near 0
+    want_loss, _, token_loss, _ = expected_masked(logits, target, reduction="none")
+    assert token_loss.min() < 0.2
+    loss = masked_cross_entropy(logits, target, reduction="none")
+    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_large_logits_do_not_cancel(backend, dtype, scale):
+    # l = lse - z_y subtracts two numbers of the logits' size, and lse is rounded to ~1e-3 at
+    # 1e4: a confident token's loss of 1e-6 came out 0 or 1e-3. As (max - z_y) + log sum
+    # exp(z - max) both terms are small and the loss is as exact as its inputs.
+    check_large_logits(dtype, scale)
+
+
+def test_large_logits_triton_layouts(triton_layout, monkeypatch):
+    monkeypatch.setenv("EARKIT_BACKEND", "triton")
+    check_large_logits(torch.float32, 1e4)
+
+
+def test_infinite_logits_follow_logsumexp(backend):
     # l = logsumexp(z) - z_y with torch.logsumexp's convention (any +inf gives +inf): a +inf on
     # another class gives l = +inf (softmax puts no mass on y), one on y itself inf - inf = NaN.
     # Triton's running logsumexp shifted by the +inf max and made every such row NaN.
@@ -239,6 +267,11 @@ def test_infinite_logits_follow_logsumexp(backend, triton_layout):
     want_row[5] = math.nan
     torch.testing.assert_close(leaf.grad[0], want_row, equal_nan=True)
     assert torch.equal(leaf.grad[1].isnan(), torch.arange(37) == 2)
+
+
+def test_infinite_logits_triton_layouts(triton_layout, monkeypatch):
+    monkeypatch.setenv("EARKIT_BACKEND", "triton")
+    test_infinite_logits_follow_logsumexp("triton")
 
 
 @pytest.mark.parametrize(

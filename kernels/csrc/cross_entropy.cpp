@@ -496,7 +496,9 @@ EARKIT_API void earkit_hard_rows(const void* logits, int64_t n, int64_t v, int64
         keep[i] = 0.0f;
       } else {
         const float picked = (t >= 0 && t < v) ? load_one(row, dtype, t) : kNaN;  // out of range: never read
-        const float li = l - picked;
+        // log sum - (z_y - shift), both small: l - z_y would subtract two numbers of the logits'
+        // size, and at 1e4 l is rounded to ~1e-3.
+        const float li = std::log(acc.sum) - (picked - acc.shift);
         loss[i] = li;
         keep[i] = keep_above(li, has_threshold, thr) ? 1.0f : 0.0f;
       }
