@@ -21,7 +21,7 @@ def expected_guided(student, concept, anchor, *, eta=1.0, threshold=None, window
     log_p = torch.log_softmax(target_logits.reshape(-1, n_classes), dim=-1)
     log_q = torch.log_softmax(s.reshape(-1, n_classes), dim=-1)
     p = log_p.exp()
-    token_loss = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    token_loss = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q)).sum(-1)  # NaN p stays NaN
     with torch.no_grad():
         keep = ~(token_loss <= threshold) if threshold is not None else torch.ones_like(token_loss, dtype=torch.bool)
         weight, window_sums = windowed_weights(token_loss, keep, student.shape[:-1], window, window_threshold)
@@ -150,10 +150,7 @@ def test_target_with_zero_probability_classes(backend):
 def exact_token_kl(student, concept, anchor, eta=1.0):
     """KL(p || softmax(s)) per row in float64 from log-probabilities; classes with p = 0 add
     nothing, and a NaN (log_softmax of a row holding +inf) stays NaN."""
-    log_p = torch.log_softmax((1 + eta) * anchor.double() - eta * concept.double(), dim=-1)
-    log_q = torch.log_softmax(student.double(), dim=-1)
-    p = log_p.exp()
-    return torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q)).sum(-1)
+    return expected_guided(student, concept, anchor, eta=eta)[2]
 
 
 def large_logits_case(dtype, scale, n_classes=127, seed=21, unit=None, ramp=30.0, student_ramp=0.0):

@@ -28,7 +28,7 @@ def expected(h_student, h_concept, h_anchor, weight, bias=None, *, eta=1.0, thre
         log_p = torch.log_softmax(target_logits.reshape(-1, n_classes), dim=-1)
     log_q = torch.log_softmax(head(h).reshape(-1, n_classes), dim=-1)
     p = log_p.exp()
-    token_loss = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    token_loss = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q)).sum(-1)  # NaN p stays NaN
     rows_shape = h_student.shape[:-1]
     with torch.no_grad():
         keep = ~(token_loss <= threshold) if threshold is not None else torch.ones_like(token_loss, dtype=torch.bool)
