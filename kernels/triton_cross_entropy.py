@@ -172,7 +172,7 @@ def _guided_forward_kernel(
     target_max = -float("inf")
     target_sum = 0.0  # sum of exp(t - target shift)
     # sum of exp(t - target shift) ((t - target shift) - (s - student shift)): log-probability
-    # differences up to the small log-sums, never numbers of the logits' size (see _kl).
+    # differences up to the small log-sums, never numbers of the logits' size (_finish_guided_row).
     cross = 0.0
     student_max = -float("inf")
     student_sum = 0.0
