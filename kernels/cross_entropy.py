@@ -136,6 +136,15 @@ def _check_same_layout(name: str, tensor, lead_name: str, lead: Tensor) -> None:
         raise ValueError(f"{name} has dtype {tensor.dtype} but {lead_name} has {lead.dtype}")
 
 
+def _check_ignore_index(ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    # Compared with int64 targets inside the op: a Python int beyond int64 cannot even be passed.
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64 (targets are int64), got {ignore_index}")
+    return ignore_index
+
+
 def _check_target_values(target2d: Tensor, n_classes: int, ignore_index: int) -> None:
     # A data-dependent check: it lives inside the op, where torch.compile does not trace.
     bad = (target2d != ignore_index) & ((target2d < 0) | (target2d >= n_classes))
@@ -156,7 +165,8 @@ def _rows(tensor: Tensor) -> Tensor:
 
 
 def _weights(backend, loss, keep, shape, window, window_threshold) -> Tensor:
-    if window is None:
+    # No rows (B = 0 or T = 0): no window to gate, and seq_len = 0 would divide by zero.
+    if window is None or loss.numel() == 0:
         return keep
     return backend.window_weights(loss, keep, shape[1], window, window_threshold)
 
@@ -182,12 +192,24 @@ def _row_scale(weight: Tensor, grad_loss: Tensor, reduction: str) -> Tensor:
 
 
 def _in_place_rows(tensor: Tensor) -> Optional[Tensor]:
-    """A (N, V) view sharing `tensor`'s storage, or None when no such view exists."""
+    """A (N, V) view sharing `tensor`'s storage that can hold N distinct gradient rows, or None.
+
+    None when no such view exists (the backward then writes a fresh buffer): the layout does not
+    flatten to rows, the classes are not contiguous, or the rows overlap in memory. Overlap is
+    what x.expand(N, V) gives (row stride 0) or any row stride below V: every row's gradient
+    would land on the same elements, so writing in place would give a wrong gradient silently.
+    """
     try:
         rows = tensor.view(-1, tensor.shape[-1])
     except RuntimeError:
         return None
-    return rows if rows.stride(-1) == 1 else None
+    n_rows, n_cols = rows.shape
+    if n_cols > 1 and rows.stride(1) != 1:
+        return None
+    # With unit stride along V, row i covers [i s, i s + V): disjoint from row i + 1 iff s >= V.
+    if n_rows > 1 and n_cols > 0 and rows.stride(0) < n_cols:
+        return None
+    return rows
 
 
 def _fake_outputs(lead: Tensor, reduction: str, n_row_vectors: int):
@@ -278,7 +300,11 @@ def masked_cross_entropy(
     are dropped; with `window` and `window_threshold`, a window whose kept loss sum is
     <= window_threshold is dropped whole. Returns a float32 loss (shape of target for
     reduction="none", else a scalar). With inplace_backward=True the backward writes the
-    gradient into the logits buffer, which must not be used afterwards.
+    gradient into the logits buffer, which must not be used afterwards. Where that buffer
+    cannot hold one gradient row per row (rows that overlap in memory, as x.expand(N, V) gives,
+    or a layout that does not flatten to (N, V) rows with contiguous classes) the backward
+    silently writes a fresh buffer instead: the gradient is always right, only the memory
+    saving is lost (autograd callers cannot always choose the layout, so this is not an error).
     """
     _check_float_tensor("logits", logits)
     threshold, window_threshold = _check_common("logits", logits, threshold, window, window_threshold, reduction)
@@ -292,8 +318,7 @@ def masked_cross_entropy(
         raise ValueError(f"target has shape {tuple(target.shape)}; expected {tuple(logits.shape[:-1])} (logits without V)")
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = _check_ignore_index(ignore_index)
     loss, _, _ = torch.ops.earkit.masked_cross_entropy(
         logits, target.long(), threshold, ignore_index, window, window_threshold, reduction, bool(inplace_backward)
     )
@@ -396,6 +421,10 @@ def guided_cross_entropy(
     (replacement) prompt's logits pushed away from the concept's. All three are (..., V) logits
     of one dtype (with `window`: (B, T, V)); only the student gets a gradient. Threshold, window
     and reduction as in masked_cross_entropy; the loss is 0 where the student already matches.
+    inplace_backward=True writes the gradient into the student buffer, with the same fallback
+    to a fresh buffer as masked_cross_entropy where the student's rows overlap in memory.
+    A target logit (1 + eta) anchor - eta concept of -inf is a class without target mass; one
+    of +inf leaves softmax undefined, and that row's loss is NaN (as log_softmax has it).
     """
     _check_float_tensor("student", student)
     _check_same_layout("concept", concept, "student", student)

@@ -45,6 +45,7 @@ from .cross_entropy import (
     _check_common,
     _check_finite,
     _check_float_tensor,
+    _check_ignore_index,
     _check_target_values,
     _reduce,
 )
@@ -72,7 +73,7 @@ def _linear_backend(device: torch.device) -> SimpleNamespace:
 
 def _chunk_rows(n_rows: int, seq_len: Optional[int], device: torch.device) -> int:
     wanted = force_chunk_rows or CHUNK_ROWS.get(device.type, CHUNK_ROWS["cuda"])
-    if seq_len is not None:  # windowed: whole sequences, so the gate sees every window whole
+    if seq_len:  # windowed: whole sequences, so the gate sees every window whole (T = 0: no rows at all)
         wanted = seq_len * max(1, wanted // seq_len)
     return max(1, min(wanted, n_rows))
 
@@ -412,6 +413,9 @@ def _check_head(hidden_name: str, hidden: Tensor, weight, bias) -> None:
     _check_float_tensor("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must be (V, H), got shape {tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have at least one row (V, the class dimension, must be non-empty), "
+                         f"got shape {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight has shape {tuple(weight.shape)}: its H ({weight.shape[1]}) must be "
                          f"{hidden_name}'s last dimension ({hidden.shape[-1]})")
@@ -455,8 +459,7 @@ def linear_masked_cross_entropy(
         raise ValueError(f"target has shape {tuple(target.shape)}; expected {tuple(hidden.shape[:-1])} (hidden without H)")
     if target.device != hidden.device:
         raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = _check_ignore_index(ignore_index)
     loss, *_ = torch.ops.earkit.linear_masked_cross_entropy(
         hidden, weight, bias, target.long(), threshold, ignore_index, window, window_threshold, reduction,
         _wants_grad(hidden), _wants_grad(weight), _wants_grad(bias),

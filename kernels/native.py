@@ -211,10 +211,10 @@ def guided_rows(student, concept, anchor, eta: float, threshold: float | None):
 
 def window_weights(loss, keep, seq_len: int, window: int, window_threshold: float | None):
     """a_i = m_i * G_w(i), where windows of `window` rows run along each sequence of seq_len rows."""
-    if window_threshold is None:
-        return keep  # as the reference: the token mask is the weight
-    lib = _require()
     n = loss.numel()
+    if window_threshold is None or n == 0:
+        return keep  # as the reference: the token mask is the weight (no rows: seq_len may be 0)
+    lib = _require()
     l = _vec(loss, n, torch.float32, "loss")
     k = _vec(keep, n, torch.float32, "keep")
     if int(seq_len) < 1 or int(window) < 1:

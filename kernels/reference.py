@@ -29,13 +29,25 @@ def _keep_above(loss: torch.Tensor, threshold: float | None) -> torch.Tensor:
     return (~(loss <= threshold)).float()  # NaN counts as above: it must propagate
 
 
+def _log_sum(x: torch.Tensor):
+    """(x - shift, log sum exp(x - shift), shift) per row: shift is the row max, or 0 where that
+    max is infinite (as torch.logsumexp: all -inf gives -inf, any +inf gives +inf), so that
+    logsumexp(x) = shift + the log-sum, and the first two stay small whatever the logits' size."""
+    row_max = x.amax(dim=-1)
+    shift = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    shifted = x - shift[:, None]
+    return shifted, torch.log(torch.exp(shifted).sum(-1)), shift
+
+
 def hard_rows(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, threshold: float | None):
-    z = logits.float()
-    lse = torch.logsumexp(z, dim=-1)
+    shifted, log_sum, shift = _log_sum(logits.float())
+    lse = shift + log_sum
     ignored = target == ignore_index
     safe_target = torch.where(ignored, torch.zeros_like(target), target)
-    picked = z.gather(-1, safe_target[:, None]).squeeze(-1)
-    loss = torch.where(ignored, torch.zeros_like(lse), lse - picked)
+    picked = shifted.gather(-1, safe_target[:, None]).squeeze(-1)
+    # l = log_sum - (z_y - shift): both small. lse - z_y, equal in exact arithmetic, subtracts
+    # two numbers of the logits' size, and at 1e4 lse is rounded to ~1e-3.
+    loss = torch.where(ignored, torch.zeros_like(lse), log_sum - picked)
     keep = torch.where(ignored, torch.zeros_like(loss), _keep_above(loss, threshold))
     return loss, keep, lse
 
@@ -46,23 +58,28 @@ def guided_target(concept: torch.Tensor, anchor: torch.Tensor, eta: float) -> to
 
 
 def guided_rows(student, concept, anchor, eta: float, threshold: float | None):
-    s = student.float()
-    t = guided_target(concept, anchor, eta)
-    lse_s = torch.logsumexp(s, dim=-1)
-    lse_t = torch.logsumexp(t, dim=-1)
-    p = torch.exp(t - lse_t[:, None])
-    # KL(p || softmax(s)) = sum p (t - s) - lse_t + lse_s: zero when the student matches.
-    # Classes the target gives no mass (t = -inf) add nothing, not 0 * -inf = NaN.
-    cross = torch.where(p > 0, p * (t - s), torch.zeros_like(p))
-    loss = cross.sum(-1) - lse_t + lse_s
+    s_shifted, log_sum_s, shift_s = _log_sum(student.float())
+    t_shifted, log_sum_t, shift_t = _log_sum(guided_target(concept, anchor, eta))
+    # KL(p || softmax(s)) = sum p (log p - log q), from log-probabilities that never hold the
+    # size of the logits: log p = (t - shift_t) - log_sum_t. The equal sum p (t - s) - lse_t +
+    # lse_s cancels catastrophically at logits of 1e3-1e4: each lse is rounded to ~1e-3, and
+    # p = exp(t - lse_t) sums to 1 only that well, times the offset of thousands that student
+    # and target may differ by (softmax ignores it): whole nats of error, flipped masks.
+    log_p = t_shifted - log_sum_t[:, None]
+    log_q = s_shifted - log_sum_s[:, None]
+    p = torch.exp(log_p)
+    # Classes the target gives no mass (t = -inf) add nothing, not 0 * -inf = NaN; a NaN p
+    # (t = +inf, where softmax is undefined, as log_softmax says) stays NaN, never masked away.
+    loss = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q)).sum(-1)
+    lse_s, lse_t = shift_s + log_sum_s, shift_t + log_sum_t
     return loss, _keep_above(loss, threshold), lse_s, lse_t
 
 
 def window_weights(loss, keep, seq_len: int, window: int, window_threshold: float | None):
     """a_i = m_i * G_w(i), where windows of `window` rows run along each sequence of seq_len rows."""
-    if window_threshold is None:
-        return keep
     n = loss.numel()
+    if window_threshold is None or n == 0:  # no rows: no windows (and seq_len may be 0)
+        return keep
     position = torch.arange(n, device=loss.device) % seq_len
     sequence = torch.arange(n, device=loss.device) // seq_len
     windows_per_sequence = -(-seq_len // window)

@@ -59,11 +59,17 @@ def _block(n_cols: int, cap: int = MAX_BLOCK_V) -> int:
 
 
 @triton.jit
+def _shift_of(row_max):
+    """The shift a sum of exp(x - shift) is taken against: the max, or 0 where it is infinite,
+    as torch.logsumexp does (all -inf gives -inf, any +inf gives +inf, never inf - inf = NaN)."""
+    return tl.where((row_max == float("-inf")) | (row_max == float("inf")), 0.0, row_max)
+
+
+@triton.jit
 def _online_logsumexp_step(x, running_max, running_sum):
-    """Fold one block (out-of-range lanes are -inf) into a running (max, sum of exp)."""
+    """Fold one block (out-of-range lanes are -inf) into a running (max, sum of exp(x - shift))."""
     new_max = tl.maximum(running_max, tl.max(x, axis=0))
-    # A block of only -inf must not produce (-inf) - (-inf) = NaN.
-    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    safe_max = _shift_of(new_max)
     running_sum = running_sum * tl.exp(running_max - safe_max) + tl.sum(tl.exp(x - safe_max), axis=0)
     return new_max, running_sum
 
@@ -77,6 +83,15 @@ def _finish_row(loss, threshold, HAS_THRESHOLD: tl.constexpr):
 
 
 # ---------------------------------------------------------------- hard labels, forward
+
+
+@triton.jit
+def _hard_loss(row_max, row_sum, picked):
+    """(lse, l) from the row's max and sum of exp(z - shift): l = log sum - (z_y - shift), both
+    small; lse - z_y would subtract two numbers of the logits' size (lse rounded ~1e-3 at 1e4)."""
+    shift = _shift_of(row_max)
+    log_sum = tl.log(row_sum)
+    return shift + log_sum, log_sum - (picked - shift)
 
 
 @triton.jit
@@ -100,8 +115,8 @@ def _hard_forward_kernel(
         target = tl.load(target_ptr + row)
         ignored = target == ignore_index
         picked = tl.load(row_ptr + target, mask=target != ignore_index, other=0.0).to(tl.float32)
-        lse = running_max + tl.log(running_sum)
-        loss = tl.where(ignored, 0.0, lse - picked)
+        lse, loss = _hard_loss(running_max, running_sum, picked)
+        loss = tl.where(ignored, 0.0, loss)
         keep = tl.where(ignored, 0.0, _finish_row(loss, threshold, HAS_THRESHOLD))
         tl.store(loss_ptr + row, loss)
         tl.store(keep_ptr + row, keep)
@@ -117,8 +132,7 @@ def _merge_partials(partial_max_ptr, partial_sum_ptr, row, SPLITS: tl.constexpr)
     maxes = tl.load(partial_max_ptr + row * SPLITS + offsets)
     sums = tl.load(partial_sum_ptr + row * SPLITS + offsets)
     row_max = tl.max(maxes, axis=0)
-    safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-    scales = tl.exp(maxes - safe_max)
+    scales = tl.exp(maxes - _shift_of(row_max))
     return row_max, scales, tl.sum(sums * scales, axis=0)
 
 
@@ -133,8 +147,8 @@ def _hard_combine_kernel(
     target = tl.load(target_ptr + row)
     ignored = target == ignore_index
     picked = tl.load(logits_ptr + row * logits_row_stride + target, mask=target != ignore_index, other=0.0).to(tl.float32)
-    lse = row_max + tl.log(row_sum)
-    loss = tl.where(ignored, 0.0, lse - picked)
+    lse, loss = _hard_loss(row_max, row_sum, picked)
+    loss = tl.where(ignored, 0.0, loss)
     keep = tl.where(ignored, 0.0, _finish_row(loss, threshold, HAS_THRESHOLD))
     tl.store(loss_ptr + row, loss)
     tl.store(keep_ptr + row, keep)
@@ -156,8 +170,10 @@ def _guided_forward_kernel(
     col_begin = split * cols_per_split
     col_end = tl.minimum(col_begin + cols_per_split, n_cols)
     target_max = -float("inf")
-    target_sum = 0.0
-    cross = 0.0  # sum of exp(t - target_max) * (t - s), rescaled as target_max grows
+    target_sum = 0.0  # sum of exp(t - target shift)
+    # sum of exp(t - target shift) ((t - target shift) - (s - student shift)): log-probability
+    # differences up to the small log-sums, never numbers of the logits' size (_finish_guided_row).
+    cross = 0.0
     student_max = -float("inf")
     student_sum = 0.0
     for start in range(col_begin, col_end, BLOCK_V):
@@ -167,24 +183,29 @@ def _guided_forward_kernel(
         zc = tl.load(concept_ptr + row * concept_row_stride + cols, mask=in_range, other=0.0).to(tl.float32)
         za = tl.load(anchor_ptr + row * anchor_row_stride + cols, mask=in_range, other=0.0).to(tl.float32)
         t = tl.where(in_range, (1.0 + eta) * za - eta * zc, -float("inf"))
-        new_max = tl.maximum(target_max, tl.max(t, axis=0))
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        rescale = tl.exp(target_max - safe_max)
-        weights = tl.exp(t - safe_max)
-        # Classes with no target mass add nothing (not 0 * -inf).
-        cross = cross * rescale + tl.sum(tl.where(weights > 0, t - s, 0.0) * weights, axis=0)
-        target_sum = target_sum * rescale + tl.sum(weights, axis=0)
-        target_max = new_max
         s = tl.where(in_range, s, -float("inf"))
+        new_target_max = tl.maximum(target_max, tl.max(t, axis=0))
+        new_student_max = tl.maximum(student_max, tl.max(s, axis=0))
+        target_shift, student_shift = _shift_of(target_max), _shift_of(student_max)
+        new_target_shift, new_student_shift = _shift_of(new_target_max), _shift_of(new_student_max)
+        rescale = tl.exp(target_max - new_target_shift)  # 0 while no target mass was seen
+        # New shifts move every earlier term's log-ratio by the change of the student's shift
+        # minus the target's; rescale 0 means the earlier target mass underflows, and its terms
+        # (an infinite one too, as p = 0 does in the reference) with it.
+        moved = tl.where(target_sum == 0.0, 0.0,
+                         ((new_student_shift - student_shift) - (new_target_shift - target_shift)) * target_sum)
+        cross = tl.where(rescale == 0.0, 0.0, (cross + moved) * rescale)
+        t_shifted = t - new_target_shift
+        weights = tl.exp(t_shifted)
+        # Classes with no target mass add nothing (not 0 * -inf); a NaN weight (t = +inf) stays.
+        terms = tl.where(weights == 0.0, 0.0, weights * (t_shifted - (s - new_student_shift)))
+        cross += tl.sum(terms, axis=0)
+        target_sum = target_sum * rescale + tl.sum(weights, axis=0)
+        target_max = new_target_max
         student_max, student_sum = _online_logsumexp_step(s, student_max, student_sum)
     if SPLITS == 1:
-        lse_target = target_max + tl.log(target_sum)
-        lse_student = student_max + tl.log(student_sum)
-        loss = cross / target_sum - lse_target + lse_student
-        tl.store(loss_ptr + row, loss)
-        tl.store(keep_ptr + row, _finish_row(loss, threshold, HAS_THRESHOLD))
-        tl.store(lse_student_ptr + row, lse_student)
-        tl.store(lse_target_ptr + row, lse_target)
+        _finish_guided_row(row, target_max, target_sum, cross, student_max, student_sum, loss_ptr, keep_ptr,
+                           lse_student_ptr, lse_target_ptr, threshold, HAS_THRESHOLD)
     else:
         base = partials_ptr + (row * SPLITS + split) * 5
         tl.store(base + 0, target_max)
@@ -195,6 +216,21 @@ def _guided_forward_kernel(
 
 
 @triton.jit
+def _finish_guided_row(row, target_max, target_sum, cross, student_max, student_sum, loss_ptr, keep_ptr,
+                       lse_student_ptr, lse_target_ptr, threshold, HAS_THRESHOLD: tl.constexpr):
+    """KL = cross / sum_t - log sum_t + log sum_s: every term small whatever the logits' size.
+    (The equal sum p (t - s) - lse_t + lse_s subtracts numbers of the logits' size, and at 1e4
+    each lse carries a rounding of ~1e-3 that masks and windows then act on.)"""
+    log_sum_target = tl.log(target_sum)
+    log_sum_student = tl.log(student_sum)
+    loss = cross / target_sum - log_sum_target + log_sum_student
+    tl.store(loss_ptr + row, loss)
+    tl.store(keep_ptr + row, _finish_row(loss, threshold, HAS_THRESHOLD))
+    tl.store(lse_student_ptr + row, _shift_of(student_max) + log_sum_student)
+    tl.store(lse_target_ptr + row, _shift_of(target_max) + log_sum_target)
+
+
+@triton.jit
 def _guided_combine_kernel(
     partials_ptr, loss_ptr, keep_ptr, lse_student_ptr, lse_target_ptr, threshold,
     HAS_THRESHOLD: tl.constexpr, SPLITS: tl.constexpr,
@@ -202,21 +238,24 @@ def _guided_combine_kernel(
     row = tl.program_id(0).to(tl.int64)
     base = partials_ptr + (row * SPLITS + tl.arange(0, SPLITS)) * 5
     target_maxes = tl.load(base + 0)
-    target_max = tl.max(target_maxes, axis=0)
-    target_scales = tl.exp(target_maxes - tl.where(target_max == float("-inf"), 0.0, target_max))
-    target_sum = tl.sum(tl.load(base + 1) * target_scales, axis=0)
-    cross = tl.sum(tl.load(base + 2) * target_scales, axis=0)
+    target_sums = tl.load(base + 1)
+    crosses = tl.load(base + 2)
     student_maxes = tl.load(base + 3)
+    target_max = tl.max(target_maxes, axis=0)
     student_max = tl.max(student_maxes, axis=0)
-    student_scales = tl.exp(student_maxes - tl.where(student_max == float("-inf"), 0.0, student_max))
+    target_shift, student_shift = _shift_of(target_max), _shift_of(student_max)
+    # Each split's sums are against its own shifts: rescale to the row's, and re-base its cross
+    # terms as the forward loop does when a shift moves. A split without target mass (its max
+    # -inf, padding included) has scale 0 and sums 0 and adds nothing.
+    target_scales = tl.exp(target_maxes - target_shift)
+    moved = ((student_shift - _shift_of(student_maxes)) - (target_shift - _shift_of(target_maxes))) * target_sums
+    moved = tl.where(target_sums == 0.0, 0.0, moved)
+    cross = tl.sum(tl.where(target_scales == 0.0, 0.0, (crosses + moved) * target_scales), axis=0)
+    target_sum = tl.sum(target_sums * target_scales, axis=0)
+    student_scales = tl.exp(student_maxes - student_shift)
     student_sum = tl.sum(tl.load(base + 4) * student_scales, axis=0)
-    lse_target = target_max + tl.log(target_sum)
-    lse_student = student_max + tl.log(student_sum)
-    loss = cross / target_sum - lse_target + lse_student
-    tl.store(loss_ptr + row, loss)
-    tl.store(keep_ptr + row, _finish_row(loss, threshold, HAS_THRESHOLD))
-    tl.store(lse_student_ptr + row, lse_student)
-    tl.store(lse_target_ptr + row, lse_target)
+    _finish_guided_row(row, target_max, target_sum, cross, student_max, student_sum, loss_ptr, keep_ptr,
+                       lse_student_ptr, lse_target_ptr, threshold, HAS_THRESHOLD)
 
 
 # ---------------------------------------------------------------- window gate

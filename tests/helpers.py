@@ -67,3 +67,26 @@ def one_error_line(stderr: str) -> list:
     errors = [line for line in lines if line.startswith("earkit ")]
     assert len(errors) == 1 and errors[0] == lines[-1], lines
     return errors
+
+
+SHARED_MEMORY_LAYOUTS = ["expanded", "sliding"]
+
+
+def rows_sharing_memory(layout, shape, generator):
+    """(source, make): make(source) is a (..., V) tensor of `shape` whose rows overlap in memory,
+    "expanded" (one row, stride 0 along every row dimension, as x.expand gives) or "sliding"
+    (row i starts one element after row i - 1). make works on any tensor like source, so
+    autograd through it maps a gradient of the rows back to the source."""
+    n_classes = shape[-1]
+    n_rows = 1
+    for size in shape[:-1]:
+        n_rows *= size
+    if layout == "expanded":
+        return 3 * torch.randn(n_classes, generator=generator), lambda source: source.expand(shape)
+    row_strides = []
+    stride = 1
+    for size in reversed(shape[:-1]):
+        row_strides.insert(0, stride)
+        stride *= size
+    source = 3 * torch.randn(n_rows + n_classes - 1, generator=generator)
+    return source, lambda source: source.as_strided(shape, tuple(row_strides) + (1,))

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from earkit.kernels import guided_cross_entropy
-from helpers import DTYPES, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, reduce, threshold_in_gap, windowed_weights
+from helpers import (DTYPES, GRAD_TOL, LOSS_TOL, REDUCTIONS, SHARED_MEMORY_LAYOUTS, far_from, reduce, rows_sharing_memory,
+                     threshold_in_gap, windowed_weights)
 
 
 def expected_guided(student, concept, anchor, *, eta=1.0, threshold=None, window=None, window_threshold=None,
@@ -20,7 +21,7 @@ def expected_guided(student, concept, anchor, *, eta=1.0, threshold=None, window
     log_p = torch.log_softmax(target_logits.reshape(-1, n_classes), dim=-1)
     log_q = torch.log_softmax(s.reshape(-1, n_classes), dim=-1)
     p = log_p.exp()
-    token_loss = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    token_loss = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q)).sum(-1)  # NaN p stays NaN
     with torch.no_grad():
         keep = ~(token_loss <= threshold) if threshold is not None else torch.ones_like(token_loss, dtype=torch.bool)
         weight, window_sums = windowed_weights(token_loss, keep, student.shape[:-1], window, window_threshold)
@@ -100,6 +101,24 @@ def test_loss_is_zero_when_the_student_matches_the_target(backend):
     assert loss > 0
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    "shape, options",
+    [((2, 0, 37), dict(window=3, window_threshold=0.5)), ((2, 0, 37), dict(window=3)),
+     ((0, 4, 37), dict(window=3, window_threshold=0.5)), ((0, 37), {}), ((2, 0, 37), {})],
+    ids=["B0V-window", "B0V-window-no-gate", "0TV-window", "0V", "B0V"],
+)
+def test_no_rows_give_a_zero_loss_and_an_empty_gradient(backend, shape, options, reduction):
+    student = torch.randn(shape, requires_grad=True)
+    loss = guided_cross_entropy(student, torch.randn(shape), torch.randn(shape), threshold=0.1,
+                                reduction=reduction, **options)
+    assert loss.dtype == torch.float32
+    assert loss.shape == (shape[:-1] if reduction == "none" else ())
+    assert not loss.any()
+    loss.sum().backward()
+    assert student.grad.shape == shape
+
+
 def test_teacher_inputs_get_no_gradient(backend):
     student, concept, anchor = teacher_student(torch.float32, seed=2)
     concept.requires_grad_()
@@ -128,6 +147,106 @@ def test_target_with_zero_probability_classes(backend):
     check(student, concept, anchor, reduction="mean", eta=1.0)
 
 
+def exact_token_kl(student, concept, anchor, eta=1.0):
+    """KL(p || softmax(s)) per row in float64 from log-probabilities; classes with p = 0 add
+    nothing, and a NaN (log_softmax of a row holding +inf) stays NaN."""
+    return expected_guided(student, concept, anchor, eta=eta)[2]
+
+
+def large_logits_case(dtype, scale, n_classes=127, seed=21, unit=None, ramp=30.0, student_ramp=0.0):
+    """Logits of size `scale` (1e3-1e4), spread by a few `unit`s (default scale / 1e3, above the
+    fp16 grid at that size, so softmax is not one-hot) and rising by `ramp` units along V (so
+    the running max of a chunked pass moves chunk after chunk); the student offset from the
+    target by up to `scale`, close to it in some rows, far in others, plus its own ramp."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (8, n_classes)
+    unit = scale / 1e3 if unit is None else unit
+    base = scale * (1 + torch.rand(shape[0], 1, generator=generator)) + torch.linspace(0, ramp * unit, n_classes)
+    concept = base + 2 * unit * torch.randn(shape, generator=generator)
+    anchor = concept + unit * torch.randn(shape, generator=generator)
+    offset = scale * torch.rand(shape[0], 1, generator=generator)
+    closeness = torch.rand(shape[0], 1, generator=generator)
+    student = 2 * anchor - concept - offset + unit * closeness * torch.randn(shape, generator=generator)
+    student = student + torch.linspace(0, student_ramp * unit, n_classes)
+    # fp16 logits of this size are whole numbers; fp32 ones go on a grid of 1/64: either way
+    # t = 2 z_a - z_c is exact in fp32, so the float64 oracle sees the logits the kernels see.
+    student, concept, anchor = ((x * 64).round() / 64 for x in (student, concept, anchor))
+    student, concept, anchor = (x.to(dtype) for x in (student, concept, anchor))
+    assert torch.isfinite(2 * anchor.float() - concept.float()).all()
+    return student, concept, anchor
+
+
+def check_large_logits(student, concept, anchor):
+    want = exact_token_kl(student, concept, anchor)
+    assert want.max() > 1e-2
+    loss = guided_cross_entropy(student, concept, anchor, reduction="none")
+    torch.testing.assert_close(loss.double(), want, **LOSS_TOL)
+    # A threshold between two losses splits the tokens as the exact losses do.
+    threshold = threshold_in_gap(want, 0.5)
+    kept = guided_cross_entropy(student, concept, anchor, threshold=threshold, reduction="none")
+    assert torch.equal(kept != 0, want > threshold)
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_large_logits_do_not_cancel(backend, dtype, scale):
+    # KL as sum p (t - s) - lse_t + lse_s subtracts numbers of the size of the logits: at 1e3-1e4
+    # each lse carries an fp32 rounding of ~1e-3, and p = exp(t - lse_t) sums to 1 only that
+    # well, times a student-target offset of thousands (softmax does not see offsets). Losses
+    # were off by whole nats, flipping token masks. From log-probabilities the error stays ~1e-6.
+    tensors = large_logits_case(dtype, scale)
+    assert exact_token_kl(*tensors).min() < 1.0  # small losses too, where masks decide
+    check_large_logits(*tensors)
+
+
+def test_large_logits_over_several_chunks(backend):
+    # V = 4500: the native twin's rows run in chunks of 2048 (and Triton's split layout below in
+    # blocks of 8), so the KL's accumulator is re-based on each new running max: the target's
+    # rises by a few nats a chunk while the student's falls, so the re-basing shows.
+    check_large_logits(*large_logits_case(torch.float32, 1e4, n_classes=4500, seed=23, unit=1.0, ramp=8.0,
+                                          student_ramp=-16.0))
+
+
+def test_large_logits_triton_layouts(triton_layout, monkeypatch):
+    monkeypatch.setenv("EARKIT_BACKEND", "triton")
+    for dtype in (torch.float16, torch.float32):
+        check_large_logits(*large_logits_case(dtype, 1e4, seed=24))
+
+
+def test_infinite_teacher_logits(backend):
+    # t = (1 + eta) z_a - eta z_c = +inf (an anchor at +inf, or a concept at -inf) has no
+    # softmax: the row's loss is NaN on every backend, as log_softmax makes it, never -inf (the
+    # old reference) and never a number the threshold could mask. t = -inf (a concept at +inf,
+    # an anchor at -inf) is a class without target mass: finite, as the float64 oracle says.
+    student, concept, anchor = teacher_student(torch.float32, seed=22, batch=1, seq_len=7, n_classes=11)
+    student, concept, anchor = student[0], concept[0], anchor[0]
+    anchor[0, 3] = math.inf
+    anchor[1, [2, 5]] = math.inf
+    concept[2, 4] = -math.inf
+    concept[3, 4] = math.inf
+    anchor[4, 1] = -math.inf
+    anchor[5, 6] = math.inf  # and a student at +inf on another class, and on the same class
+    student[5, 0] = math.inf
+    student[6, 6] = math.inf
+    anchor[6, 6] = math.inf
+    target_is_inf = (2 * anchor - concept) == math.inf
+    want = exact_token_kl(student, concept, anchor)
+    assert want[[0, 1, 2, 5, 6]].isnan().all() and want[[3, 4]].isfinite().all()
+    leaf = student.clone().requires_grad_()
+    loss = guided_cross_entropy(leaf, concept, anchor, reduction="none", threshold=0.01)
+    loss.backward(torch.ones_like(loss))
+    torch.testing.assert_close(loss.double(), want, equal_nan=True, **LOSS_TOL)
+    # The gradient softmax(s) - p of a finite row is the oracle's; in a row with t = +inf, p is
+    # 0 on the finite classes and NaN (undefined) on the infinite ones.
+    _, want_grad, _, _ = expected_guided(student[3:5], concept[3:5], anchor[3:5], reduction="none",
+                                         grad_output=torch.ones(2))
+    torch.testing.assert_close(leaf.grad[3:5].double(), want_grad, **GRAD_TOL[torch.float32])
+    for row in (0, 1, 2):
+        assert torch.equal(leaf.grad[row].isnan(), target_is_inf[row])
+        finite = ~target_is_inf[row]
+        torch.testing.assert_close(leaf.grad[row][finite], torch.softmax(student[row], -1)[finite])
+
+
 def test_bf16_gradient_when_student_is_close_to_the_target(backend):
     # d s = softmax(s) - p cancels as the student converges: it must be formed in fp32.
     student, concept, anchor = teacher_student(torch.float32, seed=12, n_classes=300)
@@ -148,6 +267,36 @@ def test_inplace_backward_reuses_the_student_buffer(backend):
     guided_cross_entropy(buffer, *tensors[1:], reduction="mean", inplace_backward=True, **options).backward()
     assert seen[0].data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(source.grad, want_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("windowed", [False, True], ids=["rows", "windows"])
+@pytest.mark.parametrize("layout", SHARED_MEMORY_LAYOUTS)
+def test_inplace_backward_on_student_rows_sharing_memory(backend, layout, windowed):
+    # As for masked_cross_entropy: an expanded student (stride 0 along rows) cannot take the
+    # gradient in place, so the op falls back to a fresh buffer instead of summing rows into one.
+    generator = torch.Generator().manual_seed(14)
+    shape = (2, 6, 37) if windowed else (9, 37)
+    source, make = rows_sharing_memory(layout, shape, generator)
+    concept = make(source) + torch.randn(shape, generator=generator)
+    anchor = concept + torch.randn(shape, generator=generator)
+    options = {}
+    if windowed:
+        _, _, _, window_sums = expected_guided(make(source), concept, anchor, window=3, window_threshold=1e9)
+        options = dict(window=3, window_threshold=threshold_in_gap(window_sums, 0.4))
+    want_loss, want_grad, _, _ = expected_guided(make(source), concept, anchor, **options)
+    source64 = source.double().requires_grad_()
+    (want_source_grad,) = torch.autograd.grad(make(source64), source64, want_grad)
+    leaf = source.clone().requires_grad_()
+    loss = guided_cross_entropy(make(leaf), concept, anchor, inplace_backward=True, **options)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
+    torch.testing.assert_close(leaf.grad.double(), want_source_grad, **GRAD_TOL[torch.float32])
+    student = make(source.clone()).requires_grad_()
+    guided_cross_entropy(student, concept, anchor, inplace_backward=True, **options).backward()
+    torch.testing.assert_close(student.grad.double(), want_grad, **GRAD_TOL[torch.float32])
+    plain = make(source.clone()).requires_grad_()  # the same layout without inplace_backward
+    guided_cross_entropy(plain, concept, anchor, **options).backward()
+    torch.testing.assert_close(student.grad, plain.grad, rtol=0, atol=0)
 
 
 def test_nan_logits_propagate_through_the_threshold(backend):

@@ -28,7 +28,7 @@ def expected(h_student, h_concept, h_anchor, weight, bias=None, *, eta=1.0, thre
         log_p = torch.log_softmax(target_logits.reshape(-1, n_classes), dim=-1)
     log_q = torch.log_softmax(head(h).reshape(-1, n_classes), dim=-1)
     p = log_p.exp()
-    token_loss = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    token_loss = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q)).sum(-1)  # NaN p stays NaN
     rows_shape = h_student.shape[:-1]
     with torch.no_grad():
         keep = ~(token_loss <= threshold) if threshold is not None else torch.ones_like(token_loss, dtype=torch.bool)
@@ -155,6 +155,28 @@ def test_everything_masked(backend):
     assert loss.item() == 0.0 and not any(g.any() for g in grads)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    "shape, options",
+    [((2, 0, 12), dict(window=3, window_threshold=0.5)), ((2, 0, 12), dict(window=3)),
+     ((0, 4, 12), dict(window=3, window_threshold=0.5)), ((0, 12), {}), ((2, 0, 12), {})],
+    ids=["B0H-window", "B0H-window-no-gate", "0TH-window", "0H", "B0H"],
+)
+def test_no_rows_give_a_zero_loss_and_zero_gradients(backend, shape, options, reduction):
+    h_student = torch.randn(shape, requires_grad=True)
+    weight = torch.randn(37, 12, requires_grad=True)
+    bias = torch.randn(37, requires_grad=True)
+    loss = linear_guided_cross_entropy(h_student, torch.randn(shape), torch.randn(shape), weight, bias, threshold=0.1,
+                                       reduction=reduction, **options)
+    assert loss.dtype == torch.float32
+    assert loss.shape == (shape[:-1] if reduction == "none" else ())
+    assert not loss.any()
+    loss.sum().backward()
+    assert h_student.grad.shape == shape
+    assert weight.grad.shape == weight.shape and not weight.grad.any()
+    assert bias.grad.shape == bias.shape and not bias.grad.any()
+
+
 def test_nan_propagates_through_the_threshold(backend):
     (h_s, h_c, h_a, weight, bias), options = windowed_case(torch.float32, seed=4)
     h_c[0, 3, 1] = math.nan
@@ -195,6 +217,8 @@ def test_module_and_torch_compile_fullgraph():
         (lambda s, c, a, w, b: ((s, c, a, w[:, :-1], b), {}), "weight"),
         (lambda s, c, a, w, b: ((s, c, a, w.half(), b), {}), "weight"),
         (lambda s, c, a, w, b: ((s, c, a, w, b[None]), {}), "bias"),
+        (lambda s, c, a, w, b: ((s, c, a, w[:0], None), {}), "weight"),  # V = 0: no class to score
+        (lambda s, c, a, w, b: ((s, c, a, w[:0], b[:0]), {}), "weight"),
         (lambda s, c, a, w, b: ((s, c, a, w, b), {"eta": math.nan}), "eta"),
         (lambda s, c, a, w, b: ((s, c, a, w, b), {"threshold": -math.inf}), "threshold"),
         (lambda s, c, a, w, b: ((s, c, a, w, b), {"window": -1}), "window"),

@@ -150,6 +150,28 @@ def test_everything_masked_and_all_ignored(backend):
     assert loss.item() == 0.0 and not any(g.any() for g in grads)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    "shape, options",
+    [((2, 0, 12), dict(window=3, window_threshold=0.5)), ((2, 0, 12), dict(window=3)),
+     ((0, 4, 12), dict(window=3, window_threshold=0.5)), ((0, 12), {}), ((2, 0, 12), {})],
+    ids=["B0H-window", "B0H-window-no-gate", "0TH-window", "0H", "B0H"],
+)
+def test_no_rows_give_a_zero_loss_and_zero_gradients(backend, shape, options, reduction):
+    hidden = torch.randn(shape, requires_grad=True)
+    weight = torch.randn(37, 12, requires_grad=True)
+    bias = torch.randn(37, requires_grad=True)
+    target = torch.zeros(shape[:-1], dtype=torch.long)
+    loss = linear_masked_cross_entropy(hidden, weight, target, bias, threshold=0.1, reduction=reduction, **options)
+    assert loss.dtype == torch.float32
+    assert loss.shape == (shape[:-1] if reduction == "none" else ())
+    assert not loss.any()
+    loss.sum().backward()
+    assert hidden.grad.shape == shape
+    assert weight.grad.shape == weight.shape and not weight.grad.any()
+    assert bias.grad.shape == bias.shape and not bias.grad.any()
+
+
 def test_no_grad_needs_no_gradient_work(backend):
     (hidden, weight, target, bias), options = head_case(torch.float32, seed=8)
     with torch.no_grad():
@@ -190,6 +212,11 @@ def test_nan_hidden_propagates_through_the_threshold(backend):
         (lambda h, w, y, b: ((h, w, y, b), {"window": 3, "window_threshold": math.inf}), "window_threshold"),
         (lambda h, w, y, b: ((h, w, y, b), {"reduction": "avg"}), "reduction"),
         (lambda h, w, y, b: ((h, w, y, b), {"ignore_index": 1.5}), "ignore_index"),
+        (lambda h, w, y, b: ((h, w, y, b), {"ignore_index": False}), "ignore_index"),
+        (lambda h, w, y, b: ((h, w, y, b), {"ignore_index": 2**70}), "ignore_index"),
+        (lambda h, w, y, b: ((h, w, y, b), {"ignore_index": -(2**63) - 1}), "ignore_index"),
+        (lambda h, w, y, b: ((h, w[:0], y, None), {}), "weight"),  # V = 0: no class to score
+        (lambda h, w, y, b: ((h, w[:0], y, b[:0]), {}), "weight"),
     ],
 )
 def test_bad_input_names_the_argument(backend, make_args, name):

@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from earkit.kernels import masked_cross_entropy
-from helpers import DTYPES, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, reduce, threshold_in_gap, windowed_weights
+from helpers import (DTYPES, GRAD_TOL, LOSS_TOL, REDUCTIONS, SHARED_MEMORY_LAYOUTS, far_from, reduce, rows_sharing_memory,
+                     threshold_in_gap, windowed_weights)
 
 
 def expected_masked(logits, target, *, threshold=None, ignore_index=-100, window=None, window_threshold=None,
@@ -119,6 +120,31 @@ def test_nothing_masked_everything_masked_and_all_ignored(backend):
     assert not loss.any()
 
 
+# Shapes with no rows: a windowed (B, 0, V) and (0, T, V), and unwindowed (0, V) and (B, 0, V).
+EMPTY_CASES = [
+    ((2, 0, 37), dict(window=3, window_threshold=0.5)),
+    ((2, 0, 37), dict(window=3)),
+    ((0, 4, 37), dict(window=3, window_threshold=0.5)),
+    ((0, 37), {}),
+    ((2, 0, 37), {}),
+]
+EMPTY_IDS = ["B0V-window", "B0V-window-no-gate", "0TV-window", "0V", "B0V"]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape, options", EMPTY_CASES, ids=EMPTY_IDS)
+def test_no_rows_give_a_zero_loss_and_an_empty_gradient(backend, shape, options, reduction):
+    # Nothing to average: "mean" and "sum" are 0, "none" is an empty loss of the target's shape.
+    logits = torch.randn(shape, requires_grad=True)
+    target = torch.zeros(shape[:-1], dtype=torch.long)
+    loss = masked_cross_entropy(logits, target, threshold=0.1, reduction=reduction, **options)
+    assert loss.dtype == torch.float32
+    assert loss.shape == (shape[:-1] if reduction == "none" else ())
+    assert not loss.any()
+    loss.sum().backward()
+    assert logits.grad.shape == shape
+
+
 @pytest.mark.parametrize("target_probability", [0.9, 0.99, 0.999, 0.9999])
 def test_bf16_gradient_of_confident_target(backend, target_probability):
     # softmax(z)[y] -> 1 makes d z_y = p_y - 1 a cancellation; rounding p_y to bf16 before the
@@ -149,6 +175,38 @@ def test_inplace_backward_reuses_the_logits_buffer(backend):
     torch.testing.assert_close(source.grad, want_grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("windowed", [False, True], ids=["rows", "windows"])
+@pytest.mark.parametrize("layout", SHARED_MEMORY_LAYOUTS)
+def test_inplace_backward_on_rows_sharing_memory(backend, layout, windowed):
+    # Rows that overlap in memory (an expanded input, stride 0) cannot hold one gradient each:
+    # written in place, every row's gradient landed on the same elements. The op must fall back
+    # to a fresh buffer and give the gradient it gives without inplace_backward.
+    generator = torch.Generator().manual_seed(13)
+    shape = (2, 6, 37) if windowed else (9, 37)
+    source, make = rows_sharing_memory(layout, shape, generator)
+    target = torch.randint(0, 37, shape[:-1], generator=generator)
+    options = {}
+    if windowed:
+        _, _, _, window_sums = expected_masked(make(source), target, window=3, window_threshold=1e9)
+        options = dict(window=3, window_threshold=threshold_in_gap(window_sums, 0.4))
+    want_loss, want_grad, _, _ = expected_masked(make(source), target, **options)
+    source64 = source.double().requires_grad_()
+    (want_source_grad,) = torch.autograd.grad(make(source64), source64, want_grad)
+    # A view of a leaf (the gradient flows back through expand / as_strided) ...
+    leaf = source.clone().requires_grad_()
+    loss = masked_cross_entropy(make(leaf), target, inplace_backward=True, **options)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
+    torch.testing.assert_close(leaf.grad.double(), want_source_grad, **GRAD_TOL[torch.float32])
+    # ... and a leaf that is itself the overlapping view.
+    logits = make(source.clone()).requires_grad_()
+    masked_cross_entropy(logits, target, inplace_backward=True, **options).backward()
+    torch.testing.assert_close(logits.grad.double(), want_grad, **GRAD_TOL[torch.float32])
+    plain = make(source.clone()).requires_grad_()  # the same layout without inplace_backward
+    masked_cross_entropy(plain, target, **options).backward()
+    torch.testing.assert_close(logits.grad, plain.grad, rtol=0, atol=0)
+
+
 def test_nan_logits_propagate_through_the_threshold(backend):
     logits, target, options = windowed_case(torch.float32, seed=4)
     logits[1, 4, 0] = math.nan
@@ -157,6 +215,63 @@ def test_nan_logits_propagate_through_the_threshold(backend):
     assert grad[1, 4].isnan().all()
     loss, _ = run_op(logits, target, reduction="none", **options)
     assert loss[1, 4].isnan() and not loss[0].isnan().any()
+
+
+def check_large_logits(dtype, scale):
+    generator = torch.Generator().manual_seed(16)
+    unit = scale / 1e3  # spreads above the fp16 grid at this size
+    base = scale * (1 + torch.rand(16, 1, generator=generator)) + torch.linspace(0, 30 * unit, 127)
+    logits = base + 2 * unit * torch.randn(16, 127, generator=generator)
+    logits = ((logits * 64).round() / 64).to(dtype)  # exactly what the float64 oracle sees
+    target = torch.randint(0, 127, (16,), generator=generator)
+    target[:8] = logits[:8].float().argmax(-1)  # confident tokens: losses near 0
+    want_loss, _, token_loss, _ = expected_masked(logits, target, reduction="none")
+    assert token_loss.min() < 0.2
+    loss = masked_cross_entropy(logits, target, reduction="none")
+    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
+
+
+@pytest.mark.parametrize("scale", [1e3, 1e4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_large_logits_do_not_cancel(backend, dtype, scale):
+    # l = lse - z_y subtracts two numbers of the logits' size, and lse is rounded to ~1e-3 at
+    # 1e4: a confident token's loss of 1e-6 came out 0 or 1e-3. As (max - z_y) + log sum
+    # exp(z - max) both terms are small and the loss is as exact as its inputs.
+    check_large_logits(dtype, scale)
+
+
+def test_large_logits_triton_layouts(triton_layout, monkeypatch):
+    monkeypatch.setenv("EARKIT_BACKEND", "triton")
+    check_large_logits(torch.float32, 1e4)
+
+
+def test_infinite_logits_follow_logsumexp(backend):
+    # l = logsumexp(z) - z_y with torch.logsumexp's convention (any +inf gives +inf): a +inf on
+    # another class gives l = +inf (softmax puts no mass on y), one on y itself inf - inf = NaN.
+    # Triton's running logsumexp shifted by the +inf max and made every such row NaN.
+    logits = 3 * torch.randn(4, 37, generator=torch.Generator().manual_seed(15))
+    target = torch.tensor([1, 2, 3, 4])
+    logits[0, 5] = math.inf
+    logits[1, 2] = math.inf
+    logits[2, 0] = -math.inf  # a class with no mass: finite
+    leaf = logits.clone().requires_grad_()
+    loss = masked_cross_entropy(leaf, target, reduction="none")
+    loss.backward(torch.ones_like(loss))
+    assert loss[0].item() == math.inf and math.isnan(loss[1].item())
+    want_loss, want_grad, _, _ = expected_masked(logits[2:], target[2:], reduction="none",
+                                                 grad_output=torch.ones(2))
+    torch.testing.assert_close(loss[2:].double(), want_loss, **LOSS_TOL)
+    torch.testing.assert_close(leaf.grad[2:].double(), want_grad, **GRAD_TOL[torch.float32])
+    # softmax(z) - onehot(y) with softmax 0 on the finite classes, NaN on the +inf one.
+    want_row = -torch.nn.functional.one_hot(target[0], 37).float()
+    want_row[5] = math.nan
+    torch.testing.assert_close(leaf.grad[0], want_row, equal_nan=True)
+    assert torch.equal(leaf.grad[1].isnan(), torch.arange(37) == 2)
+
+
+def test_infinite_logits_triton_layouts(triton_layout, monkeypatch):
+    monkeypatch.setenv("EARKIT_BACKEND", "triton")
+    test_infinite_logits_follow_logsumexp("triton")
 
 
 @pytest.mark.parametrize(
@@ -178,6 +293,10 @@ def test_nan_logits_propagate_through_the_threshold(backend):
         (lambda z, y: (z, y, {"window": 3, "window_threshold": -math.inf}), "window_threshold"),
         (lambda z, y: (z, y, {"reduction": "avg"}), "reduction"),
         (lambda z, y: (z, y, {"ignore_index": "none"}), "ignore_index"),
+        (lambda z, y: (z, y, {"ignore_index": True}), "ignore_index"),
+        (lambda z, y: (z, y, {"ignore_index": -100.0}), "ignore_index"),
+        (lambda z, y: (z, y, {"ignore_index": 2**70}), "ignore_index"),  # beyond int64: not an OverflowError
+        (lambda z, y: (z, y, {"ignore_index": -(2**63) - 1}), "ignore_index"),
     ],
 )
 def test_bad_input_names_the_argument(backend, make_args, name):

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from earkit.kernels import GuidedCrossEntropyLoss, MaskedCrossEntropyLoss, guided_cross_entropy
+from earkit.kernels import (GuidedCrossEntropyLoss, MaskedCrossEntropyLoss, guided_cross_entropy,
+                            linear_guided_cross_entropy, linear_masked_cross_entropy, masked_cross_entropy)
 
 
 class TinyHead(nn.Module):
@@ -70,6 +71,29 @@ def test_guided_module_is_the_functional_op(backend):
     assert "window=4" in repr(module.loss)
 
 
+def test_modules_with_inplace_backward_on_an_expanded_input(backend):
+    # The modules pass inplace_backward through: an input whose rows share memory (stride 0)
+    # must get the same gradient as without it (a fresh buffer, not every row written on one).
+    generator = torch.Generator().manual_seed(4)
+    shape = (2, 5, 19)
+    _, _, concept, anchor = inputs(batch=2, seq_len=5)
+    target = torch.randint(0, 19, shape[:-1], generator=generator)
+    row = torch.randn(19, generator=generator)
+    options = dict(window=2, window_threshold=0.5)
+    modules = [
+        (MaskedCrossEntropyLoss, lambda loss, x: loss(x, target)),
+        (GuidedCrossEntropyLoss, lambda loss, x: loss(x, concept, anchor)),
+    ]
+    for module, call in modules:
+        grads = []
+        for inplace_backward in (False, True):
+            leaf = row.clone().requires_grad_()
+            call(module(inplace_backward=inplace_backward, **options), leaf.expand(shape)).backward()
+            grads.append(leaf.grad)
+        assert grads[0].abs().sum() > 0
+        torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("inplace_backward", [False, True])
 @pytest.mark.parametrize("op", ["masked", "guided"])
 def test_torch_compile_fullgraph(op, inplace_backward):
@@ -86,3 +110,41 @@ def test_torch_compile_fullgraph(op, inplace_backward):
     torch.testing.assert_close(loss, want_loss)
     for grad, want in zip(grads, want_grads):
         torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_ops_with_no_rows_agree_with_their_fake_kernels_and_compile(reduction):
+    # (B, 0, V) windowed inputs: the real kernels return what the fake ones promise (opcheck runs
+    # both, and the op through AOT autograd), and torch.compile(fullgraph=True) traces all four.
+    logits = torch.randn(2, 0, 19, requires_grad=True)
+    target = torch.zeros(2, 0, dtype=torch.long)
+    hidden = torch.randn(2, 0, 8, requires_grad=True)
+    weight = torch.randn(19, 8, requires_grad=True)
+    bias = torch.randn(19, requires_grad=True)
+    teacher, h_teacher = logits.detach(), hidden.detach()
+    window = (3, 0.5)
+    ops = torch.ops.earkit
+    for op, args in [
+        (ops.masked_cross_entropy, (logits, target, 0.1, -100, *window, reduction, True)),
+        (ops.guided_cross_entropy, (logits, teacher, teacher, 1.0, 0.1, *window, reduction, True)),
+        (ops.linear_masked_cross_entropy, (hidden, weight, bias, target, 0.1, -100, *window, reduction, True, True, True)),
+        (ops.linear_guided_cross_entropy,
+         (hidden, h_teacher, h_teacher, weight, bias, 1.0, 0.1, *window, reduction, True, True, True)),
+    ]:
+        torch.library.opcheck(op.default, args)
+    if reduction != "mean":
+        return
+
+    def all_four(z, y, h, w, b):
+        options = dict(threshold=0.1, window=3, window_threshold=0.5)
+        return (masked_cross_entropy(z, y, inplace_backward=True, **options)
+                + guided_cross_entropy(z, z.detach(), z.detach(), **options)
+                + linear_masked_cross_entropy(h, w, y, b, **options)
+                + linear_guided_cross_entropy(h, h.detach(), h.detach(), w, b, **options))
+
+    torch._dynamo.reset()
+    loss = torch.compile(all_four, fullgraph=True)(logits, target, hidden, weight, bias)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert logits.grad.shape == logits.shape and hidden.grad.shape == hidden.shape
+    assert not weight.grad.any() and not bias.grad.any()

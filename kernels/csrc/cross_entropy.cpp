@@ -149,9 +149,11 @@ inline vf vexp(vf x) {
 
 inline float sexp(float x) { return vexp(splat(x))[0]; }
 
-// e * (t - s) where e = exp(t - shift) > 0, else 0: classes the target gives no mass (t = -inf)
-// add nothing rather than 0 * -inf = NaN (as the reference's where(p > 0, ...)).
-inline vf cross(vf e, vf t, vf s) { return e > 0.0f ? e * (t - s) : splat(0.0f); }
+// e * ((t - sht) - (s - shs)) where e = exp(t - sht) != 0, else 0: classes the target gives no
+// mass (t = -inf) add nothing rather than 0 * -inf = NaN, while a NaN e (t = +inf) stays NaN (as
+// the reference's where(p == 0, 0, ...)). The shifted logits are log-probabilities up to the
+// small log-sums: the KL never subtracts numbers of the size of the logits.
+inline vf cross(vf e, vf t, vf s, vf sht, vf shs) { return e == 0.0f ? splat(0.0f) : e * ((t - sht) - (s - shs)); }
 
 // ----------------------------------------------------------------------------------------------
 // dtypes
@@ -494,7 +496,9 @@ EARKIT_API void earkit_hard_rows(const void* logits, int64_t n, int64_t v, int64
         keep[i] = 0.0f;
       } else {
         const float picked = (t >= 0 && t < v) ? load_one(row, dtype, t) : kNaN;  // out of range: never read
-        const float li = l - picked;
+        // log sum - (z_y - shift), both small: l - z_y would subtract two numbers of the logits'
+        // size, and at 1e4 l is rounded to ~1e-3.
+        const float li = std::log(acc.sum) - (picked - acc.shift);
         loss[i] = li;
         keep[i] = keep_above(li, has_threshold, thr) ? 1.0f : 0.0f;
       }
@@ -502,7 +506,12 @@ EARKIT_API void earkit_hard_rows(const void* logits, int64_t n, int64_t v, int64
   }
 }
 
-// t = (1 + eta) * anchor - eta * concept in fp32; loss = KL(softmax(t) || softmax(student)).
+// t = (1 + eta) * anchor - eta * concept in fp32; loss = KL(softmax(t) || softmax(student)), as
+//   sum e_i ((t_i - sht) - (s_i - shs)) / sum e - log sum e + log sum exp(s - shs),
+// e_i = exp(t_i - sht), sht and shs the running shifts (row maxes): every term is a difference
+// of log-probabilities, small whatever the logits' size. (sum p (t - s) - lse_t + lse_s, equal
+// in exact arithmetic, subtracts numbers of the logits' size: at 1e4 each lse is rounded to
+// ~1e-3, an error that masks and windows then act on.)
 EARKIT_API void earkit_guided_rows(const void* student, int64_t s_stride, int s_dtype, const void* concept,
                                    int64_t c_stride, int c_dtype, const void* anchor, int64_t a_stride, int a_dtype,
                                    int64_t n, int64_t v, double eta, int has_threshold, double threshold, float* loss,
@@ -526,15 +535,22 @@ EARKIT_API void earkit_guided_rows(const void* student, int64_t s_stride, int s_
       const char* crow = cb + i * cs;
       const char* arow = ab + i * as;
       Lse ls, lt;
-      float kl = 0.0f;  // sum exp(t - lt.shift) * (t - s)
+      float kl = 0.0f;  // sum exp(t - lt.shift) * ((t - lt.shift) - (s - ls.shift))
       for (int64_t c = 0; c < v; c += CH) {
         const int64_t len = v - c < CH ? v - c : CH;
         const float* s = chunk_f32(srow, s_dtype, c, len, sbuf);
         chunk_target(chunk_f32(arow, a_dtype, c, len, abuf), chunk_f32(crow, c_dtype, c, len, cbuf), len, c1, c2,
                      tbuf);
         const float* t = tbuf;
+        const float old_shs = ls.shift, old_sht = lt.shift, old_sum_t = lt.sum;
         ls.update(chunk_max(s, len));
-        kl = Lse::rescale(kl, lt.update(chunk_max(t, len)));
+        const float f = lt.update(chunk_max(t, len));
+        // New shifts move every term's log-ratio by (shs' - shs) - (sht' - sht); the shifts are
+        // finite (0 for an infinite max), and the sum is 0 while no target mass was seen.
+        if (old_sum_t != 0.0f) kl += ((ls.shift - old_shs) - (lt.shift - old_sht)) * old_sum_t;
+        // f == 0: the earlier classes' target mass underflows to 0 and takes their terms with it
+        // (an infinite one too, as p = 0 does in the reference); a NaN still reaches lt.sum.
+        kl = f == 0.0f ? 0.0f : Lse::rescale(kl, f);
         Ahead ahead;
         add_next(ahead, sb, ss, elem_size(s_dtype), i, n, v, c);
         add_next(ahead, cb, cs, elem_size(c_dtype), i, n, v, c);
@@ -551,15 +567,15 @@ EARKIT_API void earkit_guided_rows(const void* student, int64_t s_stride, int s_
           as1 += vexp(s1 - shs);
           at0 += e0;
           at1 += e1;
-          ak0 += cross(e0, t0, s0);
-          ak1 += cross(e1, t1, s1);
+          ak0 += cross(e0, t0, s0, sht, shs);
+          ak1 += cross(e1, t1, s1, sht, shs);
         }
         for (; j + W <= len; j += W) {
           vf s0 = loadu(s + j), t0 = loadu(t + j);
           vf e0 = vexp(t0 - sht);
           as0 += vexp(s0 - shs);
           at0 += e0;
-          ak0 += cross(e0, t0, s0);
+          ak0 += cross(e0, t0, s0, sht, shs);
         }
         if (j < len) {
           // pad lanes: s = t = -inf gives exp(t) = 0, so cross() leaves them out of kl
@@ -567,14 +583,14 @@ EARKIT_API void earkit_guided_rows(const void* student, int64_t s_stride, int s_
           vf e0 = vexp(t0 - sht);
           as0 += vexp(s0 - shs);
           at0 += e0;
-          ak0 += cross(e0, t0, s0);
+          ak0 += cross(e0, t0, s0, sht, shs);
         }
         ls.sum += hsum(as0 + as1);
         lt.sum += hsum(at0 + at1);
         kl += hsum(ak0 + ak1);
       }
       const float lss = ls.value(), ltt = lt.value();
-      const float li = kl / lt.sum - ltt + lss;
+      const float li = kl / lt.sum - std::log(lt.sum) + std::log(ls.sum);
       lse_student[i] = lss;
       lse_target[i] = ltt;
       loss[i] = li;
