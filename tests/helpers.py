@@ -90,3 +90,19 @@ def rows_sharing_memory(layout, shape, generator):
         stride *= size
     source = 3 * torch.randn(n_rows + n_classes - 1, generator=generator)
     return source, lambda source: source.as_strided(shape, tuple(row_strides) + (1,))
+
+
+def rounding_floors(row_scale, hidden, weight, ulps: float = 16.0):
+    """How close a linear + loss op's fp32 gradients can come to float64, from the rounding of the
+    probabilities alone: row i of the logits' gradient is a_i (q_i - p_i) (or - onehot), with q and
+    p known to about one fp32 ulp of 1 each, so when q ~ p (a student near its target) d hidden,
+    d weight and d bias are small sums whose error is set by the size of their terms, not by
+    their own size. Returns the floors for (d hidden, d weight, d bias) in their shapes."""
+    eps = ulps * torch.finfo(torch.float32).eps
+    scale = row_scale.detach().double().abs().reshape(-1)
+    rows = hidden.detach().double().abs().reshape(scale.numel(), -1)
+    weight = weight.detach().double().abs()
+    d_hidden = eps * scale[:, None] * weight.sum(0)[None, :]
+    d_weight = eps * (scale @ rows)[None, :].expand(weight.shape[0], -1)
+    d_bias = eps * scale.sum().expand(weight.shape[0])
+    return [d_hidden.reshape(hidden.shape), d_weight, d_bias]

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from earkit.kernels import LinearMaskedCrossEntropyLoss, linear_masked_cross_entropy
 from earkit.kernels import linear_cross_entropy, triton_linear_cross_entropy
-from helpers import DTYPES, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, reduce, threshold_in_gap, windowed_weights
+from helpers import (DTYPES, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, reduce, rounding_floors, threshold_in_gap,
+                     windowed_weights)
 
 # Gradients here are sums over V (d hidden) or N (d weight) of rounded terms, so an entry near
 # zero carries the rounding of much larger terms: compare against the largest entry.
@@ -37,8 +38,10 @@ def expected(hidden, weight, target, bias=None, *, threshold=None, ignore_index=
     loss = reduce(weights, token_loss, reduction, target.shape)
     upstream = torch.ones_like(loss) if grad_output is None else grad_output.double()
     leaves = [h, w] + ([b] if b is not None else [])
+    (row_scale,) = torch.autograd.grad(loss, token_loss, upstream, retain_graph=True)
     grads = torch.autograd.grad(loss, leaves, upstream)
-    return loss.detach(), grads, token_loss.detach(), window_sums
+    floors = rounding_floors(row_scale, h.detach(), w.detach())[:len(grads)]
+    return loss.detach(), list(zip(grads, floors)), token_loss.detach(), window_sums
 
 
 def run_op(hidden, weight, target, bias=None, grad_output=None, train_head=True, **kwargs):
@@ -50,9 +53,10 @@ def run_op(hidden, weight, target, bias=None, grad_output=None, train_head=True,
     return loss.detach(), [h.grad, w.grad] + ([b.grad] if b is not None else [])
 
 
-def assert_grad_close(got, want, dtype):
+def assert_grad_close(got, want_and_floor, dtype):
+    want, floor = want_and_floor
     assert got is not None and got.dtype == dtype
-    tol = GRAD_SCALE_TOL[dtype] * float(want.abs().max())
+    tol = max(GRAD_SCALE_TOL[dtype] * float(want.abs().max()), float(floor.max()))
     torch.testing.assert_close(got.double(), want, rtol=GRAD_TOL[dtype]["rtol"], atol=tol)
 
 
