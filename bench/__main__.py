@@ -7,7 +7,8 @@
 Subcommands: `kernels` (the loss ops on CPU against the torch eager chain, bench/kernels.py, then
 the fused linear + loss ops against torch eager, torch.compile, Liger and cut-cross-entropy,
 bench/linear.py),
-`engine` (sampler and erasure step at the Janus-Pro shapes with random weights, bench/engine.py).
+`engine` (sampler and erasure step at the Janus-Pro shapes with random weights, bench/engine.py),
+`load` (`earkit erase` idle and beside CPU-bound neighbours, bench/load.py).
 The GPU check is its own script: python -m earkit.bench.gpu_check (bench/gpu_check.py).
 """
 
@@ -55,6 +56,9 @@ def main(argv=None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     add_kernels_arguments(commands.add_parser("kernels", help="loss ops on CPU: earkit vs torch eager"))
     add_engine_arguments(commands.add_parser("engine", help="sampler and erasure step, Janus-Pro shapes, random weights"))
+    from . import load
+
+    load.add_arguments(commands.add_parser("load", help="earkit erase idle and beside CPU-bound neighbours"))
     args = parser.parse_args(argv)
 
     if getattr(args, "threads", 0):
@@ -69,6 +73,8 @@ def main(argv=None) -> None:
         from . import engine
 
         engine.main(args)
+    elif args.command == "load":
+        load.main(args)
 
 
 if __name__ == "__main__":
