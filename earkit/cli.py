@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import sys
 import warnings
+from pathlib import Path
 
 USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
@@ -291,6 +292,40 @@ def run_export(args) -> None:
     print(f"exported to {path}")
 
 
+def sized_threads(args):
+    """CPU threads sized to the work: one for a small model (the ShapesWorld default) on the CPU,
+    where a second thread gains 20% alone and loses 3-10x on a shared machine (bench/load.py);
+    torch's default otherwise, and always when the user set OMP_NUM_THREADS."""
+    import contextlib
+    import os
+
+    if os.environ.get("OMP_NUM_THREADS") or args.command not in ("erase", "sample", "filter", "eval", "world"):
+        return contextlib.nullcontext()
+    from earkit.engine.model import cpu_threads, cpu_threads_for
+
+    if args.command == "world":
+        if args.world_command != "check":
+            return contextlib.nullcontext()  # building trains at batch 64, where both threads pay
+        source = Path(args.world) / "generator" if args.world else None
+    else:
+        source = args.model
+    if source is None:
+        from earkit.engine.shapesworld import generator_folder
+
+        try:
+            source = generator_folder()
+        except FileNotFoundError:
+            return contextlib.nullcontext()  # the command itself says so
+    device = getattr(args, "device", None)
+    if args.command == "world" or (args.command == "erase" and args.model is None and device is None):
+        device = "cpu"  # world check and the ShapesWorld default erasure run on the CPU
+    try:
+        count = cpu_threads_for(source, device)
+    except (RuntimeError, ValueError):
+        return contextlib.nullcontext()  # a bad --device: the command names it
+    return cpu_threads(count)
+
+
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
     """A warning as a command-line user wants it: what, not which library line said it."""
     return f"earkit: warning: {message}\n"
@@ -326,7 +361,8 @@ def main(argv=None) -> int:
               "pairs": run_pairs, "filter": run_filter, "eval": run_eval}[args.command]
     library_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
     try:
-        runner(args)
+        with sized_threads(args):
+            runner(args)
     except USAGE_ERRORS as error:
         print(f"earkit {args.command}: error: {error}", file=sys.stderr)
         return 2

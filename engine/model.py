@@ -10,6 +10,7 @@ sampler's (tests/test_sampler.py checks it).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import os
@@ -66,6 +67,46 @@ def check_device(device: str | torch.device | None) -> torch.device:
     if parsed.type == "mps" and torch.backends.mps.is_available():
         return parsed
     raise ValueError(f"device {str(parsed)!r} is not available here (expected cpu or cuda)")
+
+
+# A language model this narrow (ShapesWorld's is 128 wide) gives every op a few microseconds of
+# work: a second CPU thread buys 20% alone and costs 3-10x beside other jobs, since each op's
+# OpenMP region waits at its barrier for whichever thread the scheduler parked (bench/load.py).
+SMALL_MODEL_HIDDEN_SIZE = 512
+
+
+def cpu_threads_for(source, device=None) -> int | None:
+    """The intra-op CPU threads worth using for a model folder: 1 for a small model on the CPU,
+    None (leave torch's default) otherwise, for a hub id, or when it cannot tell. Reads only the
+    folder's config.json, so it is decided before any weight loads."""
+    import json
+
+    if device is not None and torch.device(device).type != "cpu":
+        return None
+    if device is None and default_device().type != "cpu":
+        return None
+    try:
+        config = json.loads((Path(os.fspath(source)).expanduser() / "config.json").read_text(encoding="utf-8"))
+        hidden = (config.get("text_config") or config).get("hidden_size")
+    except (OSError, ValueError, RecursionError, AttributeError, TypeError):
+        return None
+    if isinstance(hidden, int) and not isinstance(hidden, bool) and 0 < hidden <= SMALL_MODEL_HIDDEN_SIZE:
+        return 1
+    return None
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int | None):
+    """torch's (and so the native twin's) intra-op CPU threads set to `count` inside, restored after."""
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def attention_implementation(device: torch.device | str) -> str:
