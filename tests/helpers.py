@@ -59,14 +59,20 @@ def reduce(weight, token_loss, reduction, shape):
     return weighted.sum() / weight.sum().clamp_min(1.0)
 
 
-def one_error_line(stderr: str) -> list:
-    """The error a command printed: exactly one line, the last one, no traceback (progress bars
-    of model loading may come before it)."""
+def usage_error(capsys, argv) -> str:
+    """Run `earkit ARGV` in-process and return the error it ended with: exit status 2 and exactly
+    one line of it, the last on stderr, no traceback (progress bars of model loading may come
+    before it)."""
+    from earkit.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    stderr = capsys.readouterr().err
     lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
     assert "Traceback" not in stderr and lines, stderr
     errors = [line for line in lines if line.startswith("earkit ")]
     assert len(errors) == 1 and errors[0] == lines[-1], lines
-    return errors
+    return errors[0]
 
 
 SHARED_MEMORY_LAYOUTS = ["expanded", "sliding"]
@@ -106,3 +112,13 @@ def rounding_floors(row_scale, hidden, weight, ulps: float = 16.0):
     d_weight = eps * (scale @ rows)[None, :].expand(weight.shape[0], -1)
     d_bias = eps * scale.sum().expand(weight.shape[0])
     return [d_hidden.reshape(hidden.shape), d_weight, d_bias]
+
+
+def empty_cases(last: int) -> list:
+    """Inputs with no rows, as (shape, op options) with `last` as the class (or hidden) dimension:
+    windowed with and without a gate, no sequences, and unwindowed. Ids: EMPTY_IDS."""
+    return [((2, 0, last), dict(window=3, window_threshold=0.5)), ((2, 0, last), dict(window=3)),
+            ((0, 4, last), dict(window=3, window_threshold=0.5)), ((0, last), {}), ((2, 0, last), {})]
+
+
+EMPTY_IDS = ["B0-window", "B0-window-no-gate", "0T-window", "0", "B0"]

@@ -10,7 +10,7 @@ from earkit.cli import main as cli_main
 from earkit.engine import checkpoint
 from earkit.engine import model as model_module
 from earkit.engine.tiny import save_tiny_janus
-from helpers import one_error_line
+from helpers import usage_error
 
 VOCABULARY = ["red", "circle", "blue", "square"]
 
@@ -34,13 +34,6 @@ def no_loading(monkeypatch):
     monkeypatch.setattr(trainer, "load_janus", load_janus)  # bound at import there
 
 
-def one_line_error(capsys, argv) -> str:
-    capsys.readouterr()
-    assert cli_main(argv) == 2
-    error = one_error_line(capsys.readouterr().err)
-    return error[0]
-
-
 def commands(tmp_path, model, out):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"concept_prompt": "a red circle", "anchor_prompt": "a red square"}) + "\n")
@@ -62,7 +55,7 @@ def test_a_bad_device_is_named_before_anything_loads(tmp_path, tiny_model, capsy
     if device == "cuda:7" and torch.cuda.device_count() > 7:
         pytest.fail("this test needs a machine with fewer than 8 GPUs")
     out = tmp_path / "out"
-    error = one_line_error(capsys, commands(tmp_path, tiny_model, out)[command] + ["--device", device])
+    error = usage_error(capsys, commands(tmp_path, tiny_model, out)[command] + ["--device", device])
     assert expect in error and "device" in error
     assert not out.exists()
 
@@ -70,7 +63,7 @@ def test_a_bad_device_is_named_before_anything_loads(tmp_path, tiny_model, capsy
 @pytest.mark.parametrize("command", ["sample", "erase", "default erase", "filter", "eval"])
 def test_a_negative_temperature_is_named_before_anything_loads(tmp_path, tiny_model, capsys, no_loading, command):
     out = tmp_path / "out"
-    error = one_line_error(capsys, commands(tmp_path, tiny_model, out)[command] + ["--temperature", "-1"])
+    error = usage_error(capsys, commands(tmp_path, tiny_model, out)[command] + ["--temperature", "-1"])
     assert "temperature" in error
     assert not out.exists()
 
@@ -96,10 +89,10 @@ def nan_checkpoint(folder, model):
 
 def test_a_nan_checkpoint_is_refused_by_sample_and_export(tmp_path, tiny_model, capsys):
     broken = nan_checkpoint(tmp_path / "broken", tiny_model)
-    error = one_line_error(capsys, ["sample", "--model", str(tiny_model), "--checkpoint", str(broken),
+    error = usage_error(capsys, ["sample", "--model", str(tiny_model), "--checkpoint", str(broken),
                                     "--prompt", "a red circle", "--out", str(tmp_path / "s"), "--device", "cpu"])
     assert "NaN or infinite" in error and "q_proj" in error
-    error = one_line_error(capsys, ["export", "--model", str(tiny_model), "--checkpoint", str(broken),
+    error = usage_error(capsys, ["export", "--model", str(tiny_model), "--checkpoint", str(broken),
                                     "--out", str(tmp_path / "e")])
     assert "NaN or infinite" in error
     assert not (tmp_path / "s").exists() and not (tmp_path / "e").exists()
@@ -108,7 +101,7 @@ def test_a_nan_checkpoint_is_refused_by_sample_and_export(tmp_path, tiny_model, 
 def test_a_binary_prompts_file_is_named(tmp_path, capsys, no_loading):
     binary = tmp_path / "prompts.bin"
     binary.write_bytes(bytes(range(256)) * 4)
-    error = one_line_error(capsys, ["sample", "--prompts-file", str(binary), "--out", str(tmp_path / "o")])
+    error = usage_error(capsys, ["sample", "--prompts-file", str(binary), "--out", str(tmp_path / "o")])
     assert str(binary) in error and "UTF-8" in error
 
 

@@ -122,6 +122,17 @@ def cli(argv, capsys):
     return status, captured.out, captured.err
 
 
+def four_pairs_from(respond, out, capsys) -> "Stub":
+    """`earkit pairs` asking a stub server that answers with `respond` for 4 pairs, 2 a request:
+    it must succeed and write 4; returns the stub (its requests)."""
+    with Stub(respond) as stub:
+        status, printed, err = cli(["pairs", "--concept", "circle", "--backend", f"openai:{stub.url}:m", "--n", "4",
+                                    "--per-request", "2", "--out", str(out), "--quiet", "--timeout", "5"], capsys)
+    assert status == 0, err
+    assert len(load_pairs(out)) == 4
+    return stub
+
+
 def one_line_error(err: str, *words) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err[-2000:]
@@ -269,11 +280,7 @@ def test_earkit_pairs_survives_a_deep_first_reply(tmp_path, capsys):
         send(handler, 200, chat_answer(DEEP if index == 0 else pairs_reply(body["seed"])))
 
     out = tmp_path / "circle.jsonl"
-    with Stub(respond) as stub:
-        status, printed, err = cli(["pairs", "--concept", "circle", "--backend", f"openai:{stub.url}:m", "--n", "4",
-                                    "--per-request", "2", "--out", str(out), "--quiet", "--timeout", "5"], capsys)
-    assert status == 0, err
-    assert len(load_pairs(out)) == 4
+    stub = four_pairs_from(respond, out, capsys)
     summary = json.loads(summary_path(out).read_text())
     assert summary["malformed_replies"] == 1 and summary["returned"] == 4 and len(stub.requests) == 3
 
@@ -433,11 +440,7 @@ def test_earkit_pairs_writes_the_good_pairs_when_a_reply_holds_a_lone_surrogate(
         send(handler, 200, chat_answer(reply))
 
     out = tmp_path / "circle.jsonl"
-    with Stub(respond) as stub:
-        status, printed, err = cli(["pairs", "--concept", "circle", "--backend", f"openai:{stub.url}:m", "--n", "4",
-                                    "--per-request", "2", "--out", str(out), "--quiet", "--timeout", "5"], capsys)
-    assert status == 0, err
-    assert len(load_pairs(out)) == 4
+    four_pairs_from(respond, out, capsys)
     from earkit.ecgvf.pairs import INVALID_TEXT
 
     summary = json.loads(summary_path(out).read_text(encoding="utf-8"))

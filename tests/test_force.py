@@ -13,7 +13,7 @@ import pytest
 from earkit.cli import main as cli_main
 from earkit.engine import checkpoint
 from earkit.engine.tiny import save_tiny_janus
-from helpers import one_error_line
+from helpers import usage_error
 
 VOCABULARY = ["red", "circle", "blue", "square"]
 
@@ -30,11 +30,9 @@ def foreign_folder(tmp_path: Path, name: str = "p") -> Path:
 
 
 def refused(capsys, argv, *, expect: str) -> str:
-    capsys.readouterr()
-    assert cli_main(argv) == 2
-    error = one_error_line(capsys.readouterr().err)
-    assert expect in error[0], error[0]
-    return error[0]
+    error = usage_error(capsys, argv)
+    assert expect in error, error
+    return error
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from earkit.kernels import guided_cross_entropy
-from helpers import (DTYPES, GRAD_TOL, LOSS_TOL, REDUCTIONS, SHARED_MEMORY_LAYOUTS, far_from, reduce, rows_sharing_memory,
-                     threshold_in_gap, windowed_weights)
+from helpers import (DTYPES, EMPTY_IDS, empty_cases, GRAD_TOL, LOSS_TOL, REDUCTIONS, SHARED_MEMORY_LAYOUTS, far_from,
+                     reduce, rows_sharing_memory, threshold_in_gap, windowed_weights)
 
 
 def expected_guided(student, concept, anchor, *, eta=1.0, threshold=None, window=None, window_threshold=None,
@@ -102,12 +102,7 @@ def test_loss_is_zero_when_the_student_matches_the_target(backend):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize(
-    "shape, options",
-    [((2, 0, 37), dict(window=3, window_threshold=0.5)), ((2, 0, 37), dict(window=3)),
-     ((0, 4, 37), dict(window=3, window_threshold=0.5)), ((0, 37), {}), ((2, 0, 37), {})],
-    ids=["B0V-window", "B0V-window-no-gate", "0TV-window", "0V", "B0V"],
-)
+@pytest.mark.parametrize("shape, options", empty_cases(37), ids=EMPTY_IDS)
 def test_no_rows_give_a_zero_loss_and_an_empty_gradient(backend, shape, options, reduction):
     student = torch.randn(shape, requires_grad=True)
     loss = guided_cross_entropy(student, torch.randn(shape), torch.randn(shape), threshold=0.1,

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from earkit.kernels import LinearGuidedCrossEntropyLoss, guided_cross_entropy, linear_guided_cross_entropy
 from earkit.kernels import linear_cross_entropy, triton_linear_cross_entropy
-from helpers import (DTYPES, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, reduce, rounding_floors, threshold_in_gap,
-                     windowed_weights)
+from helpers import (DTYPES, EMPTY_IDS, empty_cases, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, reduce, rounding_floors,
+                     threshold_in_gap, windowed_weights)
 
 GRAD_SCALE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -160,12 +160,7 @@ def test_everything_masked(backend):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize(
-    "shape, options",
-    [((2, 0, 12), dict(window=3, window_threshold=0.5)), ((2, 0, 12), dict(window=3)),
-     ((0, 4, 12), dict(window=3, window_threshold=0.5)), ((0, 12), {}), ((2, 0, 12), {})],
-    ids=["B0H-window", "B0H-window-no-gate", "0TH-window", "0H", "B0H"],
-)
+@pytest.mark.parametrize("shape, options", empty_cases(12), ids=EMPTY_IDS)
 def test_no_rows_give_a_zero_loss_and_zero_gradients(backend, shape, options, reduction):
     h_student = torch.randn(shape, requires_grad=True)
     weight = torch.randn(37, 12, requires_grad=True)

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from earkit.kernels import LinearMaskedCrossEntropyLoss, linear_masked_cross_entropy
 from earkit.kernels import linear_cross_entropy, triton_linear_cross_entropy
-from helpers import (DTYPES, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, reduce, rounding_floors, threshold_in_gap,
-                     windowed_weights)
+from helpers import (DTYPES, EMPTY_IDS, empty_cases, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, reduce, rounding_floors,
+                     threshold_in_gap, windowed_weights)
 
 # Gradients here are sums over V (d hidden) or N (d weight) of rounded terms, so an entry near
 # zero carries the rounding of much larger terms: compare against the largest entry.
@@ -155,12 +155,7 @@ def test_everything_masked_and_all_ignored(backend):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize(
-    "shape, options",
-    [((2, 0, 12), dict(window=3, window_threshold=0.5)), ((2, 0, 12), dict(window=3)),
-     ((0, 4, 12), dict(window=3, window_threshold=0.5)), ((0, 12), {}), ((2, 0, 12), {})],
-    ids=["B0H-window", "B0H-window-no-gate", "0TH-window", "0H", "B0H"],
-)
+@pytest.mark.parametrize("shape, options", empty_cases(12), ids=EMPTY_IDS)
 def test_no_rows_give_a_zero_loss_and_zero_gradients(backend, shape, options, reduction):
     hidden = torch.randn(shape, requires_grad=True)
     weight = torch.randn(37, 12, requires_grad=True)

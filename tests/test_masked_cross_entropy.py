@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from earkit.kernels import masked_cross_entropy
-from helpers import (DTYPES, GRAD_TOL, LOSS_TOL, REDUCTIONS, SHARED_MEMORY_LAYOUTS, far_from, reduce, rows_sharing_memory,
-                     threshold_in_gap, windowed_weights)
+from helpers import (DTYPES, EMPTY_IDS, empty_cases, GRAD_TOL, LOSS_TOL, REDUCTIONS, SHARED_MEMORY_LAYOUTS, far_from,
+                     reduce, rows_sharing_memory, threshold_in_gap, windowed_weights)
 
 
 def expected_masked(logits, target, *, threshold=None, ignore_index=-100, window=None, window_threshold=None,
@@ -121,18 +121,10 @@ def test_nothing_masked_everything_masked_and_all_ignored(backend):
 
 
 # Shapes with no rows: a windowed (B, 0, V) and (0, T, V), and unwindowed (0, V) and (B, 0, V).
-EMPTY_CASES = [
-    ((2, 0, 37), dict(window=3, window_threshold=0.5)),
-    ((2, 0, 37), dict(window=3)),
-    ((0, 4, 37), dict(window=3, window_threshold=0.5)),
-    ((0, 37), {}),
-    ((2, 0, 37), {}),
-]
-EMPTY_IDS = ["B0V-window", "B0V-window-no-gate", "0TV-window", "0V", "B0V"]
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("shape, options", EMPTY_CASES, ids=EMPTY_IDS)
+@pytest.mark.parametrize("shape, options", empty_cases(37), ids=EMPTY_IDS)
 def test_no_rows_give_a_zero_loss_and_an_empty_gradient(backend, shape, options, reduction):
     # Nothing to average: "mean" and "sum" are 0, "none" is an empty loss of the target's shape.
     logits = torch.randn(shape, requires_grad=True)

@@ -11,18 +11,11 @@ from earkit.cli import main as cli_main
 from earkit.engine import trainer
 from earkit.engine.checkpoint import STATE_FILE
 from earkit.engine.tiny import save_tiny_janus
-from helpers import one_error_line
+from helpers import usage_error
 
 # The ShapesWorld default at a test's budget: 4 steps of 2 pairs, a checkpoint every 2 steps, 4
 # images per shape for the before/after table.
 DEFAULT_ERASE = ["erase", "--steps", "4", "--batch-size", "2", "--save-every", "2", "--eval-images", "4"]
-
-
-def one_line_error(capsys, argv) -> str:
-    capsys.readouterr()
-    assert cli_main(argv) == 2
-    error = one_error_line(capsys.readouterr().err)
-    return error[0]
 
 
 def test_the_default_erase_honours_its_flags_and_resumes_bit_for_bit(tmp_path, monkeypatch, capsys):
@@ -65,7 +58,7 @@ def test_the_default_erase_honours_its_flags_and_resumes_bit_for_bit(tmp_path, m
 ])
 def test_the_default_erase_validates_every_flag_before_any_work(tmp_path, capsys, flags, expect):
     out = tmp_path / "out"
-    error = one_line_error(capsys, ["erase", "--out", str(out), *flags])
+    error = usage_error(capsys, ["erase", "--out", str(out), *flags])
     assert expect in error
     assert not out.exists()
 
@@ -110,18 +103,18 @@ def edit_step(value):
                                            ("abc", "step must be an integer"), (True, "step must be an integer")])
 def test_an_edited_step_is_refused_by_name(tmp_path, capsys, finished_run, value, expect):
     argv = edited_copy(tmp_path, finished_run, edit_step(value))
-    error = one_line_error(capsys, argv)
+    error = usage_error(capsys, argv)
     assert expect in error and STATE_FILE in error
 
 
 def test_a_step_that_disagrees_with_the_history_is_refused(tmp_path, capsys, finished_run):
     argv = edited_copy(tmp_path, finished_run, edit_step(1))  # two losses recorded, step says 1
-    assert "one value per step done" in one_line_error(capsys, argv)
+    assert "one value per step done" in usage_error(capsys, argv)
 
 
 def test_a_garbage_optimizer_file_is_one_line(tmp_path, capsys, finished_run):
     argv = edited_copy(tmp_path, finished_run, lambda folder: (folder / "optimizer.pt").write_bytes(b"\x80garbage" * 9))
-    error = one_line_error(capsys, argv)
+    error = usage_error(capsys, argv)
     assert "optimizer.pt is unreadable or corrupt" in error
 
 
@@ -129,7 +122,7 @@ def test_an_optimizer_state_of_another_shape_is_one_line(tmp_path, capsys, finis
     def other_state(folder):
         torch.save({"state": {}, "param_groups": [{"params": [0]}]}, folder / "optimizer.pt")
 
-    error = one_line_error(capsys, edited_copy(tmp_path, finished_run, other_state))
+    error = usage_error(capsys, edited_copy(tmp_path, finished_run, other_state))
     assert "optimizer.pt" in error and "does not fit" in error
 
 
@@ -137,7 +130,7 @@ def test_an_optimizer_state_of_another_shape_is_one_line(tmp_path, capsys, finis
                                          (["--window", "4"], "window"), (["--eta", "2"], "eta")])
 def test_resuming_with_another_setting_is_refused_by_name(tmp_path, capsys, finished_run, flags, name):
     argv = edited_copy(tmp_path, finished_run, lambda folder: None) + flags
-    error = one_line_error(capsys, argv)
+    error = usage_error(capsys, argv)
     assert f"{name} differs from the checkpoint's" in error
 
 
@@ -153,7 +146,7 @@ def test_resuming_with_the_same_settings_and_more_steps_continues(tmp_path, fini
 def test_a_run_that_diverges_stops_without_saving_nan_weights(tmp_path, capsys, finished_run):
     out, argv = finished_run
     fresh = [item if item != str(out) else str(tmp_path / "diverged") for item in argv]
-    error = one_line_error(capsys, fresh + ["--lr", "1e30", "--grad-clip", "none"])
+    error = usage_error(capsys, fresh + ["--lr", "1e30", "--grad-clip", "none"])
     assert "the loss is" in error and "nothing of this step was saved" in error
     checkpoint = tmp_path / "diverged" / "checkpoint"
     assert not checkpoint.exists() or torch.isfinite(
