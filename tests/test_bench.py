@@ -86,3 +86,30 @@ def test_gpu_check_smoke_passes_every_check(tmp_path):
                    or line.startswith("| guided | 16 |")]
     assert len(timing_rows) == 10  # eager, eager fp32, torch.compile, earkit, earkit inplace; per op
     assert all("Error" not in line for line in timing_rows), "\n".join(timing_rows)
+
+
+def test_load_bench_neighbours_burn_a_core_and_are_always_stopped():
+    import time
+
+    from earkit.bench import load
+
+    neighbours = load.start_neighbours("python", 2, seconds=60.0)
+    try:
+        time.sleep(1.5)
+        assert all(process.poll() is None for process in neighbours)  # still busy, not crashed
+    finally:
+        load.stop(neighbours)
+    assert all(process.returncode is not None for process in neighbours)
+    # the deadline inside bounds a neighbour even if the benchmark itself is killed
+    started = time.perf_counter()
+    bounded = load.start_neighbours("torch", 1, seconds=1.0)
+    assert bounded[0].wait(timeout=60) == 0 and time.perf_counter() - started < 60
+
+
+def test_load_bench_table_and_command():
+    from earkit.bench import load
+
+    assert load.erase_command(Path("/tmp/x"), quick=True)[-4:] == ["--steps", "16", "--eval-images", "20"]
+    rows = [{"load": "none (idle)", "seconds": 10.0, "ratio": 1.0}, {"load": "2 x torch", "seconds": 25.0, "ratio": 2.5}]
+    table = load.markdown(rows, "earkit erase", None)
+    assert "| 2 x torch | 25.0 | 2.50 |" in table and "Target: at most 3x" in table
