@@ -39,3 +39,21 @@ def test_python_dash_m_from_the_repository_root_finds_the_subpackages():
     assert result.returncode == 0, result.stderr
     where, native = result.stdout.split()
     assert Path(where).is_relative_to(REPOSITORY / "kernels") and native == "True"
+
+
+def test_every_extra_the_readme_installs_exists():
+    import re
+    import tomllib
+
+    extras = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    named = set(re.findall(r"\.\[([a-z0-9_-]+)\]", (REPOSITORY / "README.md").read_text()))
+    assert named and named <= set(extras), named - set(extras)
+    assert any(requirement.startswith("scipy") for requirement in extras["test"])  # the FID test needs it
+
+
+def test_the_readme_examples_outputs_are_ignored_by_git():
+    outputs = ["erased/checkpoint/config.json", "samples/grid.png", "report/report.html", "runs/church/metrics.json",
+               "circle.jsonl", "circle.summary.json", "circle.kept.decisions.jsonl"]
+    result = subprocess.run(["git", "check-ignore", "--no-index", *outputs], cwd=REPOSITORY, capture_output=True,
+                            text=True)
+    assert sorted(result.stdout.split()) == sorted(outputs), result.stderr

@@ -102,3 +102,11 @@ def test_shipped_generator_draws_the_requested_shape_and_colour():
     # world; chance is 20% and 17%); 80 prompts here, so the bounds leave room for sampling noise
     assert sum(rates.shape.values()) / len(rates.shape) >= 0.9, rates
     assert sum(rates.colour.values()) / len(rates.colour) >= 0.9, rates
+
+
+def test_world_check_shows_its_progress(capsys):
+    from earkit.engine import shapesworld
+
+    report = shapesworld.check_world(n_per_shape=2, judge_images=4, progress=True)
+    assert report["prompts"] == 10
+    assert "world check" in capsys.readouterr().err  # minutes at the defaults: a bar, not silence
