@@ -73,7 +73,9 @@ def build_random_model(size: str, device: torch.device, dtype: torch.dtype):
 
 def run(size: str = "7b", device: str | None = None, dtype: str = "auto", sampler_batches=(1, 16),
         train_batch: int = 8, window: int = 48, optimizer: str = "adamw8bit", gradient_checkpointing: bool = True,
-        repeats: int = 1) -> dict:
+        repeats: int = 1, on_figure=None) -> dict:
+    """The report (a dict of figures). on_figure(name, value) is called as each figure is measured
+    (bench/gpu_check.py logs them at once, so a run stopped by its time limit keeps the finished ones)."""
     from earkit.engine.model import default_device, resolve_dtype
     from earkit.engine.pairs import PromptPair
     from earkit.engine.sampler import sample_image_tokens
@@ -86,13 +88,23 @@ def run(size: str = "7b", device: str | None = None, dtype: str = "auto", sample
     torch_dtype = resolve_dtype(dtype, device)
     if optimizer != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
         optimizer = "adamw"  # the GPU machines may lack it; the report says which optimizer ran
+
+    def put(name, value):
+        report[name] = value
+        if on_figure is not None:
+            on_figure(name, value)
+
+    started = time.perf_counter()
     model, tokenizer = build_random_model(size, device, torch_dtype)
+    _sync(device)
+    build_seconds = time.perf_counter() - started
     n_tokens = model.config.vision_config.num_image_tokens
     report = {"size": size, "device": str(device), "dtype": str(torch_dtype).replace("torch.", ""),
               "image_tokens": n_tokens, "optimizer": optimizer, "window": window, "train_batch": train_batch,
               "gradient_checkpointing": gradient_checkpointing}
     if device.type == "cuda":
         report["card"] = torch.cuda.get_device_name(device)
+    put("build_s", build_seconds)
 
     prompt = "a photo of a church on a hill by the sea"
     sample_image_tokens(model, tokenizer, [prompt], guidance_scale=5.0, seed=0, progress=False)  # warm-up
@@ -100,9 +112,9 @@ def run(size: str = "7b", device: str | None = None, dtype: str = "auto", sample
         _reset_peak(device)
         seconds, _ = _timed(lambda: sample_image_tokens(model, tokenizer, [prompt] * batch, guidance_scale=5.0,
                                                         seed=1, progress=False), device, repeats)
-        report[f"sampler_ms_per_step_b{batch}"] = 1000 * seconds / n_tokens
-        report[f"sampler_s_per_batch_b{batch}"] = seconds
-        report[f"sampler_peak_gb_b{batch}"] = _peak_gb(device)
+        put(f"sampler_ms_per_step_b{batch}", 1000 * seconds / n_tokens)
+        put(f"sampler_s_per_batch_b{batch}", seconds)
+        put(f"sampler_peak_gb_b{batch}", _peak_gb(device))
 
     config = EraseConfig(model="(random weights)", concept="church", anchor="cinema", window=window,
                          optimizer=optimizer, batch_size=train_batch, gradient_checkpointing=gradient_checkpointing)
@@ -117,12 +129,12 @@ def run(size: str = "7b", device: str | None = None, dtype: str = "auto", sample
     _reset_peak(device)
     sample_seconds, targets = _timed(lambda: teacher_targets(model, tokenizer, teacher, pairs, 1, config), device)
     update_seconds, stats = _timed(lambda: student_update(model, optim, targets, config, parameters), device, repeats)
-    report["train_sample_ms_per_pair"] = 1000 * sample_seconds / train_batch
-    report["train_update_ms_per_pair"] = 1000 * update_seconds / train_batch
-    report["train_ms_per_pair"] = report["train_sample_ms_per_pair"] + report["train_update_ms_per_pair"]
-    report["train_peak_gb"] = _peak_gb(device)
-    report["train_loss"] = stats["loss"]
-    report["projected_s_per_50_pairs"] = PAIRS_PER_CONCEPT * report["train_ms_per_pair"] / 1000
+    put("train_sample_ms_per_pair", 1000 * sample_seconds / train_batch)
+    put("train_update_ms_per_pair", 1000 * update_seconds / train_batch)
+    put("train_ms_per_pair", report["train_sample_ms_per_pair"] + report["train_update_ms_per_pair"])
+    put("train_peak_gb", _peak_gb(device))
+    put("train_loss", stats["loss"])
+    put("projected_s_per_50_pairs", PAIRS_PER_CONCEPT * report["train_ms_per_pair"] / 1000)
     return report
 
 

@@ -179,7 +179,9 @@ def matmul_tflops(n, h, v, dtype, device, repeats, warmup) -> float:
     return 2 * n * h * v / statistics.median(times) / 1e12
 
 
-def run(shapes, dtype, device, repeats: int, warmup: int, compile_: bool, seed: int = 0):
+def run(shapes, dtype, device, repeats: int, warmup: int, compile_: bool, seed: int = 0, only=None, on_row=None):
+    """The table's rows. only: implementation names to run (None: all); on_row(row) is called as
+    each row is measured (bench/gpu_check.py streams them to its log, so a timeout loses none)."""
     results = []
     for n, h, v in shapes:
         ceiling = matmul_tflops(n, h, v, dtype, device, repeats, warmup)
@@ -194,8 +196,10 @@ def run(shapes, dtype, device, repeats: int, warmup: int, compile_: bool, seed: 
             leaves = [s[key].detach().clone().requires_grad_(True) for s in sets]
             # Every input set uses set 0's head and teachers; only the student rows rotate.
             for name, note, fn in implementations(op, sets[0], threshold, kept, compile_):
+                if only is not None and name not in only:
+                    continue
                 row = {"op": op, "n": n, "h": h, "v": v, "impl": name, "note": note, "ms": math.nan,
-                       "mb": math.nan, "tflops": math.nan, "pct": math.nan}
+                       "mb": math.nan, "tflops": math.nan, "pct": math.nan, "ceiling_tflops": ceiling}
                 if fn is not None:
                     try:
                         row["ms"] = time_ms(fn, leaves, repeats, warmup, device)
@@ -207,6 +211,8 @@ def run(shapes, dtype, device, repeats: int, warmup: int, compile_: bool, seed: 
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
                 results.append(row)
+                if on_row is not None:
+                    on_row(row)
                 print(f"  {op:6s} N={n:5d} H={h:5d} {name:24s} {row['ms']:10.2f} ms {row['mb']:9.1f} MB "
                       f"{row['tflops']:7.3f} TFLOP/s {row['note']}", flush=True)
         del sets
