@@ -1,6 +1,7 @@
 """Quick tests of the benchmarks: the memory measure, `python -m earkit.bench kernels --quick`,
-and `bench/gpu_check.py --smoke` (the GPU check's every code path on CPU via the Triton interpreter)."""
+and `python -m earkit.bench.gpu_check --smoke` (the GPU check's every stage on CPU via the Triton interpreter)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -71,21 +72,155 @@ def test_kernels_benchmark_quick(tmp_path):
     assert "### CPU loss kernels" in report and "| hard | fp32 |" in report
 
 
-def test_gpu_check_smoke_passes_every_check(tmp_path):
-    out = tmp_path / "gpu_check.md"
-    result = run([str(REPO / "bench" / "gpu_check.py"), "--smoke", "--out", str(out)],
-                 env_extra={"TRITON_INTERPRET": "1"})
+def snapshot(*folders):
+    """(path, size, mtime) of every file under the folders, bytecode caches left out."""
+    found = set()
+    for folder in folders:
+        for path in Path(folder).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                stat = path.stat()
+                found.add((str(path), stat.st_size, stat.st_mtime_ns))
+    return found
+
+
+def package_and_repo_folders():
+    import earkit.bench
+
+    return [Path(earkit.bench.__file__).resolve().parent, REPO / "bench"]
+
+
+def gpu_check(args, cwd, timeout=300):
+    """python -m earkit.bench.gpu_check --smoke ARGS from cwd (never the repository root)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-m", "earkit.bench.gpu_check", "--smoke", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def table_rows(report, first_cell):
+    return [line for line in report.splitlines() if line.startswith(f"| {first_cell} |")]
+
+
+def test_gpu_check_smoke_runs_every_stage_and_passes(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    out = tmp_path / "out" / "gpu_check.md"
+    before = snapshot(*package_and_repo_folders())
+    result = gpu_check(["--out", str(out)], cwd)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     assert "ALL PASS" in result.stdout
     report = out.read_text()
-    check_rows = [line for line in report.splitlines() if line.startswith("| 2x8x64") or line.startswith("| 1x8x64")]
-    assert len(check_rows) == 32  # 2 shapes x 2 dtypes x 2 ops x 2 reductions x 2 inplace
-    assert all(line.endswith("| PASS |") for line in check_rows), "\n".join(check_rows)
-    assert "4 split(s) per row" in report  # the split-row layout was exercised
-    timing_rows = [line for line in report.splitlines() if line.startswith("| masked | 16 |")
-                   or line.startswith("| guided | 16 |")]
-    assert len(timing_rows) == 10  # eager, eager fp32, torch.compile, earkit, earkit inplace; per op
-    assert all("Error" not in line for line in timing_rows), "\n".join(timing_rows)
+    assert result.stdout.count("### earkit gpu_check --smoke") == 2  # the report, then the summary that ends it
+    for letter, what in (("a", "correctness"), ("b", "op timings"), ("e", "profiler"), ("f", "sampler"),
+                         ("c", "engine at the Janus-Pro-tiny shape")):
+        assert any(what in line and line.endswith("| done |") for line in table_rows(report, letter)), letter
+    assert table_rows(report, "d")[0].endswith("| skipped: --engine-sizes names no size for it |")
+
+    # (a) every layout the timings use, the forced ones and the matrix, logits-level then fused
+    checks = {group: table_rows(report, group) for group in ("timed", "layout", "matrix")}
+    logits = {group: [line for line in lines if "| linear " not in line] for group, lines in checks.items()}
+    fused = {group: [line for line in lines if "| linear " in line] for group, lines in checks.items()}
+    assert len(logits["timed"]) == 4  # 2 ops x inplace False / True, at the timed shape
+    assert len(logits["layout"]) == 24  # 3 layouts x 2 ops x 2 reductions x 2 inplace
+    assert len(logits["matrix"]) == 16  # 2 dtypes x 2 ops x 2 reductions x 2 inplace
+    assert len(fused["timed"]) == 8  # 2 ops x (own layout + split in 2, in 4, 4-row chunks)
+    assert len(fused["matrix"]) == 16  # 2 dtypes x 2 ops x 2 reductions x 2 heads
+    every_check = [line for lines in checks.values() for line in lines]
+    assert all(line.endswith("| PASS |") for line in every_check), "\n".join(every_check)
+    for layout in ("rows split in 2", "rows split in 4"):
+        assert any(layout in line for line in logits["layout"]) and any(layout in line for line in fused["timed"])
+    assert any("| - | auto | mean |" in line for line in fused["timed"])  # unwindowed, as timed
+
+    # (b) timings, torch.compile last; the targets and anchors table (nothing at the issue's shapes in a smoke run)
+    for op in ("masked", "guided"):
+        impls = [line.split(" | ")[2] for line in table_rows(report, op)]
+        assert impls == ["torch eager", "torch eager fp32", "earkit", "earkit inplace", "torch.compile eager"], impls
+    for op in ("hard", "guided"):
+        cells = [line.split(" | ") for line in table_rows(report, f"linear {op}")]
+        assert any(c[1:4] == ["16", "32", "earkit (triton)"] and float(c[4]) > 0 for c in cells), cells
+    assert "| linear hard | 9216 x 4096 | target (issue 12) | 3.60 | - | NOT MEASURED | 200 |" in report
+    # (e) profiler, (f) sampler, (c) engine
+    assert "#### (e) Where the fused ops spend their time" in report
+    assert "linear hard N=16 H=32, by CPU op (self time):" in report and "linear guided N=16 H=32, by" in report
+    sampler = table_rows(report, "fp32") + table_rows(report, "bf16")
+    assert len(sampler) == 2 and all("| 2 x 16 | True |" in line and line.endswith("| SKIP |") for line in sampler)
+    assert "#### (c) Engine, Janus-Pro-tiny shape" in report and "| train_ms_per_pair |" in report
+
+    # the rows, as measured, beside the report; nothing written anywhere else
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert {"check", "linear_check", "timing", "linear_timing", "profile", "kernel", "sampler", "engine"} <= {
+        row["kind"] for row in rows}
+    assert sorted(path.name for path in out.parent.iterdir()) == ["gpu_check.jsonl", "gpu_check.md"]
+    assert list(cwd.iterdir()) == []
+    assert snapshot(*package_and_repo_folders()) == before
+
+
+def test_gpu_check_without_out_writes_only_to_stdout(tmp_path):
+    before = snapshot(*package_and_repo_folders())
+    result = gpu_check(["--stages", "f"], tmp_path)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    assert "#### (f) Sampler on a tiny Janus" in result.stdout and "report:" not in result.stdout
+    assert list(tmp_path.iterdir()) == []
+    assert snapshot(*package_and_repo_folders()) == before
+
+
+def test_gpu_check_stages_past_their_caps_stop_and_the_next_runs(tmp_path):
+    out = tmp_path / "gpu_check.md"
+    out.write_text("# earlier results\n")
+    # a: stops itself between cases at its deadline (or is stopped, on a slow machine); b: cannot finish
+    # in 5 s (its imports alone take half of that), so it is killed mid-row; e: runs as usual.
+    result = gpu_check(["--stages", "a,b,e", "--caps", "a=10,b=5", "--out", str(out)], tmp_path)
+    assert result.returncode == 1, result.stdout[-5000:] + result.stderr[-5000:]  # not every check ran
+    report = out.read_text()
+    assert report.startswith("# earlier results\n")  # --out keeps what the file held
+    stage_a, stage_b, stage_e = (table_rows(report, letter)[0] for letter in "abe")
+    assert "OUT OF TIME" in stage_a or "TIMED OUT" in stage_a, stage_a
+    assert "TIMED OUT after 5 s" in stage_b and stage_e.endswith("| done |"), (stage_b, stage_e)
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    # every row measured before a stop is in the report
+    measured = [row for row in rows if row["kind"] in ("check", "linear_check")]
+    assert sum(len(table_rows(report, group)) for group in ("timed", "layout", "matrix")) == len(measured)
+    assert len([row for row in rows if row["kind"] == "timing"]) == len(table_rows(report, "masked") + table_rows(
+        report, "guided"))
+    assert "not every check ran" in report
+
+
+def test_gpu_check_budget_keeps_the_later_stages_minimum():
+    from earkit.bench.gpu_check import PLANS, allowance, parse_caps
+
+    limits = PLANS["gpu"]["limits"]
+    letters = ["a", "b", "e", "f", "c", "d"]
+    assert allowance(limits, letters, 0, 420) == limits["a"][0]  # its cap: time enough for all
+    # stage c with 100 s left: d needs 40 at least, so c gets 60 (its own minimum: it runs)
+    assert allowance(limits, letters, 4, 100) == 60
+    assert allowance(limits, letters, 4, 90) < limits["c"][1]  # skipped, d still runs
+    assert allowance(limits, letters, 5, 500) == limits["d"][0]
+    caps = parse_caps("a=20,d=300", limits)
+    assert caps["a"] == (20, 20) and caps["d"] == (300, limits["d"][1]) and caps["b"] == limits["b"]
+
+
+def test_gpu_check_targets_and_anchors_verdicts():
+    from earkit.bench.gpu_check import floor_ms, targets_rows, targets_table
+
+    def row(op, n, h, impl, ms, mb=float("nan")):
+        return {"op": op, "n": n, "h": h, "v": 16384, "impl": impl, "ms": ms, "mb": mb}
+
+    measured = [row("hard", 9216, 4096, "earkit (triton)", 3.5, 150.0), row("hard", 9216, 4096, "torch eager", 5.2, 1800.0),
+                row("guided", 9216, 4096, "earkit (triton)", 8.0, 900.0), row("hard", 1152, 2048, "earkit (triton)", 0.7)]
+    verdicts = {(r["op"], r["n"], r["against"]): r for r in targets_rows(measured)}
+    target = verdicts[("hard", 9216, "target (issue 12)")]
+    assert (target["ms_result"], target["mb_result"]) == ("PASS", "PASS")
+    assert abs(target["pct_floor"] - 100 * floor_ms("hard", 9216, 4096, 16384) / 3.5) < 1e-9
+    assert abs(floor_ms("hard", 9216, 4096, 16384) - 3.16) < 0.01  # DESIGN.md's floors
+    assert abs(floor_ms("guided", 9216, 4096, 16384) - 6.32) < 0.02
+    assert verdicts[("guided", 9216, "target (issue 12)")]["ms_result"] == "FAIL (1.11x)"
+    assert verdicts[("hard", 1152, "target (issue 12)")]["ms_result"] == "FAIL (1.17x)"
+    assert verdicts[("hard", 1152, "torch eager (DESIGN.md, H200)")]["ms_result"] == "PASS"
+    same_run = verdicts[("hard", 9216, "torch eager (this run)")]
+    assert (same_run["limit_ms"], same_run["limit_mb"], same_run["ms_result"]) == (5.2, 1800.0, "PASS")
+    assert verdicts[("guided", 1152, "torch eager (DESIGN.md, H200)")]["ms_result"] == "NOT MEASURED"
+    assert verdicts[("hard", 9216, "cut-cross-entropy (DESIGN.md, H200)")]["mb_result"] == "FAIL (2.08x)"
+    assert "| linear hard | 9216 x 4096 | target (issue 12) | 3.60 | 3.500 | PASS | 200 | 150 | PASS |" in (
+        targets_table(measured))
 
 
 def test_load_bench_neighbours_burn_a_core_and_are_always_stopped():
