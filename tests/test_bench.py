@@ -223,6 +223,13 @@ def test_gpu_check_targets_and_anchors_verdicts():
         targets_table(measured))
 
 
+def test_device_scripts_parse_and_wheels_stay_out_of_git():
+    for script in ("bench/device_wheels.sh", "bench/device_run.sh"):
+        result = subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+    assert "/.whl/" in (REPO / ".gitignore").read_text().splitlines()
+
+
 def test_load_bench_neighbours_burn_a_core_and_are_always_stopped():
     import time
 
