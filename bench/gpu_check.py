@@ -1,7 +1,7 @@
 """GPU check of earkit: correctness, speed and memory of the loss ops and the engine, in one timed run.
 
     python -m earkit.bench.gpu_check --out $OUT/gpu_check.md   # a CUDA machine (H100/H200), 7 minutes at most
-    python -m earkit.bench.gpu_check --budget 240 --stages a,b  # less time, some stages
+    python -m earkit.bench.gpu_check --budget 240 --stages a,b  # less time, some stages (--caps b=200: a cap)
     python -m earkit.bench.gpu_check --smoke                    # CPU, Triton interpreter, tiny shapes (CI)
     bash bench/device_run.sh                                    # the GPU machine: offline install, then this
 
@@ -474,7 +474,8 @@ def linear_earkit(op, x, weight, bias, options, reduction, upstream, train_head)
         out = linear_masked_cross_entropy(h, w, x["target"], b, reduction=reduction, **options)
     else:
         out = linear_guided_cross_entropy(h, x["concept"], x["anchor"], w, b, eta=ETA, reduction=reduction, **options)
-    grads = torch.autograd.grad(out if reduction == "mean" else (out * upstream).sum(), [h, w, b] if train_head else [h])
+    to_backward = out if reduction == "mean" else (out * upstream).sum()
+    grads = torch.autograd.grad(to_backward, [h, w, b] if train_head else [h])
     return out.detach(), grads
 
 
@@ -739,12 +740,22 @@ def stage_timings(plan, emit, deadline, args) -> None:
 # ---------------------------------------------------------------- (e) profiler breakdown
 
 
+def fused_op(op, x, threshold):
+    """loss(leaf) of the fused op on bench/linear.py's inputs x, as its earkit row calls it."""
+    from earkit.kernels import linear_guided_cross_entropy, linear_masked_cross_entropy
+
+    w, b = x["weight"], x["bias"]
+    if op == "hard":
+        return lambda leaf: linear_masked_cross_entropy(leaf, w, x["target"], b, threshold=threshold)
+    return lambda leaf: linear_guided_cross_entropy(leaf, x["concept"], x["anchor"], w, b, eta=ETA,
+                                                    threshold=threshold)
+
+
 def stage_profile(plan, emit, deadline, args) -> None:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from earkit.bench import linear
-    from earkit.kernels import linear_guided_cross_entropy, linear_masked_cross_entropy
 
     device = plan["device"]
     on_gpu = device == "cuda"
@@ -756,13 +767,7 @@ def stage_profile(plan, emit, deadline, args) -> None:
         x = linear.make_inputs(n, h, v, torch.bfloat16, torch.device(device), seed=0)
         for op in ("hard", "guided"):
             try:
-                threshold = float(linear.token_losses(op, x).median())
-                w, b = x["weight"], x["bias"]
-                if op == "hard":
-                    fn = lambda leaf: linear_masked_cross_entropy(leaf, w, x["target"], b, threshold=threshold)  # noqa: E731
-                else:
-                    fn = lambda leaf: linear_guided_cross_entropy(  # noqa: E731
-                        leaf, x["concept"], x["anchor"], w, b, eta=ETA, threshold=threshold)
+                fn = fused_op(op, x, float(linear.token_losses(op, x).median()))  # (b)'s call and threshold
                 leaf = x["hidden" if op == "hard" else "student"].detach().clone().requires_grad_(True)
                 for _ in range(2):  # compiles and warms the allocator
                     fwd_bwd(fn, leaf)
@@ -856,7 +861,10 @@ def stage_sampler(plan, emit, deadline, args) -> None:
                                                              cuda_graph=graph, return_logits=True, progress=False)
                         sync(device)
                         seconds = time.perf_counter() - t0
-                runs[graph] = (tokens, logits, seconds, [str(w.message)[:200] for w in caught])
+                # Only the sampler's own words about the graph (a capture that failed, or could not be): a
+                # library's unrelated warning must not fail the row.
+                about_graph = [str(w.message)[:200] for w in caught if "graph" in str(w.message).lower()]
+                runs[graph] = (tokens, logits, seconds, about_graph)
             (eager_tokens, eager_logits, eager_s, _), (graph_tokens, graph_logits, graph_s, graph_warnings) = \
                 runs[False], runs[True]
             steps = eager_tokens.shape[1]
@@ -1029,7 +1037,8 @@ def targets_table(linear_rows) -> str:
     ]
     for r in targets_rows(linear_rows):
         lines.append(f"| linear {r['op']} | {r['n']} x {r['h']} | {r['against']} | {fmt(r['limit_ms'], '.2f')} "
-                     f"| {fmt(r['ms'], '.3f')} | {r['ms_result']} | {fmt(r['limit_mb'], '.0f')} | {fmt(r['mb'], '.0f')} "
+                     f"| {fmt(r['ms'], '.3f')} | {r['ms_result']} | {fmt(r['limit_mb'], '.0f')} "
+                     f"| {fmt(r['mb'], '.0f')} "
                      f"| {r['mb_result']} | {r['floor_ms']:.2f} | {fmt(r['pct_floor'], '.0f')} |")
     return "\n".join(lines)
 
@@ -1038,7 +1047,8 @@ def profile_section(rows) -> str:
     summaries = [r for r in rows if r["kind"] == "profile"]
     if not summaries:
         return ""
-    lines = ["| op | N | H | wall ms (profiled) | kernel / op time ms | kernels launched | host-syncing aten ops |",
+    lines = ["| op | N | H | wall ms (profiled) | kernel / op time ms | GPU activities (kernels, copies, sets) "
+             "| host-syncing aten ops |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in summaries:
         sync_ops = ", ".join(f"{k} x{c}" for k, c in r["sync_ops"].items()) or "none"
@@ -1070,8 +1080,9 @@ def engine_section(rows, size) -> str:
         return ""
     text = ""
     if info is not None:
-        text = (f"{info.get('card', info.get('device'))}, {info.get('dtype')}; {info.get('image_tokens')} image tokens; "
-                f"optimizer {info.get('optimizer')}, W = {info.get('window')}, {info.get('train_batch')} pairs per step, "
+        text = (f"{info.get('card', info.get('device'))}, {info.get('dtype')}; {info.get('image_tokens')} image "
+                f"tokens; optimizer {info.get('optimizer')}, W = {info.get('window')}, {info.get('train_batch')} pairs "
+                f"per step, "
                 f"gradient checkpointing {info.get('gradient_checkpointing')}\n\n")
     else:
         text = "(stopped before the end: the figures measured so far)\n\n"
@@ -1144,7 +1155,8 @@ def render(meta, stages, rows, final=False) -> tuple[str, str]:
                     f"above the inputs; speedup = eager ms / row ms, memory ratio = row MB / eager MB.\n\n"
                     f"{timing_table(by_kind('timing'))}\n")
     if by_kind("profile"):
-        body.append(f"#### (e) Where the fused ops spend their time (one profiled fwd+bwd)\n\n{profile_section(rows)}\n")
+        body.append(f"#### (e) Where the fused ops spend their time (one profiled fwd+bwd)\n\n"
+                    f"{profile_section(rows)}\n")
     if by_kind("sampler"):
         body.append(f"#### (f) Sampler on a tiny Janus (weights at unit gain): CUDA graph vs eager, same seed\n\n"
                     f"{sampler_table(by_kind('sampler'))}\n")
@@ -1453,7 +1465,8 @@ def main(argv=None) -> int:
     parser.add_argument("--engine-sizes", default=None,
                         help="Janus-Pro shapes of stages c and d, comma-separated (default 7b,1b; smoke tiny; "
                              "'none' to skip both)")
-    parser.add_argument("--rows", default=None, help="the JSON-lines file of rows (default: beside --out, or temporary)")
+    parser.add_argument("--rows", default=None,
+                        help="the JSON-lines file of rows (default: beside --out, or a temporary one)")
     parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # a child: run this one stage
     parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

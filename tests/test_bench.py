@@ -204,8 +204,10 @@ def test_gpu_check_targets_and_anchors_verdicts():
     def row(op, n, h, impl, ms, mb=float("nan")):
         return {"op": op, "n": n, "h": h, "v": 16384, "impl": impl, "ms": ms, "mb": mb}
 
-    measured = [row("hard", 9216, 4096, "earkit (triton)", 3.5, 150.0), row("hard", 9216, 4096, "torch eager", 5.2, 1800.0),
-                row("guided", 9216, 4096, "earkit (triton)", 8.0, 900.0), row("hard", 1152, 2048, "earkit (triton)", 0.7)]
+    measured = [row("hard", 9216, 4096, "earkit (triton)", 3.5, 150.0),
+                row("hard", 9216, 4096, "torch eager", 5.2, 1800.0),
+                row("guided", 9216, 4096, "earkit (triton)", 8.0, 900.0),
+                row("hard", 1152, 2048, "earkit (triton)", 0.7)]
     verdicts = {(r["op"], r["n"], r["against"]): r for r in targets_rows(measured)}
     target = verdicts[("hard", 9216, "target (issue 12)")]
     assert (target["ms_result"], target["mb_result"]) == ("PASS", "PASS")
