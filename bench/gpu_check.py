@@ -16,23 +16,24 @@ in flight.
 
 Stages, in the order they run (correctness first; e and f take seconds and bear on issue 12
 directly, so they come before the engine's long stages):
-(a) Correctness against float64, every layout that (b) times and a few forced ones:
-    - masked_cross_entropy and guided_cross_entropy on (B, T, V) = (2, 576, 16384), (16, 576,
-      16384) and (1, 8, 16384) (so few rows that each row is split over programs), fp32 and
-      bf16, reductions "mean" and "none" (with a random upstream gradient), inplace_backward
-      False and True, with a token threshold, windows of 50 (3 at T = 8) and a window threshold;
-    - the calls (b) times, at their shapes: bf16, threshold only, no window, reduction "mean",
-      inplace False and True, the layout the op picks itself;
-    - forced layouts, unwindowed, at (2, 576, 16384) bf16: rows split in 2 and in 4
-      (triton_cross_entropy.force_splits) and 4096-column blocks looped over
-      (force_block_v);
-    - linear_masked_cross_entropy and linear_guided_cross_entropy on (B, T) = (2, 576) and
+(a) Correctness against float64, every layout that (b) times and a few forced ones, in this order
+    (the timed calls first: their figures mean nothing if these are wrong):
+    - the calls (b) times, at their shapes: masked_cross_entropy and guided_cross_entropy at
+      (B, T, V) = (2, 576, 16384) and (16, 576, 16384), bf16, threshold only, no window,
+      reduction "mean", inplace_backward False and True, the layout the op picks itself;
+    - the fused calls (b) times: linear_masked_cross_entropy and linear_guided_cross_entropy on
+      bench/linear.py's own inputs at N = 1152 H = 2048 and N = 9216 H = 4096, V = 16384, bf16,
+      head frozen, threshold only, the chunks and layouts the op picks itself; at N = 1152 also
+      rows split in 2 and in 4 and 128-row chunks (linear_cross_entropy.force_chunk_rows);
+    - forced layouts, unwindowed, at (2, 576, 16384) bf16, "mean" and "none", in-place or not:
+      rows split in 2 and in 4 (triton_cross_entropy.force_splits) and 4096-column blocks looped
+      over (force_block_v);
+    - the matrix: both logits-level ops on (2, 576, 16384), (16, 576, 16384) and (1, 8, 16384) (so
+      few rows that each row is split over programs), fp32 and bf16, reductions "mean" and "none"
+      (with a random upstream gradient), inplace_backward False and True, with a token threshold,
+      windows of 50 (3 at T = 8) and a window threshold; both fused ops on (B, T) = (2, 576) and
       (1, 8), H = 2048, V = 16384, fp32 and bf16, "mean" and "none", head frozen (d hidden only)
-      and trained (d weight and d bias too), threshold, windows and window threshold;
-    - the fused calls (b) times: bench/linear.py's own inputs at N = 1152 H = 2048 and
-      N = 9216 H = 4096, V = 16384, bf16, head frozen, threshold only, the chunks and layouts
-      the op picks itself; at N = 1152 also rows split in 2 and in 4 and 128-row chunks
-      (linear_cross_entropy.force_chunk_rows).
+      and trained (d weight and d bias too), threshold, windows and window threshold.
     The expected loss and gradients come from an independent float64 formula (log_softmax and
     autograd) on the same rounded inputs. PASS when max |loss error| <= tol * max |loss| and,
     for each gradient, max |error| <= tol * max |gradient| (fp32 1e-4, 1e-4; bf16 1e-3 for the
