@@ -216,8 +216,10 @@ def _guided_chunks(h_student, h_concept, h_anchor, weight, bias, eta, threshold,
         end = min(start + chunk, n_rows)
         s, t = student[: end - start], target[: end - start]
         g = grad[: end - start] if sink.active else None
+        # The target first: the student's buffer is free until its own logits go in (cuBLAS
+        # puts the concept's product there before the two are combined).
+        backend.linear_target_logits(c_rows[start:end], a_rows[start:end], weight_mm, bias, eta, t, scratch=s)
         backend.linear_logits(s_rows[start:end], weight_mm, bias, s)
-        backend.linear_target_logits(c_rows[start:end], a_rows[start:end], weight_mm, bias, eta, t)
         # anchor=None: the row kernels read the target logits t as they are (one stream, not two).
         if row_scale is None:
             outputs = (loss[start:end], weights[start:end], lse_student[start:end], lse_target[start:end])

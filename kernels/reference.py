@@ -164,11 +164,12 @@ def linear_logits(hidden, weight, bias, out) -> None:
         out += bias.float()
 
 
-def linear_target_logits(h_concept, h_anchor, weight, bias, eta: float, out) -> None:
+def linear_target_logits(h_concept, h_anchor, weight, bias, eta: float, out, scratch=None) -> None:
     """out = (1 + eta) (h_anchor W^T + b) - eta (h_concept W^T + b): the guided target's logits,
     each product in fp32 before they are combined (never ((1 + eta) h_a - eta h_c) W^T, which
-    would round the combination to the input dtype first)."""
+    would round the combination to the input dtype first). `scratch`, a free buffer like out,
+    takes the concept's product instead of a fresh one."""
     linear_logits(h_anchor, weight, bias, out)
-    concept = torch.empty_like(out)
+    concept = scratch if scratch is not None else torch.empty_like(out)
     linear_logits(h_concept, weight, bias, concept)
     out.mul_(1.0 + eta).sub_(concept, alpha=eta)

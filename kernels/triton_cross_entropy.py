@@ -24,8 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Largest block of columns one program holds at a time; beyond it the kernels loop.
-MAX_BLOCK_V = 16384
+# Largest block of columns one program holds at a time; beyond it the kernels loop. A whole row
+# of 16384 in one block took 98-128 registers a thread at 16 warps under Triton 3.6 (the hard
+# backward and the fused forward + gradient): one block, 16 warps, per SM, too few loads in
+# flight for kernels that only stream. At 4096 columns and 16 warps they take 32 registers (four
+# blocks, 64 warps per SM); the guided kernels, three rows live, 2048 at 8 warps (40-48
+# registers). bench/compile_report.py prints the table; bench/RESULTS.md keeps it for 3.6 and 3.8.
+MAX_BLOCK_V = 4096
 # Columns below which splitting a row no longer pays for the extra combine launch.
 MIN_COLUMNS_PER_SPLIT = 2048
 # Tests set these to exercise the looping and split-V paths at tiny shapes.
@@ -34,7 +39,7 @@ force_block_v: int | None = None
 
 
 def _num_warps(block: int) -> int:
-    return 4 if block <= 2048 else 8 if block <= 4096 else 16
+    return 4 if block <= 1024 else 8 if block <= 2048 else 16
 
 
 @functools.lru_cache(maxsize=None)
