@@ -53,9 +53,11 @@ from .cross_entropy import (
 # Rows per chunk, from a memory budget: the chunk's fp32 logits (two buffers for the guided loss)
 # plus its half-precision gradient must fit in it. 112 MiB on a GPU gives 1152 rows at V = 16384
 # for the hard loss (the GEMMs stay wide, N = 9216 is 8 even chunks, and with d hidden's N x H
-# the op stays under 200 MB at H = 4096); on a CPU a few MiB keep each chunk in the caches
-# between the BLAS calls and the native row kernels. Tests force tiny chunks.
-CHUNK_BYTES = {"cuda": 112 << 20, "cpu": 8 << 20}
+# the op stays under 200 MB at H = 4096). On a CPU the GEMMs decide too: at N = 1152, H = 512,
+# V = 16384 (2 cores, AVX512-BF16) 8 MiB chunks (83-128 rows) made thin GEMMs and the op 1.2-1.7x
+# slower than eager; 32 MiB (340-512 rows) runs hard 254 ms and guided 424 ms in bf16 against
+# eager's 237-277 and 590-690, and 64-128 MiB gains little more. Tests force tiny chunks.
+CHUNK_BYTES = {"cuda": 112 << 20, "cpu": 32 << 20}
 force_chunk_rows: int | None = None
 
 
@@ -146,7 +148,9 @@ class _GradientSink:
 
 def _buffers(rows: int, n_cols: int, hidden: Tensor, weight_mm: Tensor, count: int, need_grad: bool):
     """`count` fp32 logits buffers of rows x V, and the buffer the gradient goes into: the first
-    logits buffer itself when the products run in fp32, else a half-precision one."""
+    logits buffer itself for an fp32 head, else one in the head's half precision, so that d hidden
+    = G W runs as a half-precision GEMM (tensor cores on a GPU; on a CPU with AVX512-BF16, 2.7x
+    an fp32 GEMM) with fp32 accumulation, G rounded once as torch's own half backward rounds it."""
     logits = [torch.empty((rows, n_cols), dtype=torch.float32, device=hidden.device) for _ in range(count)]
     grad = None
     if need_grad:
@@ -176,11 +180,11 @@ def _hard_chunks(hidden, weight, bias, target, ignore_index, threshold, window, 
     n_rows, n_cols = hidden_rows.shape[0], weight.shape[0]
     _check_target_values(target_rows, n_cols, ignore_index)
     weight_mm = backend.linear_weight(weight)
-    sink = _GradientSink(hidden_rows, weight_mm, n_cols, need_hidden, need_weight, need_bias)
+    sink = _GradientSink(hidden_rows, weight, n_cols, need_hidden, need_weight, need_bias)
     loss, weights, lse = (torch.empty(n_rows, dtype=torch.float32, device=hidden.device) for _ in range(3))
     seq_len = hidden.shape[1] if window is not None else None
-    chunk = _chunk_rows(n_rows, seq_len, hidden.device, _bytes_per_row(n_cols, 1, weight_mm, sink.active))
-    (logits,), grad = _buffers(chunk, n_cols, hidden, weight_mm, 1, sink.active)
+    chunk = _chunk_rows(n_rows, seq_len, hidden.device, _bytes_per_row(n_cols, 1, weight, sink.active))
+    (logits,), grad = _buffers(chunk, n_cols, hidden, weight, 1, sink.active)
     for start in range(0, n_rows, chunk):
         end = min(start + chunk, n_rows)
         h, z, y = hidden_rows[start:end], logits[: end - start], target_rows[start:end]
@@ -206,12 +210,12 @@ def _guided_chunks(h_student, h_concept, h_anchor, weight, bias, eta, threshold,
     s_rows, c_rows, a_rows = (x.reshape(-1, n_inner) for x in (h_student, h_concept, h_anchor))
     n_rows, n_cols = s_rows.shape[0], weight.shape[0]
     weight_mm = backend.linear_weight(weight)
-    sink = _GradientSink(s_rows, weight_mm, n_cols, need_hidden, need_weight, need_bias)
+    sink = _GradientSink(s_rows, weight, n_cols, need_hidden, need_weight, need_bias)
     loss, weights, lse_student, lse_target = (
         torch.empty(n_rows, dtype=torch.float32, device=h_student.device) for _ in range(4))
     seq_len = h_student.shape[1] if window is not None else None
-    chunk = _chunk_rows(n_rows, seq_len, h_student.device, _bytes_per_row(n_cols, 2, weight_mm, sink.active))
-    (student, target), grad = _buffers(chunk, n_cols, h_student, weight_mm, 2, sink.active)
+    chunk = _chunk_rows(n_rows, seq_len, h_student.device, _bytes_per_row(n_cols, 2, weight, sink.active))
+    (student, target), grad = _buffers(chunk, n_cols, h_student, weight, 2, sink.active)
     for start in range(0, n_rows, chunk):
         end = min(start + chunk, n_rows)
         s, t = student[: end - start], target[: end - start]
