@@ -146,13 +146,26 @@ def _check_ignore_index(ignore_index) -> int:
 
 
 def _check_target_values(target2d: Tensor, n_classes: int, ignore_index: int) -> None:
-    # A data-dependent check: it lives inside the op, where torch.compile does not trace.
-    bad = (target2d != ignore_index) & ((target2d < 0) | (target2d >= n_classes))
-    if bool(bad.any()):
-        example = int(target2d[bad][0])
-        raise ValueError(
-            f"target has value {example} outside [0, {n_classes}) that is not ignore_index ({ignore_index})"
-        )
+    """ValueError naming the first target outside [0, V) that is not ignore_index.
+
+    A data-dependent check, so it lives inside the op, where torch.compile does not trace. CPU
+    targets are read through numpy, straight from host memory: no device to wait for, and no
+    syncing aten op in the call. CUDA targets are not read on the host by default, since that
+    waits for the device on every call (the fused ops' one host sync); there the kernels give a
+    bad row a NaN loss instead of reading out of bounds, so the mistake still shows, and
+    EARKIT_CHECK_TARGETS=1 turns this synchronous check on for debugging.
+    """
+    if target2d.device.type == "cpu":
+        values = target2d.detach().numpy()
+        bad = (values != ignore_index) & ((values < 0) | (values >= n_classes))
+        if bad.any():
+            raise ValueError(f"target has value {int(values[bad][0])} outside [0, {n_classes}) that is not "
+                             f"ignore_index ({ignore_index})")
+    elif target2d.device.type == "cuda" and os.environ.get("EARKIT_CHECK_TARGETS") == "1":
+        bad = (target2d != ignore_index) & ((target2d < 0) | (target2d >= n_classes))
+        if bool(bad.any()):
+            raise ValueError(f"target has value {int(target2d[bad][0])} outside [0, {n_classes}) that is not "
+                             f"ignore_index ({ignore_index})")
 
 
 # ---------------------------------------------------------------- shared pieces of both ops

@@ -50,9 +50,14 @@ from .cross_entropy import (
     _reduce,
 )
 
-# Rows per chunk: enough to fill the GPU with the row kernels, few enough that the chunk's
-# fp32 logits stay small (512 x 16384 x 4 B = 32 MB). Tests force tiny chunks.
-CHUNK_ROWS = {"cuda": 512, "cpu": 256}
+# Rows per chunk, from a memory budget: the chunk's fp32 logits (two buffers for the guided loss)
+# plus its half-precision gradient must fit in it. 112 MiB on a GPU gives 1152 rows at V = 16384
+# for the hard loss (the GEMMs stay wide, N = 9216 is 8 even chunks, and with d hidden's N x H
+# the op stays under 200 MB at H = 4096). On a CPU the GEMMs decide too: at N = 1152, H = 512,
+# V = 16384 (2 cores, AVX512-BF16) 8 MiB chunks (83-128 rows) made thin GEMMs and the op 1.2-1.7x
+# slower than eager; 32 MiB (340-512 rows) runs hard 254 ms and guided 424 ms in bf16 against
+# eager's 237-277 and 590-690, and 64-128 MiB gains little more. Tests force tiny chunks.
+CHUNK_BYTES = {"cuda": 112 << 20, "cpu": 32 << 20}
 force_chunk_rows: int | None = None
 
 
@@ -71,8 +76,14 @@ def _linear_backend(device: torch.device) -> SimpleNamespace:
     )
 
 
-def _chunk_rows(n_rows: int, seq_len: Optional[int], device: torch.device) -> int:
-    wanted = force_chunk_rows or CHUNK_ROWS.get(device.type, CHUNK_ROWS["cuda"])
+def _chunk_rows(n_rows: int, seq_len: Optional[int], device: torch.device, bytes_per_row: int) -> int:
+    """Rows per chunk: as many as the budget holds, then spread evenly over the chunks that takes
+    (9216 rows at most 1194 a chunk: 8 chunks of 1152, not 7 of 1194 and a ragged 858)."""
+    if force_chunk_rows:
+        wanted = force_chunk_rows
+    else:
+        wanted = max(1, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"]) // max(1, bytes_per_row))
+        wanted = -(-n_rows // max(1, -(-n_rows // wanted))) if n_rows else 1
     if seq_len:  # windowed: whole sequences, so the gate sees every window whole (T = 0: no rows at all)
         wanted = seq_len * max(1, wanted // seq_len)
     return max(1, min(wanted, n_rows))
@@ -89,7 +100,14 @@ def _mm_into_fp32(accumulator: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 class _GradientSink:
-    """Where each chunk's logits gradient G goes: d hidden rows, d weight, d bias."""
+    """Where each chunk's logits gradient G goes: d hidden rows, d weight, d bias.
+
+    In the forward G is unscaled (softmax - target for every row, zero only where ignored): the
+    per-row weights a_i are known per window only once the chunk's rows are done, and applying
+    them to d hidden (N x H) at the end is cheaper than to G (N x V). d weight and d bias sum over
+    rows, so their share of a_i goes in here: G^T (a * h) and G^T a (a_i is 0 or 1, exact in any
+    dtype). The backward's recompute (reduction "none") hands in G already scaled: row_weight None.
+    """
 
     def __init__(self, hidden_rows: Tensor, weight_mm: Tensor, n_cols: int, need_hidden: bool, need_weight: bool,
                  need_bias: bool):
@@ -104,16 +122,20 @@ class _GradientSink:
     def active(self) -> bool:
         return self.hidden is not None or self.weight is not None or self.bias is not None
 
-    def add(self, grad: Tensor, hidden_chunk: Tensor, start: int, end: int) -> None:
+    def add(self, grad: Tensor, hidden_chunk: Tensor, start: int, end: int, row_weight: Tensor | None) -> None:
         if self.hidden is not None:
             if self.hidden.dtype == grad.dtype:
                 torch.mm(grad, self.weight_mm, out=self.hidden[start:end])
             else:
                 self.hidden[start:end] = torch.mm(grad, self.weight_mm)
         if self.weight is not None:
-            _mm_into_fp32(self.weight, grad.t(), hidden_chunk)
+            rows = hidden_chunk if row_weight is None else hidden_chunk * row_weight[:, None].to(hidden_chunk.dtype)
+            _mm_into_fp32(self.weight, grad.t(), rows)
         if self.bias is not None:
-            self.bias += grad.sum(0, dtype=torch.float32)
+            if row_weight is None:
+                self.bias += grad.sum(0, dtype=torch.float32)
+            else:
+                _mm_into_fp32(self.bias[:, None], grad.t(), row_weight[:, None].to(grad.dtype))
 
     def outputs(self, like: Tensor, hidden_shape) -> tuple[Tensor, Tensor, Tensor]:
         # Custom-op outputs must not alias each other: a fresh empty tensor for each one absent.
@@ -126,13 +148,26 @@ class _GradientSink:
 
 def _buffers(rows: int, n_cols: int, hidden: Tensor, weight_mm: Tensor, count: int, need_grad: bool):
     """`count` fp32 logits buffers of rows x V, and the buffer the gradient goes into: the first
-    logits buffer itself when the products run in fp32, else a half-precision one."""
+    logits buffer itself for an fp32 head, else one in the head's half precision, so that d hidden
+    = G W runs as a half-precision GEMM (tensor cores on a GPU; on a CPU with AVX512-BF16, 2.7x
+    an fp32 GEMM) with fp32 accumulation, G rounded once as torch's own half backward rounds it."""
     logits = [torch.empty((rows, n_cols), dtype=torch.float32, device=hidden.device) for _ in range(count)]
     grad = None
     if need_grad:
         grad = logits[0] if weight_mm.dtype == torch.float32 else torch.empty(
             (rows, n_cols), dtype=weight_mm.dtype, device=hidden.device)
     return logits, grad
+
+
+def _bytes_per_row(n_cols: int, logits_buffers: int, weight_mm: Tensor, need_grad: bool) -> int:
+    grad_bytes = weight_mm.element_size() if need_grad and weight_mm.dtype != torch.float32 else 0
+    return n_cols * (4 * logits_buffers + grad_bytes)
+
+
+def _gate(backend, loss_c, keep_c, weights_c, seq_len, window, window_threshold) -> None:
+    """a_i of a chunk of whole sequences into its slice of the weights (keep already there)."""
+    if window is not None and window_threshold is not None:
+        backend.window_weights(loss_c, keep_c, seq_len, window, window_threshold, out=weights_c)
 
 
 def _hard_chunks(hidden, weight, bias, target, ignore_index, threshold, window, window_threshold,
@@ -145,28 +180,26 @@ def _hard_chunks(hidden, weight, bias, target, ignore_index, threshold, window, 
     n_rows, n_cols = hidden_rows.shape[0], weight.shape[0]
     _check_target_values(target_rows, n_cols, ignore_index)
     weight_mm = backend.linear_weight(weight)
-    sink = _GradientSink(hidden_rows, weight_mm, n_cols, need_hidden, need_weight, need_bias)
+    sink = _GradientSink(hidden_rows, weight, n_cols, need_hidden, need_weight, need_bias)
     loss, weights, lse = (torch.empty(n_rows, dtype=torch.float32, device=hidden.device) for _ in range(3))
     seq_len = hidden.shape[1] if window is not None else None
-    chunk = _chunk_rows(n_rows, seq_len, hidden.device)
-    (logits,), grad = _buffers(chunk, n_cols, hidden, weight_mm, 1, sink.active)
+    chunk = _chunk_rows(n_rows, seq_len, hidden.device, _bytes_per_row(n_cols, 1, weight, sink.active))
+    (logits,), grad = _buffers(chunk, n_cols, hidden, weight, 1, sink.active)
     for start in range(0, n_rows, chunk):
         end = min(start + chunk, n_rows)
         h, z, y = hidden_rows[start:end], logits[: end - start], target_rows[start:end]
+        g = grad[: end - start] if sink.active else None
         backend.linear_logits(h, weight_mm, bias, z)
         if row_scale is None:
-            loss_c, keep_c, lse_c = backend.hard_rows(z, y, ignore_index, threshold)
-            weight_c = keep_c if window is None else backend.window_weights(
-                loss_c, keep_c, seq_len, window, window_threshold)
-            loss[start:end], weights[start:end], lse[start:end] = loss_c, weight_c, lse_c
-            scale_c = weight_c
-        else:
-            lse_c = row_scale[1][start:end]
-            scale_c = row_scale[0][start:end]
-        if sink.active:
-            g = grad[: end - start]
-            backend.hard_grad(z, y, lse_c, scale_c.contiguous(), g)
-            sink.add(g, h, start, end)
+            # loss, keep and lse straight into the call's vectors, the unscaled gradient into g
+            outputs = (loss[start:end], weights[start:end], lse[start:end])
+            backend.hard_rows(z, y, ignore_index, threshold, out=outputs, grad=g)
+            _gate(backend, outputs[0], outputs[1], outputs[1], seq_len, window, window_threshold)
+            if sink.active:
+                sink.add(g, h, start, end, row_weight=weights[start:end])
+        elif sink.active:
+            backend.hard_grad(z, y, row_scale[1][start:end], row_scale[0][start:end].contiguous(), g)
+            sink.add(g, h, start, end, row_weight=None)
     return loss, weights, lse, sink
 
 
@@ -177,32 +210,31 @@ def _guided_chunks(h_student, h_concept, h_anchor, weight, bias, eta, threshold,
     s_rows, c_rows, a_rows = (x.reshape(-1, n_inner) for x in (h_student, h_concept, h_anchor))
     n_rows, n_cols = s_rows.shape[0], weight.shape[0]
     weight_mm = backend.linear_weight(weight)
-    sink = _GradientSink(s_rows, weight_mm, n_cols, need_hidden, need_weight, need_bias)
+    sink = _GradientSink(s_rows, weight, n_cols, need_hidden, need_weight, need_bias)
     loss, weights, lse_student, lse_target = (
         torch.empty(n_rows, dtype=torch.float32, device=h_student.device) for _ in range(4))
     seq_len = h_student.shape[1] if window is not None else None
-    chunk = _chunk_rows(n_rows, seq_len, h_student.device)
-    (student, target), grad = _buffers(chunk, n_cols, h_student, weight_mm, 2, sink.active)
+    chunk = _chunk_rows(n_rows, seq_len, h_student.device, _bytes_per_row(n_cols, 2, weight, sink.active))
+    (student, target), grad = _buffers(chunk, n_cols, h_student, weight, 2, sink.active)
     for start in range(0, n_rows, chunk):
         end = min(start + chunk, n_rows)
         s, t = student[: end - start], target[: end - start]
+        g = grad[: end - start] if sink.active else None
+        # The target first: the student's buffer is free until its own logits go in (cuBLAS
+        # puts the concept's product there before the two are combined).
+        backend.linear_target_logits(c_rows[start:end], a_rows[start:end], weight_mm, bias, eta, t, scratch=s)
         backend.linear_logits(s_rows[start:end], weight_mm, bias, s)
-        backend.linear_target_logits(c_rows[start:end], a_rows[start:end], weight_mm, bias, eta, t)
-        # The row kernels take concept and anchor logits; given t as both with eta = 0 they
-        # form 1 * t - 0 * t = t, exactly, for the finite logits a linear layer produces.
+        # anchor=None: the row kernels read the target logits t as they are (one stream, not two).
         if row_scale is None:
-            loss_c, keep_c, lse_s, lse_t = backend.guided_rows(s, t, t, 0.0, threshold)
-            weight_c = keep_c if window is None else backend.window_weights(
-                loss_c, keep_c, seq_len, window, window_threshold)
-            loss[start:end], weights[start:end] = loss_c, weight_c
-            lse_student[start:end], lse_target[start:end] = lse_s, lse_t
-            scale_c = weight_c
-        else:
+            outputs = (loss[start:end], weights[start:end], lse_student[start:end], lse_target[start:end])
+            backend.guided_rows(s, t, None, 0.0, threshold, out=outputs, grad=g)
+            _gate(backend, outputs[0], outputs[1], outputs[1], seq_len, window, window_threshold)
+            if sink.active:
+                sink.add(g, s_rows[start:end], start, end, row_weight=weights[start:end])
+        elif sink.active:
             scale_c, lse_s, lse_t = (x[start:end] for x in row_scale)
-        if sink.active:
-            g = grad[: end - start]
-            backend.guided_grad(s, t, t, 0.0, lse_s, lse_t, scale_c.contiguous(), g)
-            sink.add(g, s_rows[start:end], start, end)
+            backend.guided_grad(s, t, None, 0.0, lse_s, lse_t, scale_c.contiguous(), g)
+            sink.add(g, s_rows[start:end], start, end, row_weight=None)
     return loss, weights, lse_student, lse_target, sink
 
 
@@ -220,18 +252,30 @@ def _upstream_factor(weight: Tensor, grad_loss: Tensor, reduction: str) -> Tenso
     return grad_loss
 
 
-def _scaled_hidden_grad(grad_hidden: Tensor, factor: Tensor, hidden: Tensor) -> Tensor:
-    """grad_hidden rows times factor (per row or scalar) in fp32, chunk by chunk so that no
-    fp32 copy of the whole N x H gradient is made; returned in the hidden's dtype and shape."""
-    rows = grad_hidden.reshape(-1, grad_hidden.shape[-1])
+@torch.library.custom_op("earkit::scale_rows", mutates_args=())
+def _scale_rows(rows: Tensor, scale: Tensor) -> Tensor:
+    """rows (N, H) times scale (N,), each product in fp32 and written once in the rows' dtype: a
+    few thousand rows a launch, no N x H fp32 copy. A custom op so that torch.compile keeps the
+    out= writes into slices as they are (traced, they were lost: the result stayed uninitialised)."""
     out = torch.empty_like(rows)
-    per_row = factor.dim() == 1
     chunk = 4096
     for start in range(0, rows.shape[0], chunk):
         end = min(start + chunk, rows.shape[0])
-        f = factor[start:end, None] if per_row else factor
-        out[start:end] = rows[start:end].float() * f
-    return out.view(hidden.shape)
+        torch.mul(rows[start:end], scale[start:end, None], out=out[start:end])
+    return out
+
+
+@_scale_rows.register_fake
+def _(rows, scale):
+    return torch.empty_like(rows)
+
+
+def _scaled_hidden_grad(grad_hidden: Tensor, factor: Tensor, row_weight: Tensor, hidden: Tensor) -> Tensor:
+    """d hidden = the forward's unscaled rows times a_i times the upstream factor (per row or
+    scalar), in the hidden's dtype."""
+    rows = grad_hidden.reshape(-1, grad_hidden.shape[-1])
+    scale = (row_weight.reshape(-1) * factor).contiguous()  # (N,) fp32: a_i g_i, or a_i g / sum a
+    return torch.ops.earkit.scale_rows(rows, scale).view(hidden.shape)
 
 
 def _fake_linear_outputs(hidden, weight, reduction, n_row_vectors, need_hidden, need_weight, need_bias):
@@ -311,12 +355,16 @@ def _linear_masked_setup_context(ctx, inputs, output):
     ctx.weight_dtype = weight.dtype
     ctx.bias_dtype = bias.dtype if bias is not None else weight.dtype
     ctx.mark_non_differentiable(weights, lse, grad_hidden, grad_weight, grad_bias)
+    # No zero gradients made for the outputs no one differentiates (d hidden's N x H among them).
+    ctx.set_materialize_grads(False)
 
 
 def _linear_masked_backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:
+        return (None,) * 12
     hidden, weight, bias, target, weights, lse, grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
     factor = _upstream_factor(weights.reshape(-1), grad_loss, ctx.reduction)
-    dh = _scaled_hidden_grad(grad_hidden, factor, hidden) if ctx.need_hidden_grad else None
+    dh = _scaled_hidden_grad(grad_hidden, factor, weights, hidden) if ctx.need_hidden_grad else None
     if ctx.reduction == "none" and (ctx.need_weight_grad or ctx.need_bias_grad):
         grad_weight, grad_bias = torch.ops.earkit.linear_masked_cross_entropy_weight_backward(
             hidden, weight, bias, target, ctx.ignore_index, lse, (weights.reshape(-1) * factor).contiguous(),
@@ -385,13 +433,17 @@ def _linear_guided_setup_context(ctx, inputs, output):
     ctx.weight_dtype = weight.dtype
     ctx.bias_dtype = bias.dtype if bias is not None else weight.dtype
     ctx.mark_non_differentiable(weights, lse_student, lse_target, grad_hidden, grad_weight, grad_bias)
+    # No zero gradients made for the outputs no one differentiates (d hidden's N x H among them).
+    ctx.set_materialize_grads(False)
 
 
 def _linear_guided_backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:
+        return (None,) * 13
     (h_student, h_concept, h_anchor, weight, bias, weights, lse_student, lse_target, grad_hidden, grad_weight,
      grad_bias) = ctx.saved_tensors
     factor = _upstream_factor(weights.reshape(-1), grad_loss, ctx.reduction)
-    dh = _scaled_hidden_grad(grad_hidden, factor, h_student) if ctx.need_hidden_grad else None
+    dh = _scaled_hidden_grad(grad_hidden, factor, weights, h_student) if ctx.need_hidden_grad else None
     if ctx.reduction == "none" and (ctx.need_weight_grad or ctx.need_bias_grad):
         grad_weight, grad_bias = torch.ops.earkit.linear_guided_cross_entropy_weight_backward(
             h_student, h_concept, h_anchor, weight, bias, ctx.eta, lse_student, lse_target,

@@ -168,35 +168,52 @@ def _fp32(n: int) -> torch.Tensor:
     return torch.empty(n, dtype=torch.float32)
 
 
-def hard_rows(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, threshold: float | None):
+def _outputs(out, n: int, count: int) -> list[torch.Tensor]:
+    """The caller's (N,) fp32 vectors to write into (each must be contiguous), else fresh ones."""
+    if out is None:
+        return [_fp32(n) for _ in range(count)]
+    if len(out) != count or any(o.device.type != "cpu" or o.dtype != torch.float32 or o.numel() != n
+                                or (n and o.stride(0) != 1) for o in out):
+        raise ValueError(f"out must be {count} contiguous float32 CPU vectors of {n}")
+    return list(out)
+
+
+def hard_rows(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, threshold: float | None, out=None,
+              grad=None):
+    """As reference.hard_rows; `grad` is written by a second pass (hard_grad), the CPU has no
+    launch to save."""
     lib = _require()
     z = _rows(logits, "logits")
     n, v = z.shape
     t = _vec(target, n, torch.int64, "target")
-    loss, keep, lse = _fp32(n), _fp32(n), _fp32(n)
+    loss, keep, lse = _outputs(out, n, 3)
     if n:
         has, thr = _has(threshold)
         lib.earkit_hard_rows(
             z.data_ptr(), n, v, z.stride(0), _DTYPE_CODES[z.dtype], t.data_ptr(), int(ignore_index), has, thr,
             loss.data_ptr(), keep.data_ptr(), lse.data_ptr(), _threads(),
         )
+    if grad is not None:
+        hard_grad(z, t, lse, (t != ignore_index).float(), grad)
     return loss, keep, lse
 
 
 def _guided_inputs(student, concept, anchor):
     s = _rows(student, "student")
     c = _rows(concept, "concept")
-    a = _rows(anchor, "anchor")
+    a = c if anchor is None else _rows(anchor, "anchor")  # None: concept holds the target logits
     if c.shape != s.shape or a.shape != s.shape:
         raise ValueError(f"student, concept and anchor shapes differ: {tuple(s.shape)}, {tuple(c.shape)}, {tuple(a.shape)}")
     return s, c, a
 
 
-def guided_rows(student, concept, anchor, eta: float, threshold: float | None):
+def guided_rows(student, concept, anchor, eta: float, threshold: float | None, out=None, grad=None):
+    """As reference.guided_rows (anchor=None: concept holds t, read as (1 + 0) t - 0 t = t)."""
     lib = _require()
     s, c, a = _guided_inputs(student, concept, anchor)
+    eta = 0.0 if anchor is None else eta
     n, v = s.shape
-    loss, keep, lse_s, lse_t = _fp32(n), _fp32(n), _fp32(n), _fp32(n)
+    loss, keep, lse_s, lse_t = _outputs(out, n, 4)
     if n:
         has, thr = _has(threshold)
         lib.earkit_guided_rows(
@@ -206,20 +223,29 @@ def guided_rows(student, concept, anchor, eta: float, threshold: float | None):
             n, v, float(eta), has, thr,
             loss.data_ptr(), keep.data_ptr(), lse_s.data_ptr(), lse_t.data_ptr(), _threads(),
         )
+    if grad is not None:
+        guided_grad(s, c, a, eta, lse_s, lse_t, torch.ones_like(loss), grad)
     return loss, keep, lse_s, lse_t
 
 
-def window_weights(loss, keep, seq_len: int, window: int, window_threshold: float | None):
-    """a_i = m_i * G_w(i), where windows of `window` rows run along each sequence of seq_len rows."""
+def window_weights(loss, keep, seq_len: int, window: int, window_threshold: float | None, out=None):
+    """a_i = m_i * G_w(i), where windows of `window` rows run along each sequence of seq_len rows;
+    into `out` when given (contiguous fp32; may be keep itself: each window is summed before it
+    is written)."""
     n = loss.numel()
     if window_threshold is None or n == 0:
-        return keep  # as the reference: the token mask is the weight (no rows: seq_len may be 0)
+        if out is not None and out is not keep:
+            out.copy_(keep)
+        return keep if out is None else out  # the token mask is the weight (no rows: seq_len may be 0)
     lib = _require()
     l = _vec(loss, n, torch.float32, "loss")
     k = _vec(keep, n, torch.float32, "keep")
     if int(seq_len) < 1 or int(window) < 1:
         raise ValueError(f"seq_len and window must be >= 1 (got {seq_len}, {window})")
-    out = torch.empty_like(k)
+    if out is None:
+        out = torch.empty_like(k)
+    elif out.dtype != torch.float32 or out.numel() != n or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 vector of {n}")
     if n:
         lib.earkit_window_weights(
             l.data_ptr(), k.data_ptr(), n, int(seq_len), int(window), 1, float(window_threshold), out.data_ptr(),
@@ -269,6 +295,7 @@ def hard_grad(logits, target, lse, row_scale, out) -> None:
 def guided_grad(student, concept, anchor, eta: float, lse_student, lse_target, row_scale, out) -> None:
     lib = _require()
     s, c, a = _guided_inputs(student, concept, anchor)
+    eta = 0.0 if anchor is None else eta
     n, v = s.shape
     ls = _vec(lse_student, n, torch.float32, "lse_student")
     lt = _vec(lse_target, n, torch.float32, "lse_target")

@@ -5,13 +5,17 @@ row-level functions on flattened inputs, and `earkit.kernels.cross_entropy` buil
 ops on top of them. Shapes: logits-like inputs are (N, V) with unit stride along V; target,
 loss, keep, lse and row_scale are (N,). All math is fp32 whatever the input dtype.
 
-    hard_rows(logits, target, ignore_index, threshold) -> loss, keep, lse
-    guided_rows(student, concept, anchor, eta, threshold) -> loss, keep, lse_student, lse_target
+    hard_rows(logits, target, ignore_index, threshold[, out, grad]) -> loss, keep, lse
+    guided_rows(student, concept, anchor, eta, threshold[, out, grad]) -> loss, keep, lse_student, lse_target
     window_weights(loss, keep, seq_len, window, window_threshold) -> weight
     hard_grad(logits, target, lse, row_scale, out)                 # writes out
     guided_grad(student, concept, anchor, eta, lse_student, lse_target, row_scale, out)
 
 `keep` is the token mask m_i of DESIGN.md step 5 as 0./1. floats; `weight` is a_i = m_i G_w(i).
+The fused linear ops pass `out` (the call's own (N,) vectors, sliced per chunk: no copy on the
+fast backends) and `grad` (a buffer for the unscaled gradient softmax - onehot, or softmax(s) -
+softmax(t), which they then scale by a_i in d hidden); with anchor=None the guided functions
+take the target logits t themselves in `concept`.
 A NaN loss is kept (a threshold compares with `not (l <= t)`), so NaN reaches the loss instead
 of being masked away. `out` may be the logits (or student) buffer itself: the gradient is then
 written in place. Rows with row_scale == 0 get an exact zero gradient without looking at the
@@ -39,7 +43,26 @@ def _log_sum(x: torch.Tensor):
     return shifted, torch.log(torch.exp(shifted).sum(-1)), shift
 
 
-def hard_rows(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, threshold: float | None):
+def _into(out, values):
+    """The row vectors as computed, or copied into the caller's `out` (see hard_rows)."""
+    if out is None:
+        return values
+    for vector, value in zip(out, values):
+        vector.copy_(value)
+    return tuple(out)
+
+
+def hard_rows(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, threshold: float | None, out=None,
+              grad=None):
+    """(loss, keep, lse), into `out` (three (N,) fp32 vectors) when given; with `grad`, the
+    unscaled gradient softmax - onehot (zero where ignored) is written there as well."""
+    loss, keep, lse = _hard_rows(logits, target, ignore_index, threshold)
+    if grad is not None:
+        hard_grad(logits, target, lse, (target != ignore_index).float(), grad)
+    return _into(out, (loss, keep, lse))
+
+
+def _hard_rows(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, threshold: float | None):
     shifted, log_sum, shift = _log_sum(logits.float())
     lse = shift + log_sum
     ignored = target == ignore_index
@@ -52,12 +75,24 @@ def hard_rows(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, thr
     return loss, keep, lse
 
 
-def guided_target(concept: torch.Tensor, anchor: torch.Tensor, eta: float) -> torch.Tensor:
-    """Logits of the target distribution p = softmax((1 + eta) z_a - eta z_c), in fp32."""
+def guided_target(concept: torch.Tensor, anchor: torch.Tensor | None, eta: float) -> torch.Tensor:
+    """Logits of the target distribution p = softmax((1 + eta) z_a - eta z_c), in fp32 (anchor
+    None: concept already holds them)."""
+    if anchor is None:
+        return concept.float()
     return (1.0 + eta) * anchor.float() - eta * concept.float()
 
 
-def guided_rows(student, concept, anchor, eta: float, threshold: float | None):
+def guided_rows(student, concept, anchor, eta: float, threshold: float | None, out=None, grad=None):
+    """(loss, keep, lse_student, lse_target). anchor=None: `concept` holds the target logits t
+    themselves (the fused linear op forms them in its matmul). `out`, `grad` as in hard_rows."""
+    values = _guided_rows(student, concept, anchor, eta, threshold)
+    if grad is not None:
+        guided_grad(student, concept, anchor, eta, values[2], values[3], torch.ones_like(values[0]), grad)
+    return _into(out, values)
+
+
+def _guided_rows(student, concept, anchor, eta: float, threshold: float | None):
     s_shifted, log_sum_s, shift_s = _log_sum(student.float())
     t_shifted, log_sum_t, shift_t = _log_sum(guided_target(concept, anchor, eta))
     # KL(p || softmax(s)) = sum p (log p - log q), from log-probabilities that never hold the
@@ -75,8 +110,11 @@ def guided_rows(student, concept, anchor, eta: float, threshold: float | None):
     return loss, _keep_above(loss, threshold), lse_s, lse_t
 
 
-def window_weights(loss, keep, seq_len: int, window: int, window_threshold: float | None):
-    """a_i = m_i * G_w(i), where windows of `window` rows run along each sequence of seq_len rows."""
+def window_weights(loss, keep, seq_len: int, window: int, window_threshold: float | None, out=None):
+    """a_i = m_i * G_w(i), where windows of `window` rows run along each sequence of seq_len rows
+    (copied into `out` when given, which may be keep itself)."""
+    if out is not None:
+        return out.copy_(window_weights(loss, keep, seq_len, window, window_threshold))
     n = loss.numel()
     if window_threshold is None or n == 0:  # no rows: no windows (and seq_len may be 0)
         return keep
@@ -93,9 +131,9 @@ def window_weights(loss, keep, seq_len: int, window: int, window_threshold: floa
 def hard_grad(logits, target, lse, row_scale, out) -> None:
     z = logits.float()
     grad = torch.exp(z - lse[:, None])
-    rows = torch.arange(z.shape[0], device=z.device)
     valid = (target >= 0) & (target < z.shape[1])
-    grad[rows[valid], target[valid]] -= 1.0
+    # minus one at each valid target, by scatter (boolean indexing would read the mask back to the host)
+    grad.scatter_add_(1, torch.where(valid, target, 0)[:, None], -valid.to(grad.dtype)[:, None])
     grad *= row_scale[:, None]
     out.copy_(torch.where(row_scale[:, None] == 0, torch.zeros_like(grad), grad))
 
@@ -126,11 +164,11 @@ def linear_logits(hidden, weight, bias, out) -> None:
         out += bias.float()
 
 
-def linear_target_logits(h_concept, h_anchor, weight, bias, eta: float, out) -> None:
-    """out = (1 + eta) (h_anchor W^T + b) - eta (h_concept W^T + b): the guided target's logits,
-    each product in fp32 before they are combined (never ((1 + eta) h_a - eta h_c) W^T, which
-    would round the combination to the input dtype first)."""
-    linear_logits(h_anchor, weight, bias, out)
-    concept = torch.empty_like(out)
-    linear_logits(h_concept, weight, bias, concept)
-    out.mul_(1.0 + eta).sub_(concept, alpha=eta)
+def linear_target_logits(h_concept, h_anchor, weight, bias, eta: float, out, scratch=None) -> None:
+    """out = (1 + eta) (h_anchor W^T + b) - eta (h_concept W^T + b), as ((1 + eta) h_a - eta h_c)
+    W^T + b with the combination made in fp32: one product instead of two, and on a CPU the
+    products are fp32 anyway, so nothing is rounded that two products would keep (never the
+    combination rounded to a half-precision input dtype: that moves per-token losses by
+    0.7-3%, bench/RESULTS.md). The bias cancels to b. `scratch` is not needed here."""
+    combined = torch.mul(h_anchor.float(), 1.0 + eta).sub_(h_concept.float(), alpha=eta)
+    linear_logits(combined, weight, bias, out)

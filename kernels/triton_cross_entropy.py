@@ -24,8 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Largest block of columns one program holds at a time; beyond it the kernels loop.
-MAX_BLOCK_V = 16384
+# Largest block of columns one program holds at a time; beyond it the kernels loop. A whole row
+# of 16384 in one block took 98-128 registers a thread at 16 warps under Triton 3.6 (the hard
+# backward and the fused forward + gradient): one block, 16 warps, per SM, too few loads in
+# flight for kernels that only stream. At 4096 columns and 16 warps they take 32 registers (four
+# blocks, 64 warps per SM); the guided kernels, three rows live, 2048 at 8 warps (40-48
+# registers). bench/compile_report.py prints the table; bench/RESULTS.md keeps it for 3.6 and 3.8.
+MAX_BLOCK_V = 4096
 # Columns below which splitting a row no longer pays for the extra combine launch.
 MIN_COLUMNS_PER_SPLIT = 2048
 # Tests set these to exercise the looping and split-V paths at tiny shapes.
@@ -34,7 +39,7 @@ force_block_v: int | None = None
 
 
 def _num_warps(block: int) -> int:
-    return 4 if block <= 2048 else 8 if block <= 4096 else 16
+    return 4 if block <= 1024 else 8 if block <= 2048 else 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,10 +100,20 @@ def _hard_loss(row_max, row_sum, picked):
 
 
 @triton.jit
+def _picked_logit(row_ptr, target, ignore_index, n_cols):
+    """z_y as fp32; NaN for a target outside [0, V) that is not ignore_index (never read out of
+    bounds): on CUDA the ops do not check target values on the host (a sync per call), so a bad
+    label makes the loss NaN instead of a silent garbage read."""
+    in_range = (target >= 0) & (target < n_cols)
+    picked = tl.load(row_ptr + tl.where(in_range, target, 0), mask=in_range, other=0.0).to(tl.float32)
+    return tl.where(in_range | (target == ignore_index), picked, float("nan"))
+
+
+@triton.jit
 def _hard_forward_kernel(
     logits_ptr, logits_row_stride, target_ptr, partial_max_ptr, partial_sum_ptr,
-    loss_ptr, keep_ptr, lse_ptr, n_cols, cols_per_split, ignore_index, threshold,
-    HAS_THRESHOLD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_V: tl.constexpr,
+    loss_ptr, keep_ptr, lse_ptr, grad_ptr, grad_row_stride, n_cols, cols_per_split, ignore_index, threshold,
+    HAS_THRESHOLD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -114,13 +129,25 @@ def _hard_forward_kernel(
     if SPLITS == 1:
         target = tl.load(target_ptr + row)
         ignored = target == ignore_index
-        picked = tl.load(row_ptr + target, mask=target != ignore_index, other=0.0).to(tl.float32)
-        lse, loss = _hard_loss(running_max, running_sum, picked)
+        lse, loss = _hard_loss(running_max, running_sum, _picked_logit(row_ptr, target, ignore_index, n_cols))
         loss = tl.where(ignored, 0.0, loss)
         keep = tl.where(ignored, 0.0, _finish_row(loss, threshold, HAS_THRESHOLD))
         tl.store(loss_ptr + row, loss)
         tl.store(keep_ptr + row, keep)
         tl.store(lse_ptr + row, lse)
+        if WRITE_GRAD:
+            # The unscaled gradient softmax - onehot in the same pass, while the row is hot in
+            # L1/L2 (the fused linear ops fold a_i into d hidden, N x H work, not N x V): the
+            # chunk's logits are read twice in one kernel instead of once in each of two.
+            # Ignored rows get zeros; the buffer may be the logits themselves.
+            grad_row = grad_ptr + row * grad_row_stride
+            for start in range(0, n_cols, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                in_range = cols < n_cols
+                x = tl.load(row_ptr + cols, mask=in_range, other=0.0).to(tl.float32)
+                grad = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
+                grad = tl.where(ignored, 0.0, grad)
+                tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_range)
     else:
         tl.store(partial_max_ptr + row * SPLITS + split, running_max)
         tl.store(partial_sum_ptr + row * SPLITS + split, running_sum)
@@ -139,14 +166,14 @@ def _merge_partials(partial_max_ptr, partial_sum_ptr, row, SPLITS: tl.constexpr)
 @triton.jit
 def _hard_combine_kernel(
     logits_ptr, logits_row_stride, target_ptr, partial_max_ptr, partial_sum_ptr,
-    loss_ptr, keep_ptr, lse_ptr, ignore_index, threshold,
+    loss_ptr, keep_ptr, lse_ptr, n_cols, ignore_index, threshold,
     HAS_THRESHOLD: tl.constexpr, SPLITS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_max, _, row_sum = _merge_partials(partial_max_ptr, partial_sum_ptr, row, SPLITS)
     target = tl.load(target_ptr + row)
     ignored = target == ignore_index
-    picked = tl.load(logits_ptr + row * logits_row_stride + target, mask=target != ignore_index, other=0.0).to(tl.float32)
+    picked = _picked_logit(logits_ptr + row * logits_row_stride, target, ignore_index, n_cols)
     lse, loss = _hard_loss(row_max, row_sum, picked)
     loss = tl.where(ignored, 0.0, loss)
     keep = tl.where(ignored, 0.0, _finish_row(loss, threshold, HAS_THRESHOLD))
@@ -159,12 +186,25 @@ def _hard_combine_kernel(
 
 
 @triton.jit
+def _target_block(concept_row, anchor_row, cols, in_range, eta, TARGET_ONLY: tl.constexpr):
+    """One block of the target logits t = (1 + eta) z_a - eta z_c in fp32 (or t as stored)."""
+    zc = tl.load(concept_row + cols, mask=in_range, other=0.0).to(tl.float32)
+    if TARGET_ONLY:
+        return zc
+    za = tl.load(anchor_row + cols, mask=in_range, other=0.0).to(tl.float32)
+    return (1.0 + eta) * za - eta * zc
+
+
+@triton.jit
 def _guided_forward_kernel(
     student_ptr, student_row_stride, concept_ptr, concept_row_stride, anchor_ptr, anchor_row_stride,
-    partials_ptr, loss_ptr, keep_ptr, lse_student_ptr, lse_target_ptr,
+    partials_ptr, loss_ptr, keep_ptr, lse_student_ptr, lse_target_ptr, grad_ptr, grad_row_stride,
     n_cols, cols_per_split, eta, threshold,
-    HAS_THRESHOLD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_V: tl.constexpr, TARGET_ONLY: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
 ):
+    """TARGET_ONLY: `concept` holds the target logits t themselves (the fused linear op forms t
+    from both teachers in its matmul), and `anchor` is not read: one stream of V, not two."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     col_begin = split * cols_per_split
@@ -180,9 +220,9 @@ def _guided_forward_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         in_range = cols < col_end
         s = tl.load(student_ptr + row * student_row_stride + cols, mask=in_range, other=0.0).to(tl.float32)
-        zc = tl.load(concept_ptr + row * concept_row_stride + cols, mask=in_range, other=0.0).to(tl.float32)
-        za = tl.load(anchor_ptr + row * anchor_row_stride + cols, mask=in_range, other=0.0).to(tl.float32)
-        t = tl.where(in_range, (1.0 + eta) * za - eta * zc, -float("inf"))
+        t = _target_block(concept_ptr + row * concept_row_stride, anchor_ptr + row * anchor_row_stride, cols,
+                          in_range, eta, TARGET_ONLY)
+        t = tl.where(in_range, t, -float("inf"))
         s = tl.where(in_range, s, -float("inf"))
         new_target_max = tl.maximum(target_max, tl.max(t, axis=0))
         new_student_max = tl.maximum(student_max, tl.max(s, axis=0))
@@ -204,8 +244,20 @@ def _guided_forward_kernel(
         target_max = new_target_max
         student_max, student_sum = _online_logsumexp_step(s, student_max, student_sum)
     if SPLITS == 1:
-        _finish_guided_row(row, target_max, target_sum, cross, student_max, student_sum, loss_ptr, keep_ptr,
-                           lse_student_ptr, lse_target_ptr, threshold, HAS_THRESHOLD)
+        lse_student, lse_target = _finish_guided_row(row, target_max, target_sum, cross, student_max, student_sum,
+                                                     loss_ptr, keep_ptr, lse_student_ptr, lse_target_ptr, threshold,
+                                                     HAS_THRESHOLD)
+        if WRITE_GRAD:
+            # softmax(s) - softmax(t), unscaled, in the same pass (see _hard_forward_kernel).
+            grad_row = grad_ptr + row * grad_row_stride
+            for start in range(0, n_cols, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                in_range = cols < n_cols
+                s = tl.load(student_ptr + row * student_row_stride + cols, mask=in_range, other=0.0).to(tl.float32)
+                t = _target_block(concept_ptr + row * concept_row_stride, anchor_ptr + row * anchor_row_stride,
+                                  cols, in_range, eta, TARGET_ONLY)
+                grad = tl.exp(s - lse_student) - tl.exp(t - lse_target)
+                tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_range)
     else:
         base = partials_ptr + (row * SPLITS + split) * 5
         tl.store(base + 0, target_max)
@@ -226,8 +278,11 @@ def _finish_guided_row(row, target_max, target_sum, cross, student_max, student_
     loss = cross / target_sum - log_sum_target + log_sum_student
     tl.store(loss_ptr + row, loss)
     tl.store(keep_ptr + row, _finish_row(loss, threshold, HAS_THRESHOLD))
-    tl.store(lse_student_ptr + row, _shift_of(student_max) + log_sum_student)
-    tl.store(lse_target_ptr + row, _shift_of(target_max) + log_sum_target)
+    lse_student = _shift_of(student_max) + log_sum_student
+    lse_target = _shift_of(target_max) + log_sum_target
+    tl.store(lse_student_ptr + row, lse_student)
+    tl.store(lse_target_ptr + row, lse_target)
+    return lse_student, lse_target
 
 
 @triton.jit
@@ -319,7 +374,7 @@ def _hard_backward_kernel(
 def _guided_backward_kernel(
     student_ptr, student_row_stride, concept_ptr, concept_row_stride, anchor_ptr, anchor_row_stride,
     lse_student_ptr, lse_target_ptr, row_scale_ptr, out_ptr, out_row_stride,
-    n_cols, cols_per_split, eta, BLOCK_V: tl.constexpr,
+    n_cols, cols_per_split, eta, BLOCK_V: tl.constexpr, TARGET_ONLY: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -339,9 +394,8 @@ def _guided_backward_kernel(
             cols = start + tl.arange(0, BLOCK_V)
             in_range = cols < col_end
             s = tl.load(student_ptr + row * student_row_stride + cols, mask=in_range, other=0.0).to(tl.float32)
-            zc = tl.load(concept_ptr + row * concept_row_stride + cols, mask=in_range, other=0.0).to(tl.float32)
-            za = tl.load(anchor_ptr + row * anchor_row_stride + cols, mask=in_range, other=0.0).to(tl.float32)
-            t = (1.0 + eta) * za - eta * zc
+            t = _target_block(concept_ptr + row * concept_row_stride, anchor_ptr + row * anchor_row_stride, cols,
+                              in_range, eta, TARGET_ONLY)
             grad = tl.exp(s - lse_student) - tl.exp(t - lse_target)
             tl.store(out_row + cols, (grad * scale).to(out_ptr.dtype.element_ty), mask=in_range)
 
@@ -349,7 +403,14 @@ def _guided_backward_kernel(
 # ---------------------------------------------------------------- launchers (reference.py's API)
 
 
-def _row_vectors(n: int, count: int, device) -> list[torch.Tensor]:
+def _row_vectors(n: int, count: int, device, out=None) -> list[torch.Tensor]:
+    """The (N,) fp32 outputs: the caller's `out` slices (the fused linear ops write each chunk's
+    rows straight into the call's vectors, no copy), else fresh ones."""
+    if out is not None:
+        if len(out) != count or any(o.numel() != n or o.dtype != torch.float32 or (n and o.stride(0) != 1)
+                                    for o in out):
+            raise ValueError(f"out must be {count} contiguous float32 vectors of {n}")
+        return list(out)
     return [torch.empty(n, dtype=torch.float32, device=device) for _ in range(count)]
 
 
@@ -363,9 +424,12 @@ def _split_layout(n_rows: int, n_cols: int, device, cap: int = MAX_BLOCK_V):
     return splits, cols_per_split, block
 
 
-def hard_rows(logits, target, ignore_index: int, threshold: float | None):
+def hard_rows(logits, target, ignore_index: int, threshold: float | None, out=None, grad=None):
+    """loss, keep, lse per row (into `out` when given); with `grad`, also the unscaled gradient
+    softmax - onehot (zero rows where ignored) written there, in the same pass when the rows are
+    not split (the fused linear ops' path), else by hard_grad right after."""
     n_rows, n_cols = logits.shape
-    loss, keep, lse = _row_vectors(n_rows, 3, logits.device)
+    loss, keep, lse = _row_vectors(n_rows, 3, logits.device, out)
     if n_rows == 0:
         return loss, keep, lse
     splits, cols_per_split, block = _split_layout(n_rows, n_cols, logits.device)
@@ -374,25 +438,33 @@ def hard_rows(logits, target, ignore_index: int, threshold: float | None):
     partial_sum = torch.zeros((n_rows, splits_pow2), device=logits.device) if splits > 1 else loss
     has_threshold = threshold is not None
     threshold = float(threshold) if has_threshold else 0.0
+    fused_grad = grad is not None and splits == 1
     _hard_forward_kernel[(n_rows, splits)](
         logits, logits.stride(0), target, partial_max, partial_sum, loss, keep, lse,
+        grad if fused_grad else loss, grad.stride(0) if fused_grad else 0,
         n_cols, cols_per_split, ignore_index, threshold,
-        HAS_THRESHOLD=has_threshold, SPLITS=splits_pow2 if splits > 1 else 1, BLOCK_V=block,
+        HAS_THRESHOLD=has_threshold, SPLITS=splits_pow2 if splits > 1 else 1, BLOCK_V=block, WRITE_GRAD=fused_grad,
         num_warps=_num_warps(block),
     )
     if splits > 1:
         _hard_combine_kernel[(n_rows,)](
             logits, logits.stride(0), target, partial_max, partial_sum, loss, keep, lse,
-            ignore_index, threshold, HAS_THRESHOLD=has_threshold, SPLITS=splits_pow2,
+            n_cols, ignore_index, threshold, HAS_THRESHOLD=has_threshold, SPLITS=splits_pow2,
         )
+    if grad is not None and not fused_grad:
+        hard_grad(logits, target, lse, (target != ignore_index).float(), grad)
     return loss, keep, lse
 
 
-def guided_rows(student, concept, anchor, eta: float, threshold: float | None):
+def guided_rows(student, concept, anchor, eta: float, threshold: float | None, out=None, grad=None):
+    """loss, keep, lse_student, lse_target per row. anchor=None: `concept` holds the target
+    logits t themselves (eta unused). With `grad`, also softmax(s) - softmax(t), unscaled."""
     n_rows, n_cols = student.shape
-    loss, keep, lse_student, lse_target = _row_vectors(n_rows, 4, student.device)
+    loss, keep, lse_student, lse_target = _row_vectors(n_rows, 4, student.device, out)
     if n_rows == 0:
         return loss, keep, lse_student, lse_target
+    target_only = anchor is None
+    anchor = concept if target_only else anchor
     # Three rows are live at once: a smaller block keeps them in registers.
     splits, cols_per_split, block = _split_layout(n_rows, n_cols, student.device, MAX_BLOCK_V // 2)
     splits_pow2 = triton.next_power_of_2(splits)
@@ -405,26 +477,36 @@ def guided_rows(student, concept, anchor, eta: float, threshold: float | None):
         partials = loss
     has_threshold = threshold is not None
     threshold = float(threshold) if has_threshold else 0.0
+    fused_grad = grad is not None and splits == 1
     _guided_forward_kernel[(n_rows, splits)](
         student, student.stride(0), concept, concept.stride(0), anchor, anchor.stride(0),
-        partials, loss, keep, lse_student, lse_target, n_cols, cols_per_split, float(eta), threshold,
+        partials, loss, keep, lse_student, lse_target,
+        grad if fused_grad else loss, grad.stride(0) if fused_grad else 0,
+        n_cols, cols_per_split, float(eta), threshold,
         HAS_THRESHOLD=has_threshold, SPLITS=splits_pow2 if splits > 1 else 1, BLOCK_V=block,
-        num_warps=_num_warps(block),
+        TARGET_ONLY=target_only, WRITE_GRAD=fused_grad, num_warps=_num_warps(block),
     )
     if splits > 1:
         _guided_combine_kernel[(n_rows,)](
             partials, loss, keep, lse_student, lse_target, threshold,
             HAS_THRESHOLD=has_threshold, SPLITS=splits_pow2,
         )
+    if grad is not None and not fused_grad:
+        guided_grad(student, concept, None if target_only else anchor, eta, lse_student, lse_target,
+                    torch.ones_like(loss), grad)
     return loss, keep, lse_student, lse_target
 
 
-def window_weights(loss, keep, seq_len: int, window: int, window_threshold: float | None):
+def window_weights(loss, keep, seq_len: int, window: int, window_threshold: float | None, out=None):
+    """a_i = keep_i * G_w(i); into `out` when given, which may be keep itself (each program reads
+    its windows whole before it writes them)."""
     if window_threshold is None or loss.numel() == 0:
-        return keep
+        if out is not None and out is not keep:
+            out.copy_(keep)
+        return keep if out is None else out
     n_sequences = loss.numel() // seq_len
     window = min(window, seq_len)
-    weight = torch.empty_like(keep)
+    weight = torch.empty_like(keep) if out is None else out
     block = min(triton.next_power_of_2(window), 1024)
     _window_kernel[(n_sequences, triton.cdiv(seq_len, window))](
         loss, keep, weight, seq_len, window, float(window_threshold), BLOCK_W=block,
@@ -444,12 +526,15 @@ def hard_grad(logits, target, lse, row_scale, out) -> None:
 
 
 def guided_grad(student, concept, anchor, eta: float, lse_student, lse_target, row_scale, out) -> None:
+    """anchor=None: `concept` holds the target logits themselves (see guided_rows)."""
     n_rows, n_cols = student.shape
     if n_rows == 0:
         return
+    target_only = anchor is None
+    anchor = concept if target_only else anchor
     splits, cols_per_split, block = _split_layout(n_rows, n_cols, student.device, MAX_BLOCK_V // 2)
     _guided_backward_kernel[(n_rows, splits)](
         student, student.stride(0), concept, concept.stride(0), anchor, anchor.stride(0),
         lse_student, lse_target, row_scale, out, out.stride(0),
-        n_cols, cols_per_split, float(eta), BLOCK_V=block, num_warps=_num_warps(block),
+        n_cols, cols_per_split, float(eta), BLOCK_V=block, TARGET_ONLY=target_only, num_warps=_num_warps(block),
     )

@@ -158,11 +158,57 @@ def _launch(hidden, hidden2, weight, bias, out, scale: float, scale2: float) -> 
     )
 
 
+# ---------------------------------------------------------------- which engine computes the logits
+#
+# On Hopper the logits products decide the ops' time (2NHV flops each, the row kernels stream
+# only C x V). cuBLAS runs a bf16 GEMM with fp32 accumulation and an fp32 output (mm's out_dtype,
+# as Liger does for its target) at 80-90% of the tensor cores' peak with TMA and warp-specialised
+# wgmma; the Triton kernel above (cp.async, 128 x 64 tiles, no TMA) reaches about half, and its
+# bigger tiles spill or lose occupancy (bench/RESULTS.md has the compile report). So half
+# precision goes to cuBLAS by default; fp32 stays on the Triton kernel, whose IEEE products
+# never turn into TF32 whatever torch.backends says. EARKIT_LINEAR_LOGITS=triton|cublas picks
+# one (bench/gpu_check.py times both); under the interpreter (CPU tensors) the default is triton.
+LOGITS_ENGINES = ("cublas", "triton")
+
+
+def logits_engine(hidden: torch.Tensor) -> str:
+    forced = os.environ.get("EARKIT_LINEAR_LOGITS", "").strip().lower()
+    if forced:
+        if forced not in LOGITS_ENGINES:
+            raise ValueError(f"EARKIT_LINEAR_LOGITS={forced!r}: expected one of {', '.join(LOGITS_ENGINES)}")
+        return forced
+    return "cublas" if hidden.is_cuda and hidden.dtype != torch.float32 else "triton"
+
+
+def _mm_fp32(hidden, weight, out) -> None:
+    """out (fp32) = hidden @ weight.T, products accumulated in fp32 and never rounded to the
+    input dtype: cuBLAS's mixed-precision GEMM on CUDA, an fp32 matmul of the same values elsewhere."""
+    if hidden.is_cuda and hidden.dtype != torch.float32:
+        torch.mm(hidden, weight.t(), out_dtype=torch.float32, out=out)
+    else:
+        torch.mm(hidden.float(), weight.float().t(), out=out)
+
+
 def linear_logits(hidden, weight, bias, out) -> None:
     """out (M, V) fp32 = hidden (M, H) @ weight.T + bias (reference.linear_logits' API)."""
-    _launch(hidden, None, weight, bias, out, 1.0, 0.0)
+    if logits_engine(hidden) == "triton":
+        _launch(hidden, None, weight, bias, out, 1.0, 0.0)
+        return
+    _mm_fp32(hidden, weight, out)
+    if bias is not None:
+        out += bias
 
 
-def linear_target_logits(h_concept, h_anchor, weight, bias, eta: float, out) -> None:
-    """out = (1 + eta) (h_anchor W^T + b) - eta (h_concept W^T + b), in one pass over W."""
-    _launch(h_anchor, h_concept, weight, bias, out, 1.0 + eta, eta)
+def linear_target_logits(h_concept, h_anchor, weight, bias, eta: float, out, scratch=None) -> None:
+    """out = (1 + eta) (h_anchor W^T + b) - eta (h_concept W^T + b): with cuBLAS, two GEMMs into
+    fp32 and one lerp, c + (1 + eta)(a - c), in place (the bias cancels to b); `scratch`, a buffer
+    like out (the student's, not yet written this chunk), holds the concept's product. With Triton,
+    one pass over W with both accumulators in registers."""
+    if logits_engine(h_anchor) == "triton" or scratch is None:
+        _launch(h_anchor, h_concept, weight, bias, out, 1.0 + eta, eta)
+        return
+    _mm_fp32(h_concept, weight, scratch)
+    _mm_fp32(h_anchor, weight, out)
+    torch.lerp(scratch, out, 1.0 + eta, out=out)
+    if bias is not None:
+        out += bias

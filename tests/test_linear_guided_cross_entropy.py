@@ -115,6 +115,20 @@ def test_eta(backend, eta):
     check(*tensors, reduction="mean", **options)
 
 
+@pytest.mark.parametrize("engine", ["cublas", "triton"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_logits_engines(monkeypatch, small_chunks, engine, dtype, reduction):
+    """Both ways the Triton backend makes the logits (EARKIT_LINEAR_LOGITS): cuBLAS's two GEMMs
+    and a lerp for the target, with the student's buffer as scratch, or the two-accumulator
+    kernel. On CPU tensors cuBLAS's mixed-precision GEMM is an fp32 matmul of the same values."""
+    monkeypatch.setenv("EARKIT_BACKEND", "triton")
+    monkeypatch.setenv("EARKIT_LINEAR_LOGITS", engine)
+    tensors, options = windowed_case(dtype, eta=1.5)
+    upstream = torch.randn(tensors[0].shape[:-1], generator=torch.Generator().manual_seed(8))
+    check(*tensors, upstream if reduction == "none" else None, reduction=reduction, **options)
+
+
 def test_triton_tiles_and_layouts(triton_layout, small_chunks, monkeypatch):
     monkeypatch.setenv("EARKIT_BACKEND", "triton")
     monkeypatch.setattr(triton_linear_cross_entropy, "force_blocks", (8, 8, 4))

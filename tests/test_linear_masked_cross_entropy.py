@@ -108,6 +108,28 @@ def test_matches_reference_with_threshold_and_windows(backend, small_chunks, dty
     assert 0 < (window_sums <= options["window_threshold"]).sum() < window_sums.numel()
 
 
+@pytest.mark.parametrize("engine", ["cublas", "triton"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_logits_engines(monkeypatch, small_chunks, engine, dtype, reduction):
+    """Both ways the Triton backend makes the logits (EARKIT_LINEAR_LOGITS): a cuBLAS GEMM into
+    fp32 plus the bias, or the Triton kernel. On CPU tensors cuBLAS's mixed-precision GEMM is an
+    fp32 matmul of the same values."""
+    monkeypatch.setenv("EARKIT_BACKEND", "triton")
+    monkeypatch.setenv("EARKIT_LINEAR_LOGITS", engine)
+    tensors, options = head_case(dtype, seed=4)
+    upstream = torch.randn(tensors[0].shape[:-1], generator=torch.Generator().manual_seed(8))
+    check(*tensors, upstream if reduction == "none" else None, reduction=reduction, **options)
+
+
+def test_an_unknown_logits_engine_is_named(monkeypatch):
+    monkeypatch.setenv("EARKIT_BACKEND", "triton")
+    monkeypatch.setenv("EARKIT_LINEAR_LOGITS", "cutlass")
+    (hidden, weight, target, bias), options = head_case(torch.float32)
+    with pytest.raises(ValueError, match="EARKIT_LINEAR_LOGITS"):
+        linear_masked_cross_entropy(hidden, weight, target, bias, **options)
+
+
 def test_triton_tiles_and_layouts(triton_layout, small_chunks, monkeypatch):
     # 8 x 8 x 4 tiles: ragged row and column tiles and a K loop of three steps at H = 12.
     monkeypatch.setenv("EARKIT_BACKEND", "triton")
@@ -274,66 +296,3 @@ def test_fuzz_shapes_thresholds_and_chunks(data, backend_name, batch, seq_len, n
         patch.setattr(linear_cross_entropy, "force_chunk_rows", chunk)
         check(hidden, weight, target, bias, torch.randn(target.shape, generator=generator)
               if reduction == "none" else None, **options)
-
-
-COMPILE_LOGITS_KERNEL = r'''
-import json, re, subprocess, tempfile
-import triton
-from triton.backends.nvidia.compiler import get_ptxas
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from earkit.kernels import triton_linear_cross_entropy as kernels
-
-fn = kernels._linear_logits_kernel
-report = []
-# (dtype, two inputs, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)): the launcher's GPU choices.
-for dtype, two in (("bf16", False), ("bf16", True), ("fp16", False), ("fp32", False), ("fp32", True)):
-    bm, bn, bk, warps, stages = kernels._blocks(4096, 16384, 4096, two, dtype != "fp32")
-    signature = {}
-    for name in fn.arg_names:
-        if name in ("h_ptr", "h2_ptr", "w_ptr", "b_ptr"):
-            signature[name] = "*" + dtype
-        elif name == "out_ptr":
-            signature[name] = "*fp32"
-        elif name in ("scale", "scale2"):
-            signature[name] = "fp32"
-        elif name.isupper():
-            signature[name] = "constexpr"
-        else:
-            signature[name] = "i64" if "stride" in name else "i32"
-    constexprs = dict(HAS_BIAS=True, TWO_INPUTS=two, DOT_IN_FP32=False, IEEE=dtype == "fp32", EVEN_K=True,
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
-        ptx.write(compiled.asm["ptx"])
-        ptx.flush()
-        info = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx.name, "-o", "/dev/null"],
-                              capture_output=True, text=True, check=True).stderr
-    report.append(dict(dtype=dtype, two=two, registers=int(re.search(r"Used (\d+) registers", info).group(1)),
-                       spill_bytes=sum(int(n) for n in re.findall(r"(\d+) bytes spill", info)),
-                       mma="mma" in compiled.asm["ptx"], cubin_bytes=len(compiled.asm["cubin"])))
-print(json.dumps(report))
-'''
-
-
-def test_logits_kernel_compiles_for_sm90_on_the_tensor_cores():
-    """The interpreter accepts code the compiler rejects: compile the logits kernel for Hopper
-    (no GPU needed) at the launcher's tile sizes, and check it does not spill and that half
-    precision runs on the tensor cores (fp32 is IEEE on purpose, hence FMA)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "EARKIT_BACKEND")}
-    result = subprocess.run([sys.executable, "-c", COMPILE_LOGITS_KERNEL], env=env, capture_output=True, text=True,
-                            timeout=600, cwd=os.path.dirname(__file__))
-    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr:
-        pytest.skip("this triton install has no bundled ptxas")
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(report) == 5
-    for entry in report:
-        assert entry["cubin_bytes"] > 0 and entry["spill_bytes"] == 0, entry
-        assert entry["mma"] == (entry["dtype"] != "fp32"), entry

@@ -324,3 +324,23 @@ def test_fuzz_shapes_and_thresholds(data, backend_name, batch, seq_len, n_classe
         patch.setenv("EARKIT_BACKEND", backend_name)
         check(logits, target, torch.randn(target.shape, generator=generator) if reduction == "none" else None,
               **options)
+
+
+@pytest.mark.parametrize("splits", [None, 3])
+def test_triton_rows_give_nan_for_a_target_out_of_range(monkeypatch, splits):
+    """On CUDA the ops do not read target values back to the host (a sync per call): the Triton
+    kernels give a bad row a NaN loss instead of reading out of bounds (CPU targets get the
+    ValueError, EARKIT_CHECK_TARGETS=1 turns it on for CUDA)."""
+    from earkit.kernels import triton_cross_entropy
+
+    if splits:
+        monkeypatch.setattr(triton_cross_entropy, "force_splits", splits)
+        monkeypatch.setattr(triton_cross_entropy, "force_block_v", 8)
+    logits = torch.randn(5, 37, generator=torch.Generator().manual_seed(3))
+    target = torch.tensor([3, 37, -100, -5, 36])
+    grad = torch.empty_like(logits)
+    loss, keep, lse = triton_cross_entropy.hard_rows(logits, target, -100, None, grad=grad)
+    assert torch.isnan(loss[[1, 3]]).all() and loss[2] == 0 and torch.isfinite(loss[[0, 4]]).all()
+    torch.testing.assert_close(loss[[0, 4]], F.cross_entropy(logits[[0, 4]], target[[0, 4]], reduction="none"))
+    assert keep[2] == 0 and (grad[2] == 0).all()  # an ignored row has no gradient
+    torch.testing.assert_close(grad[0], torch.softmax(logits[0], -1) - F.one_hot(target[0], 37).float())
