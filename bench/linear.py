@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime
 import gc
 import math
+import os
 import statistics
 import time
 
@@ -81,6 +82,22 @@ def token_losses(op: str, x: dict) -> torch.Tensor:
     return torch.cat(losses)
 
 
+def with_triton_logits(loss_fn):
+    """loss_fn with the fused op's logits made by its Triton kernel instead of cuBLAS (the
+    forward reads EARKIT_LINEAR_LOGITS; the backward of "mean" and "sum" makes no logits)."""
+    def run(leaf):
+        previous = os.environ.get("EARKIT_LINEAR_LOGITS")
+        os.environ["EARKIT_LINEAR_LOGITS"] = "triton"
+        try:
+            return loss_fn(leaf)
+        finally:
+            if previous is None:
+                os.environ.pop("EARKIT_LINEAR_LOGITS", None)
+            else:
+                os.environ["EARKIT_LINEAR_LOGITS"] = previous
+    return run
+
+
 def implementations(op: str, x: dict, threshold: float, kept: torch.Tensor, compile_: bool):
     """[(name, note, fn(leaf) -> loss) or (name, why missing, None)], the eager row first."""
     w, b = x["weight"], x["bias"]
@@ -108,6 +125,10 @@ def implementations(op: str, x: dict, threshold: float, kept: torch.Tensor, comp
         compiled = torch.compile(eager, dynamic=False)
         rows.append(("torch.compile", "", compiled))
     rows.append((f"earkit ({backend_name(w.device)})", "", ours))
+    if w.is_cuda and w.dtype != torch.float32:
+        # The logits engine earkit does not use by default on a GPU (cuBLAS), timed beside it:
+        # the choice was made by a compile report, and this row is the measurement.
+        rows.append(("Triton logits kernel (earkit, EARKIT_LINEAR_LOGITS=triton)", "", with_triton_logits(ours)))
     # The anchors: the tokens the threshold drops become ignore_index.
     anchor_target = torch.where(kept, x["target"], torch.full_like(x["target"], -100))
     try:
