@@ -820,27 +820,10 @@ def stage_profile(plan, emit, deadline, args) -> None:
 # ---------------------------------------------------------------- (f) sampler: CUDA graph vs eager
 
 
-def sharpen(model, seed=1):
-    """Redraw the text model, image embeddings and head at unit gain (std 1/sqrt(fan_in)).
-
-    At the default init (std 0.02) attention is nearly uniform and the logits ~0.01, so a wrong
-    position or cache slot changes the logits by ~1e-4 and sampling hardly; at unit gain by ~1."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.startswith(("model.vqmodel", "model.vision_model")):
-                continue  # the VQ decoder and image encoder keep their init
-            if isinstance(module, torch.nn.Linear):
-                scale = 1 / math.sqrt(module.in_features)
-                module.weight.copy_((torch.randn(module.weight.shape, generator=generator) * scale).to(module.weight))
-            elif isinstance(module, torch.nn.Embedding):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator).to(module.weight))
-    return model
-
-
 def stage_sampler(plan, emit, deadline, args) -> None:
     from earkit.bench.engine import build_random_model
     from earkit.engine.sampler import cuda_graph_blocker, sample_image_tokens
+    from earkit.engine.tiny import sharpen
 
     device = torch.device(plan["device"])
     # Two prompts of different lengths: the shorter is left-padded, so positions and masks differ per row.

@@ -129,3 +129,25 @@ def save_tiny_janus(folder: str | os.PathLike, vocabulary, seed: int = 0, **conf
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model, tokenizer
+
+
+def sharpen(model, seed: int = 1):
+    """Redraw a tiny Janus's text model, image embeddings and head at unit gain (std 1/sqrt(fan_in)).
+
+    At the default init (std 0.02) attention is nearly uniform and the logits ~0.01, so a wrong
+    position id or cache slot changes the logits by ~1e-4, inside any tolerance, and sampling
+    hardly at all; at unit gain it changes them by ~1, and equality checks (the sampler against
+    transformers, the CUDA-graph sampler against the eager one) can tell right from wrong."""
+    import math
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.startswith(("model.vqmodel", "model.vision_model")):
+                continue  # the VQ decoder and image encoder keep their init
+            if isinstance(module, torch.nn.Linear):
+                scale = 1 / math.sqrt(module.in_features)
+                module.weight.copy_((torch.randn(module.weight.shape, generator=generator) * scale).to(module.weight))
+            elif isinstance(module, torch.nn.Embedding):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator).to(module.weight))
+    return model

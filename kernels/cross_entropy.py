@@ -48,12 +48,19 @@ def _native_backend() -> ModuleType | None:
     return native if native.available() else None
 
 
+def forced_choice(variable: str, choices) -> str | None:
+    """The choice an environment variable forces (lower case), None when unset; ValueError naming
+    the variable for anything else than the choices."""
+    forced = os.environ.get(variable, "").strip().lower()
+    if forced and forced not in choices:
+        raise ValueError(f"{variable}={forced!r}: expected one of {', '.join(choices)}")
+    return forced or None
+
+
 def backend_name(device: torch.device) -> str:
     """Which backend runs tensors on `device`, after EARKIT_BACKEND is taken into account."""
-    forced = os.environ.get("EARKIT_BACKEND", "").strip().lower()
+    forced = forced_choice("EARKIT_BACKEND", BACKENDS)
     if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"EARKIT_BACKEND={forced!r}: expected one of {', '.join(BACKENDS)}")
         return forced
     if device.type == "cuda":
         return "triton"

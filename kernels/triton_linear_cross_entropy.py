@@ -172,10 +172,10 @@ LOGITS_ENGINES = ("cublas", "triton")
 
 
 def logits_engine(hidden: torch.Tensor) -> str:
-    forced = os.environ.get("EARKIT_LINEAR_LOGITS", "").strip().lower()
+    from .cross_entropy import forced_choice
+
+    forced = forced_choice("EARKIT_LINEAR_LOGITS", LOGITS_ENGINES)
     if forced:
-        if forced not in LOGITS_ENGINES:
-            raise ValueError(f"EARKIT_LINEAR_LOGITS={forced!r}: expected one of {', '.join(LOGITS_ENGINES)}")
         return forced
     return "cublas" if hidden.is_cuda and hidden.dtype != torch.float32 else "triton"
 

@@ -6,7 +6,6 @@ for left-padded batches too. The released EAR code lacks it.
 """
 
 import json
-import math
 import warnings
 
 import pytest
@@ -15,32 +14,12 @@ import torch
 import earkit.engine.sampler as sampler
 from earkit.engine.model import encode_prompts, image_hidden_states, image_logits, image_token_count, unconditional
 from earkit.engine.sampler import decode_images, keep_top_k, keep_top_p, sample_image_tokens, write_samples
-from earkit.engine.tiny import build_tiny_janus, words_of
+from earkit.engine.tiny import build_tiny_janus, sharpen, words_of
 
 SHORT = "a red circle"
 LONG = "a big blue square on the left of a green triangle under a yellow star"
 PROMPTS = [SHORT, LONG]
 TOL = dict(atol=1e-4, rtol=1e-4)
-
-
-def sharpen(model, seed=1):
-    """Re-draw the text model, image embeddings and head at unit gain (std 1/sqrt(fan_in)).
-
-    The tiny model's default init (std 0.02) makes attention nearly uniform and logits ~0.01, so
-    a wrong position id changes logits by ~1e-4, inside the tolerance; at unit gain it changes
-    them by ~1 and the equality tests below can tell right from wrong.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if name.startswith(("model.vqmodel", "model.vision_model")):
-                continue  # the VQ decoder and image encoder keep their init
-            if isinstance(module, torch.nn.Linear):
-                scale = 1 / math.sqrt(module.in_features)
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * scale)
-            elif isinstance(module, torch.nn.Embedding):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator))
-    return model
 
 
 def tiny_janus():
