@@ -114,8 +114,6 @@ def given_erase_fields(args, argv) -> dict:
 
 def resumed_erase_fields(out: str) -> dict:
     """The erase config recorded by the checkpoint in OUT/checkpoint (what --resume continues)."""
-    from pathlib import Path
-
     from earkit.engine.checkpoint import checked_checkpoint_folder, read_checkpoint_record
 
     folder = Path(out).expanduser() / "checkpoint"

@@ -24,7 +24,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from earkit.engine.pairs import encode_utf8, write_files_atomic
+from earkit.engine.pairs import encode_utf8, parse_json, write_files_atomic
 
 ORIGINAL_MISSES = "original misses the concept"
 REPLACEMENT_SHOWS = "replacement shows the concept"
@@ -179,8 +179,8 @@ def is_decisions_file(path: Path) -> bool:
     """A decisions file that `earkit filter` wrote: its first line is the {"filter": ...} header."""
     try:
         with open(path, encoding="utf-8") as file:
-            first = json.loads(file.readline(1 << 20))
-    except (OSError, ValueError, RecursionError):
+            first = parse_json(file.readline(1 << 20), str(path))
+    except (OSError, ValueError):
         return False
     return isinstance(first, dict) and set(first) == {"filter"}
 

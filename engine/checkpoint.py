@@ -37,6 +37,8 @@ from torch import Tensor
 
 from earkit import __version__
 
+from .pairs import parse_json
+
 CHECKPOINT_FORMAT = "earkit-checkpoint"
 FORMAT_VERSION = 1
 TENSORS_FILE = "trainable.safetensors"
@@ -152,8 +154,8 @@ def manifest_files(folder: Path, kind: str) -> set[str] | None:
     """The files the manifest of `folder` says earkit wrote there as a `kind`, or None without a
     readable manifest of that kind."""
     try:
-        record = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        record = parse_json((folder / MANIFEST_FILE).read_text(encoding="utf-8"), MANIFEST_FILE)
+    except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("format") != MANIFEST_FORMAT or record.get("kind") != kind:
         return None
@@ -163,7 +165,13 @@ def manifest_files(folder: Path, kind: str) -> set[str] | None:
     return set(files) | {MANIFEST_FILE}
 
 
-def foreign_files(folder: Path, kind: str, legacy=None) -> list[str] | None:
+def some_of(names: list[str], shown: int = 3) -> str:
+    """The first few of a list of names, and how many more: for one-line errors."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
+def foreign_files(folder: Path, kind: str, legacy=None) -> list[str]:
     """What in an existing `folder` earkit did not write as a `kind`: [] when the whole folder is
     earkit's (empty, or every file listed in its manifest), else the files that are not, sorted
     (all of them when the folder has no manifest and legacy does not vouch for it either).
@@ -199,9 +207,8 @@ def check_replaceable(folder: str | os.PathLike, *, force: bool, kind: str, what
         raise FileExistsError(f"{what} {folder} already exists and is not empty (pass --force to replace it)")
     foreign = foreign_files(folder, kind, legacy)
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise FileExistsError(f"not replacing {folder}: it holds files earkit did not write as a {what} ({shown}); "
-                              "move them out or choose another folder")
+        raise FileExistsError(f"not replacing {folder}: it holds files earkit did not write as a {what} "
+                              f"({some_of(foreign)}); move them out or choose another folder")
 
 
 def check_writable(path: str | os.PathLike, what: str) -> None:
@@ -274,8 +281,8 @@ def write_folder_atomically(folder: str | os.PathLike, write_into, *, force: boo
 def legacy_checkpoint_names(folder: Path) -> set[str] | None:
     """A checkpoint written before manifests existed: its config.json says so, and it holds the four files."""
     try:
-        record = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        record = parse_json((folder / CONFIG_FILE).read_text(encoding="utf-8"), CONFIG_FILE)
+    except (OSError, ValueError):
         return None
     if isinstance(record, dict) and record.get("format") == CHECKPOINT_FORMAT:
         return set(CHECKPOINT_FILES)
@@ -388,11 +395,9 @@ def checked_checkpoint_folder(folder: str | os.PathLike) -> Path:
 def read_checkpoint_record(folder: Path) -> dict:
     path = folder / CONFIG_FILE
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        record = parse_json(path.read_text(encoding="utf-8"), str(path))
+    except (OSError, ValueError) as error:  # parse_json: also too deep, or a number too long to read
         raise ValueError(f"checkpoint {folder}: {CONFIG_FILE} is unreadable or corrupt ({error})") from None
-    except RecursionError:
-        raise ValueError(f"checkpoint {folder}: {CONFIG_FILE} is nested too deeply to be a checkpoint config") from None
     if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT or "config" not in record:
         raise ValueError(f"checkpoint {folder}: {CONFIG_FILE} is not an earkit checkpoint config "
                          f"(no \"format\": \"{CHECKPOINT_FORMAT}\" and \"config\")")
@@ -415,10 +420,10 @@ def read_checkpoint_tensors(folder: Path) -> dict[str, Tensor]:
     if not tensors:
         raise ValueError(f"checkpoint {folder}: {TENSORS_FILE} holds no tensors")
     # A diverged run's NaN weights would sample garbage (or crash the sampler) and export silently.
-    broken = [name for name, tensor in tensors.items() if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    broken = [name for name, tensor in tensors.items()
+              if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
     if broken:
-        shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
-        raise ValueError(f"checkpoint {folder}: {TENSORS_FILE} holds NaN or infinite values ({shown}); "
+        raise ValueError(f"checkpoint {folder}: {TENSORS_FILE} holds NaN or infinite values ({some_of(broken)}); "
                          "the run that wrote it diverged")
     return tensors
 
@@ -467,9 +472,8 @@ def apply_trainable(model: torch.nn.Module, tensors: dict[str, Tensor]) -> None:
     parameters = dict(model.named_parameters(remove_duplicate=False))
     unknown = sorted(name for name in tensors if name not in parameters)
     if unknown:
-        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise ValueError(f"{len(unknown)} checkpoint tensor(s) are not parameters of this "
-                         f"{type(model).__name__}: {shown}")
+                         f"{type(model).__name__}: {some_of(unknown, 5)}")
     problems = []
     for name, tensor in tensors.items():
         parameter = parameters[name]

@@ -79,16 +79,17 @@ def cpu_threads_for(source, device=None) -> int | None:
     """The intra-op CPU threads worth using for a model folder: 1 for a small model on the CPU,
     None (leave torch's default) otherwise, for a hub id, or when it cannot tell. Reads only the
     folder's config.json, so it is decided before any weight loads."""
-    import json
+    from .pairs import parse_json
 
     if device is not None and torch.device(device).type != "cpu":
         return None
     if device is None and default_device().type != "cpu":
         return None
     try:
-        config = json.loads((Path(os.fspath(source)).expanduser() / "config.json").read_text(encoding="utf-8"))
+        path = Path(os.fspath(source)).expanduser() / "config.json"
+        config = parse_json(path.read_text(encoding="utf-8"), str(path))
         hidden = (config.get("text_config") or config).get("hidden_size")
-    except (OSError, ValueError, RecursionError, AttributeError, TypeError):
+    except (OSError, ValueError, AttributeError, TypeError):
         return None
     if isinstance(hidden, int) and not isinstance(hidden, bool) and 0 < hidden <= SMALL_MODEL_HIDDEN_SIZE:
         return 1

@@ -290,7 +290,8 @@ def sample_image_tokens(model, tokenizer, prompts: list[str], *, guidance_scale:
     if cuda_graph is True and blocker is not None:
         warn_once(f"earkit sampler: cuda_graph=True but {blocker}; decoding eagerly")
     use_graph = cuda_graph is not False and blocker is None
-    encode_prompts(tokenizer, list(dict.fromkeys(prompts)))  # warns of unknown words before the bar starts
+    if progress:  # encode_prompts warns of unknown words: before the bar starts, not inside its line
+        encode_prompts(tokenizer, list(dict.fromkeys(prompts)))
 
     from tqdm.auto import tqdm
 
@@ -351,10 +352,12 @@ def image_grid(rows: list[list]):
 
 def legacy_samples_names(folder: Path) -> set[str] | None:
     """A samples folder written before manifests existed: its prompts.json lists its images."""
+    from .pairs import parse_json
+
     try:
-        record = json.loads((folder / "prompts.json").read_text(encoding="utf-8"))
+        record = parse_json((folder / "prompts.json").read_text(encoding="utf-8"), "prompts.json")
         names = {image["file"] for image in record["images"]}
-    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     if not all(isinstance(name, str) for name in names) or "rng" not in record:
         return None

@@ -50,8 +50,9 @@ from .checkpoint import (
     legacy_checkpoint_names,
     load_checkpoint,
     save_checkpoint,
+    some_of,
 )
-from .model import check_device, check_model_source, resolve_dtype, encode_prompts, image_hidden_states, load_janus
+from .model import check_device, check_model_source, encode_prompts, image_hidden_states, load_janus, resolve_dtype
 from .pairs import PromptPair, load_pairs, load_prompts, pairs_from_concept, write_text_atomic
 from .sampler import sample_image_tokens
 
@@ -483,13 +484,13 @@ def check_run_folder(out: Path, force: bool) -> None:
     checkpoint = out / "checkpoint"
     if not foreign and checkpoint.exists():
         if checkpoint.is_dir() and not checkpoint.is_symlink():
-            foreign = [f"checkpoint/{name}" for name in foreign_files(checkpoint, "checkpoint", legacy_checkpoint_names)]
+            inside = foreign_files(checkpoint, "checkpoint", legacy_checkpoint_names)
+            foreign = [f"checkpoint/{name}" for name in inside]
         else:
             foreign = ["checkpoint"]
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise FileExistsError(f"not starting over in {out}: it holds files an erasure run did not write ({shown}); "
-                              "move them out or choose another folder")
+        raise FileExistsError(f"not starting over in {out}: it holds files an erasure run did not write "
+                              f"({some_of(foreign)}); move them out or choose another folder")
 
 
 def is_checkpoint_leftover(name: str) -> bool:

@@ -109,11 +109,11 @@ class _GradientSink:
     dtype). The backward's recompute (reduction "none") hands in G already scaled: row_weight None.
     """
 
-    def __init__(self, hidden_rows: Tensor, weight_mm: Tensor, n_cols: int, need_hidden: bool, need_weight: bool,
+    def __init__(self, hidden_rows: Tensor, head_weight: Tensor, n_cols: int, need_hidden: bool, need_weight: bool,
                  need_bias: bool):
         n_rows, n_inner = hidden_rows.shape
         device = hidden_rows.device
-        self.weight_mm = weight_mm
+        self.head_weight = head_weight  # as given: d hidden = G W runs in the head's own dtype
         self.hidden = torch.empty((n_rows, n_inner), dtype=hidden_rows.dtype, device=device) if need_hidden else None
         self.weight = torch.zeros((n_cols, n_inner), dtype=torch.float32, device=device) if need_weight else None
         self.bias = torch.zeros(n_cols, dtype=torch.float32, device=device) if need_bias else None
@@ -125,9 +125,9 @@ class _GradientSink:
     def add(self, grad: Tensor, hidden_chunk: Tensor, start: int, end: int, row_weight: Tensor | None) -> None:
         if self.hidden is not None:
             if self.hidden.dtype == grad.dtype:
-                torch.mm(grad, self.weight_mm, out=self.hidden[start:end])
+                torch.mm(grad, self.head_weight, out=self.hidden[start:end])
             else:
-                self.hidden[start:end] = torch.mm(grad, self.weight_mm)
+                self.hidden[start:end] = torch.mm(grad, self.head_weight)
         if self.weight is not None:
             rows = hidden_chunk if row_weight is None else hidden_chunk * row_weight[:, None].to(hidden_chunk.dtype)
             _mm_into_fp32(self.weight, grad.t(), rows)
@@ -146,7 +146,7 @@ class _GradientSink:
         )
 
 
-def _buffers(rows: int, n_cols: int, hidden: Tensor, weight_mm: Tensor, count: int, need_grad: bool):
+def _buffers(rows: int, n_cols: int, hidden: Tensor, head_weight: Tensor, count: int, need_grad: bool):
     """`count` fp32 logits buffers of rows x V, and the buffer the gradient goes into: the first
     logits buffer itself for an fp32 head, else one in the head's half precision, so that d hidden
     = G W runs as a half-precision GEMM (tensor cores on a GPU; on a CPU with AVX512-BF16, 2.7x
@@ -154,20 +154,21 @@ def _buffers(rows: int, n_cols: int, hidden: Tensor, weight_mm: Tensor, count: i
     logits = [torch.empty((rows, n_cols), dtype=torch.float32, device=hidden.device) for _ in range(count)]
     grad = None
     if need_grad:
-        grad = logits[0] if weight_mm.dtype == torch.float32 else torch.empty(
-            (rows, n_cols), dtype=weight_mm.dtype, device=hidden.device)
+        grad = logits[0] if head_weight.dtype == torch.float32 else torch.empty(
+            (rows, n_cols), dtype=head_weight.dtype, device=hidden.device)
     return logits, grad
 
 
-def _bytes_per_row(n_cols: int, logits_buffers: int, weight_mm: Tensor, need_grad: bool) -> int:
-    grad_bytes = weight_mm.element_size() if need_grad and weight_mm.dtype != torch.float32 else 0
+def _bytes_per_row(n_cols: int, logits_buffers: int, head_weight: Tensor, need_grad: bool) -> int:
+    grad_bytes = head_weight.element_size() if need_grad and head_weight.dtype != torch.float32 else 0
     return n_cols * (4 * logits_buffers + grad_bytes)
 
 
-def _gate(backend, loss_c, keep_c, weights_c, seq_len, window, window_threshold) -> None:
-    """a_i of a chunk of whole sequences into its slice of the weights (keep already there)."""
+def _gate(backend, loss_c, weights_c, seq_len, window, window_threshold) -> None:
+    """The window gate over a chunk of whole sequences, in place: weights_c holds the token mask
+    m_i and leaves holding a_i = m_i G_w(i)."""
     if window is not None and window_threshold is not None:
-        backend.window_weights(loss_c, keep_c, seq_len, window, window_threshold, out=weights_c)
+        backend.window_weights(loss_c, weights_c, seq_len, window, window_threshold, out=weights_c)
 
 
 def _hard_chunks(hidden, weight, bias, target, ignore_index, threshold, window, window_threshold,
@@ -194,7 +195,7 @@ def _hard_chunks(hidden, weight, bias, target, ignore_index, threshold, window, 
             # loss, keep and lse straight into the call's vectors, the unscaled gradient into g
             outputs = (loss[start:end], weights[start:end], lse[start:end])
             backend.hard_rows(z, y, ignore_index, threshold, out=outputs, grad=g)
-            _gate(backend, outputs[0], outputs[1], outputs[1], seq_len, window, window_threshold)
+            _gate(backend, outputs[0], outputs[1], seq_len, window, window_threshold)
             if sink.active:
                 sink.add(g, h, start, end, row_weight=weights[start:end])
         elif sink.active:
@@ -228,7 +229,7 @@ def _guided_chunks(h_student, h_concept, h_anchor, weight, bias, eta, threshold,
         if row_scale is None:
             outputs = (loss[start:end], weights[start:end], lse_student[start:end], lse_target[start:end])
             backend.guided_rows(s, t, None, 0.0, threshold, out=outputs, grad=g)
-            _gate(backend, outputs[0], outputs[1], outputs[1], seq_len, window, window_threshold)
+            _gate(backend, outputs[0], outputs[1], seq_len, window, window_threshold)
             if sink.active:
                 sink.add(g, s_rows[start:end], start, end, row_weight=weights[start:end])
         elif sink.active:
