@@ -2,7 +2,7 @@
 shared memory, warps, tensor-core use, at the configurations the launchers pick.
 
     python -m earkit.bench.compile_report            # a markdown table (bench/RESULTS.md keeps them)
-    python -m earkit.bench.compile_report --json     # the rows, for tests/test_triton_compile.py
+    python -m earkit.bench.compile_report --json     # the rows, for tests/kernels/test_triton_compile.py
 
 The interpreter that runs the kernels in the tests accepts code the compiler rejects, and a
 kernel that spills or needs 200 registers a thread runs one block per SM: this compiles each

@@ -5,7 +5,7 @@ order) after the prompt and `<begin_of_image>`. Sampling (sampler.py) feeds them
 through a KV cache; training runs all T positions in one teacher-forced pass (DESIGN.md, "The
 method"). Both go through the functions here, so the prompt template, the padding and the
 positions are the same in both, which is what makes the teacher-forced logits equal the
-sampler's (tests/test_sampler.py checks it).
+sampler's (tests/engine/test_sampler.py checks it).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ transformers: traps"). This sampler is one loop:
 It uses the same prompt template, left padding and position ids as the teacher-forced pass in
 model.py (`encode_prompts`, `unconditional`, `positions`), so the logits it samples from equal
 `image_logits(model, image_hidden_states(model, prompts, tokens))` to fp32 rounding, and a prompt
-gives the same logits whatever longer prompts share its batch (tests/test_sampler.py checks both).
+gives the same logits whatever longer prompts share its batch (tests/engine/test_sampler.py checks both).
 
 Randomness: one torch.Generator seeded by `seed`, on the model's device, shared by all rows and
 chunks in order. A given call (same prompts, order, batch_size, device) is reproducible; the same

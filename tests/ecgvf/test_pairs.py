@@ -19,7 +19,7 @@ from earkit.ecgvf.pairs import (
 )
 from earkit.engine.pairs import PromptPair, load_pairs
 
-EAR_DATA = Path(__file__).resolve().parents[2] / "shared" / "ear-data"
+EAR_DATA = Path(__file__).resolve().parents[3] / "shared" / "ear-data"
 PROVENANCE_KEYS = {"concept_prompt", "anchor_prompt", "concept", "anchor", "backend", "model", "template", "seed",
                    "attempt"}
 

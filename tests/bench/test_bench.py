@@ -11,7 +11,7 @@ import torch
 
 from earkit.bench.memory import MB, cpu_peak_extra_bytes, peak_of_running_sum
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_peak_of_running_sum():

@@ -2,7 +2,7 @@
 
 The tiny-budget tests train a few steps (seconds) and check the plumbing: labels, save/load,
 determinism, augmentation. The accuracy of the full-budget judge is tested on the shipped one
-(tests/test_shapesworld.py).
+(tests/shapesworld/test_shapesworld.py).
 """
 
 import json

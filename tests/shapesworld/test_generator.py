@@ -3,7 +3,7 @@
 The whole pipeline runs on a handful of steps: VQ training, generator training, saving, loading
 with `load_janus` and sampling through earkit's own sampler. Quality (does it draw the requested
 shape?) needs the full budget (minutes) and is tested on the shipped world
-(tests/test_shapesworld.py).
+(tests/shapesworld/test_shapesworld.py).
 """
 
 import json

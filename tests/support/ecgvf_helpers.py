@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-EAR_DATA = Path(__file__).resolve().parents[2] / "shared" / "ear-data"
+EAR_DATA = Path(__file__).resolve().parents[3] / "shared" / "ear-data"
 
 # A tiny open_clip: a 1-layer ViT over 8-pixel patches and a 1-layer text tower with CLIP's BPE vocabulary.
 TINY_CLIP_CONFIG = {
