@@ -77,7 +77,7 @@ def run(size: str = "7b", device: str | None = None, dtype: str = "auto", sample
     """The report (a dict of figures). on_figure(name, value) is called as each figure is measured
     (bench/gpu_check.py logs them at once, so a run stopped by its time limit keeps the finished ones)."""
     from earkit.engine.model import default_device, resolve_dtype
-    from earkit.engine.pairs import PromptPair
+    from earkit.engine.pair_files import PromptPair
     from earkit.engine.sampler import sample_image_tokens
     from earkit.engine.trainer import (
         EraseConfig, FrozenTeacher, enable_gradient_checkpointing, make_optimizer, select_trainable, student_update,

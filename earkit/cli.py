@@ -237,7 +237,7 @@ def run_sample(args) -> None:
 
     from earkit.engine.checkpoint import apply_trainable, load_checkpoint
     from earkit.engine.model import check_device, check_model_source, load_janus
-    from earkit.engine.pairs import read_text_file
+    from earkit.io import read_text_file
     from earkit.engine.sampler import check_samples_folder, check_sampling_arguments, write_samples
 
     prompts = list(args.prompt)

@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from earkit.engine.pairs import parse_json, read_text_file, unencodable
+from earkit.io import parse_json, read_text_file, unencodable
 
 ROLES = ("target", "preserve")
 
@@ -164,7 +164,7 @@ def load_benchmark(path, *, concept: str | None = None, preserve=None, max_promp
     """A Benchmark from a pairs file, a prompt file or a benchmark JSONL (module docstring);
     `preserve` adds the prompts of a second file as preservation prompts. The first max_prompts
     of each role are kept."""
-    from earkit.engine.pairs import load_pairs
+    from earkit.engine.pair_files import load_pairs
 
     path = Path(path).expanduser()
     text = read_text_file(path, "benchmark file")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from earkit.engine.pairs import parse_json
+from earkit.io import parse_json
 
 from . import metrics
 
@@ -261,7 +261,7 @@ def legacy_report_names(folder: Path) -> set[str] | None:
 def check_out_folder(out: Path, force: bool) -> None:
     """Before minutes of sampling: --out is free, or (with --force) an earlier report holding only
     what earkit wrote, and something can be written there."""
-    from earkit.engine.checkpoint import check_replaceable, check_writable
+    from earkit.io import check_replaceable, check_writable
 
     check_replaceable(out, force=force, kind="report", what="report folder", legacy=legacy_report_names)
     check_writable(out, "report folder")
@@ -269,7 +269,7 @@ def check_out_folder(out: Path, force: bool) -> None:
 
 def run_eval(args) -> dict:
     """`earkit eval`: load, sample before and after, judge, measure, write the report atomically."""
-    from earkit.engine.checkpoint import write_folder_atomically
+    from earkit.io import write_folder_atomically
     from earkit.engine.model import check_device
     from earkit.engine.sampler import check_sampling_arguments
 

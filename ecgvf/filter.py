@@ -24,7 +24,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from earkit.engine.pairs import encode_utf8, parse_json, write_files_atomic
+from earkit.io import encode_utf8, parse_json, write_files_atomic
 
 ORIGINAL_MISSES = "original misses the concept"
 REPLACEMENT_SHOWS = "replacement shows the concept"
@@ -266,9 +266,9 @@ def check_count(value, name: str) -> None:
 
 def run_filter(args) -> dict:
     """`earkit filter`: sample, judge, keep and drop, write both files, print the summary."""
-    from earkit.engine.checkpoint import check_writable
+    from earkit.io import check_writable
     from earkit.engine.model import check_device
-    from earkit.engine.pairs import load_pairs
+    from earkit.engine.pair_files import load_pairs
     from earkit.engine.sampler import check_sampling_arguments
 
     from .images import load_generator, resolve_delta, resolve_guidance, resolve_model, resolve_temperature

@@ -11,7 +11,7 @@ and CLIP-like judges (a text tower) also embed images and texts for the CLIP sco
     judge.embed_images(images), judge.embed_texts(texts)   # unit-norm (N, D) float64
 
 Implementations:
-- ShapesWorldJudge: the ShapesWorld judge (engine/world_judge.py), a tiny open_clip CLIP; knows the
+- ShapesWorldJudge: the ShapesWorld judge (engine/shapesworld/judge.py), a tiny open_clip CLIP; knows the
   shapes and the colours; seen = the concept is the top-1 label of its attribute.
 - OpenClipJudge: any open_clip model with a local weights file, zero-shot over the benchmark's
   concepts ("a photo of a {concept}"); seen = top-1.
@@ -113,7 +113,7 @@ class ShapesWorldJudge(Judge):
 
     @classmethod
     def load(cls, folder) -> ShapesWorldJudge:
-        from earkit.engine.world_judge import WorldJudge
+        from earkit.engine.shapesworld.judge import WorldJudge
 
         folder = Path(folder).expanduser()
         if not (folder / "judge_config.json").is_file():

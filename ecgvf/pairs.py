@@ -21,7 +21,7 @@ non-JSON body, an exception in generation) is counted the same way; every pair t
 validation is kept in the summary with its reason.
 
 Each written line is earkit's pairs JSONL (concept_prompt, anchor_prompt, concept, anchor), so
-`earkit.engine.pairs.load_pairs` reads it, plus provenance: backend, model, template, seed, attempt.
+`earkit.engine.pair_files.load_pairs` reads it, plus provenance: backend, model, template, seed, attempt.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from earkit.engine.pairs import UnreadableJSON, encode_utf8, parse_json, unencodable, write_files_atomic
+from earkit.io import UnreadableJSON, encode_utf8, parse_json, unencodable, write_files_atomic
 
 TEMPLATE_NAME = "ecgvf-pairs"
 TEMPLATE_VERSION = 1
@@ -165,8 +165,8 @@ def request_from_messages(messages) -> dict:
 
 def load_examples(path, limit: int = 3) -> list[dict]:
     """Few-shot examples from a pairs file (earkit JSONL or a released EAR train_* file), read with
-    earkit.engine.pairs.load_pairs: the first `limit` pairs, as the template's example objects."""
-    from earkit.engine.pairs import load_pairs
+    earkit.engine.pair_files.load_pairs: the first `limit` pairs, as the template's example objects."""
+    from earkit.engine.pair_files import load_pairs
 
     examples = []
     for pair in load_pairs(path)[:limit]:
@@ -262,7 +262,7 @@ class TemplateBackend:
 
     @staticmethod
     def _shapes_world_composer(concept: str, candidates: list[str]):
-        from earkit.engine.world import BACKGROUNDS, CAPTION_TEMPLATES, COLOURS, SHAPES, SIZES
+        from earkit.engine.shapesworld.render import BACKGROUNDS, CAPTION_TEMPLATES, COLOURS, SHAPES, SIZES
 
         word = concept.lower()
         if word in SHAPES:
@@ -1077,7 +1077,7 @@ def run_pairs(args) -> dict:
     for path in (out, summary_path(out)):  # before asking anyone: a run can take hours of LLM time
         _refuse_existing(path, args.force)
     refuse_foreign_summary(summary_path(out))
-    from earkit.engine.checkpoint import check_writable
+    from earkit.io import check_writable
     from earkit.engine.model import check_device
 
     check_writable(out, "--out")

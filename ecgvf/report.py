@@ -8,7 +8,7 @@
 
 The HTML refers to its images by relative paths, so the folder can be moved or zipped whole.
 write_report writes into a folder it is given; `earkit eval` gives it a temporary one and renames
-it into place when everything is written (engine.checkpoint.write_folder_atomically).
+it into place when everything is written (earkit.io.write_folder_atomically).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 
 from .checkpoint import apply_trainable, export_checkpoint, export_model, load_checkpoint, save_checkpoint
 from .model import encode_prompts, image_hidden_states, image_logits, load_janus, prompt_text
-from .pairs import PromptPair, load_pairs, pairs_from_concept
+from .pair_files import PromptPair, load_pairs, pairs_from_concept
 from .sampler import decode_images, sample_image_tokens, write_samples
 from .trainer import EraseConfig, EraseResult, erase
 

@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +34,8 @@ from torch import Tensor
 
 from earkit import __version__
 
-from .pairs import parse_json
+from earkit.io import (check_replaceable, check_writable, first_line, parse_json, recover_interrupted_save, some_of,
+                       write_folder_atomically)
 
 CHECKPOINT_FORMAT = "earkit-checkpoint"
 FORMAT_VERSION = 1
@@ -67,217 +65,6 @@ class Checkpoint:
 # ---------------------------------------------------------------- atomic folders
 
 
-def fsync_path(path: Path) -> None:
-    """Flush a file, or a folder's entries, to disk. Windows cannot open a folder to flush it."""
-    if path.is_dir() and os.name == "nt":
-        return
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def fsync_tree(folder: Path) -> None:
-    """Flush every file under a folder, then the folders themselves, deepest first."""
-    for root, _, files in os.walk(folder, topdown=False):
-        for name in files:
-            fsync_path(Path(root) / name)
-        fsync_path(Path(root))
-
-
-def temporary_sibling(folder: Path, kind: str) -> Path:
-    return folder.with_name(f"{folder.name}.{kind}-{os.getpid()}-{time.time_ns()}")
-
-
-def temporary_siblings(folder: Path, kind: str) -> list[Path]:
-    """The `<name>.<kind>-<pid>-<ns>` siblings of a folder, oldest first."""
-    prefix = f"{folder.name}.{kind}-"
-    found = []
-    if folder.parent.is_dir():
-        for path in folder.parent.iterdir():
-            pid, _, nanoseconds = path.name[len(prefix):].partition("-")
-            if path.name.startswith(prefix) and pid.isdigit() and nanoseconds.isdigit():
-                found.append((int(nanoseconds), path))
-    return [path for _, path in sorted(found)]
-
-
-def recover_interrupted_save(folder: str | os.PathLike) -> bool:
-    """Undo a replacing save killed between its two renames.
-
-    Then `folder` is missing and its complete previous version sits at `<name>.old-*`: rename that
-    back. Returns True when it did. save_checkpoint, load_checkpoint and export_model call it.
-    """
-    folder = Path(folder).expanduser().absolute()
-    if folder.exists():
-        return False
-    previous = temporary_siblings(folder, "old")
-    if not previous:
-        return False
-    os.rename(previous[-1], folder)
-    fsync_path(folder.parent)
-    return True
-
-
-def remove_leftovers(folder: Path) -> None:
-    """Delete what killed saves of `folder` left behind: partial folders, and old ones once `folder` exists."""
-    leftovers = temporary_siblings(folder, "partial")
-    if folder.exists():
-        leftovers += temporary_siblings(folder, "old")
-    for leftover in leftovers:
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-MANIFEST_FILE = ".earkit-files.json"
-MANIFEST_FORMAT = "earkit-written-files"
-
-
-def files_under(folder: Path) -> list[str]:
-    """Every file and link under `folder`, as sorted POSIX paths relative to it (folders themselves
-    are not listed: an empty subfolder is not data)."""
-    found = []
-    for root, folders, files in os.walk(folder):
-        for name in files + [f for f in folders if (Path(root) / f).is_symlink()]:
-            found.append((Path(root) / name).relative_to(folder).as_posix())
-    return sorted(found)
-
-
-def write_manifest(folder: Path, kind: str) -> None:
-    """Record every file earkit wrote into `folder`, so that a later --force can tell them from
-    files somebody else put there (which it must never delete)."""
-    files = [name for name in files_under(folder) if name != MANIFEST_FILE]
-    record = {"format": MANIFEST_FORMAT, "kind": kind, "files": files}
-    (folder / MANIFEST_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-
-
-def manifest_files(folder: Path, kind: str) -> set[str] | None:
-    """The files the manifest of `folder` says earkit wrote there as a `kind`, or None without a
-    readable manifest of that kind."""
-    try:
-        record = parse_json((folder / MANIFEST_FILE).read_text(encoding="utf-8"), MANIFEST_FILE)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("format") != MANIFEST_FORMAT or record.get("kind") != kind:
-        return None
-    files = record.get("files")
-    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
-        return None
-    return set(files) | {MANIFEST_FILE}
-
-
-def some_of(names: list[str], shown: int = 3) -> str:
-    """The first few of a list of names, and how many more: for one-line errors."""
-    more = len(names) - shown
-    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
-
-
-def foreign_files(folder: Path, kind: str, legacy=None) -> list[str]:
-    """What in an existing `folder` earkit did not write as a `kind`: [] when the whole folder is
-    earkit's (empty, or every file listed in its manifest), else the files that are not, sorted
-    (all of them when the folder has no manifest and legacy does not vouch for it either).
-
-    legacy(folder) -> set of names or None: the top-level names a folder written before manifests
-    existed may hold, when the folder is recognisably one (None when it is not).
-    """
-    present = files_under(folder)
-    if not present:
-        return []
-    owned = manifest_files(folder, kind)
-    if owned is None and legacy is not None:
-        names = legacy(folder)
-        if names is not None:
-            return [name for name in present if name.split("/", 1)[0] not in names]
-    if owned is None:
-        return present
-    return [name for name in present if name not in owned]
-
-
-def check_replaceable(folder: str | os.PathLike, *, force: bool, kind: str, what: str, legacy=None) -> None:
-    """Refuse (FileExistsError naming the problem) to replace an existing `folder` unless force is
-    set and everything in it is what earkit wrote there as a `kind`: --force replaces earkit's own
-    output, never a file somebody else put there. Called before any work, and again when writing."""
-    folder = Path(folder).expanduser()
-    if not folder.exists() and not folder.is_symlink():
-        return
-    if not folder.is_dir() or folder.is_symlink():
-        raise FileExistsError(f"{what} path {folder} exists and is not a folder; not replacing it")
-    if not any(folder.iterdir()):
-        return
-    if not force:
-        raise FileExistsError(f"{what} {folder} already exists and is not empty (pass --force to replace it)")
-    foreign = foreign_files(folder, kind, legacy)
-    if foreign:
-        raise FileExistsError(f"not replacing {folder}: it holds files earkit did not write as a {what} "
-                              f"({some_of(foreign)}); move them out or choose another folder")
-
-
-def check_writable(path: str | os.PathLike, what: str) -> None:
-    """PermissionError naming `path` when nothing could be written there: tried for real (a
-    temporary file in the nearest existing folder), since a permission check says yes to root on a
-    read-only file system. Called before long work, whose output would otherwise be lost at the end."""
-    path = Path(path).expanduser().absolute()
-    existing = path if path.is_dir() else path.parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise NotADirectoryError(f"{what} {path}: {existing} is a file, not a folder")
-    try:
-        descriptor, probe = tempfile.mkstemp(prefix=".earkit-write-probe-", dir=existing)
-    except OSError as error:
-        raise PermissionError(f"{what} {path}: cannot write in {existing} ({error.strerror or error})") from None
-    os.close(descriptor)
-    os.unlink(probe)
-
-
-def write_folder_atomically(folder: str | os.PathLike, write_into, *, force: bool, kind: str, what: str,
-                            legacy=None) -> Path:
-    """Create `folder` with write_into(temporary_folder), so that it appears complete or not at all.
-
-    An existing `folder` is replaced only with force, and only when everything in it is earkit's
-    own `kind` of output (check_replaceable): force must never delete a file earkit did not write.
-    The files written are recorded in the folder's manifest (MANIFEST_FILE) for the next check.
-    """
-    folder = Path(folder).expanduser().absolute()
-    if not folder.name:
-        raise ValueError(f"{what} path {folder} has no folder name")
-    recover_interrupted_save(folder)
-    check_replaceable(folder, force=force, kind=kind, what=what, legacy=legacy)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(folder)
-
-    partial = temporary_sibling(folder, "partial")
-    partial.mkdir()
-    try:
-        write_into(partial)
-        write_manifest(partial, kind)
-        partial.chmod(0o755)  # a shared or shipped folder must be readable by others
-        fsync_tree(partial)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-
-    if not folder.exists():
-        try:
-            os.rename(partial, folder)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        fsync_path(folder.parent)
-        return folder
-
-    old = temporary_sibling(folder, "old")
-    os.rename(folder, old)
-    try:
-        os.rename(partial, folder)
-    except BaseException:
-        os.rename(old, folder)  # put the previous version back before reporting the failure
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    fsync_path(folder.parent)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
 def legacy_checkpoint_names(folder: Path) -> set[str] | None:
     """A checkpoint written before manifests existed: its config.json says so, and it holds the four files."""
     try:
@@ -290,11 +77,6 @@ def legacy_checkpoint_names(folder: Path) -> set[str] | None:
 
 
 # ---------------------------------------------------------------- checkpoints
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def check_loadable(value, where: str) -> None:

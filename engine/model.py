@@ -79,7 +79,7 @@ def cpu_threads_for(source, device=None) -> int | None:
     """The intra-op CPU threads worth using for a model folder: 1 for a small model on the CPU,
     None (leave torch's default) otherwise, for a hub id, or when it cannot tell. Reads only the
     folder's config.json, so it is decided before any weight loads."""
-    from .pairs import parse_json
+    from earkit.io import parse_json
 
     if device is not None and torch.device(device).type != "cpu":
         return None

@@ -352,7 +352,7 @@ def image_grid(rows: list[list]):
 
 def legacy_samples_names(folder: Path) -> set[str] | None:
     """A samples folder written before manifests existed: its prompts.json lists its images."""
-    from .pairs import parse_json
+    from earkit.io import parse_json
 
     try:
         record = parse_json((folder / "prompts.json").read_text(encoding="utf-8"), "prompts.json")
@@ -367,7 +367,7 @@ def legacy_samples_names(folder: Path) -> set[str] | None:
 def check_samples_folder(out_dir, *, force: bool) -> None:
     """FileExistsError unless out_dir is free, or (with force) an earlier samples folder holding
     only what earkit wrote; PermissionError when nothing can be written there. Before any sampling."""
-    from .checkpoint import check_replaceable, check_writable
+    from earkit.io import check_replaceable, check_writable
 
     check_replaceable(out_dir, force=force, kind="samples", what="samples folder", legacy=legacy_samples_names)
     check_writable(out_dir, "samples folder")
@@ -385,7 +385,7 @@ def write_samples(model, tokenizer, prompts: list[str], out_dir: str | os.PathLi
     Everything is written to a temporary folder beside out_dir and renamed into place at the end,
     so a crash leaves no half-written output. Returns the written paths.
     """
-    from .checkpoint import write_folder_atomically
+    from earkit.io import write_folder_atomically
 
     if isinstance(prompts, str):
         prompts = [prompts]

@@ -40,20 +40,11 @@ import torch
 from torch import Tensor
 
 from . import objectives
-from .checkpoint import (
-    OPTIMIZER_FILE,
-    STATE_FILE,
-    apply_trainable,
-    check_writable,
-    first_line,
-    foreign_files,
-    legacy_checkpoint_names,
-    load_checkpoint,
-    save_checkpoint,
-    some_of,
-)
+from earkit.io import check_writable, first_line, foreign_files, some_of
+from .checkpoint import OPTIMIZER_FILE, STATE_FILE, apply_trainable, legacy_checkpoint_names, load_checkpoint, save_checkpoint
 from .model import check_device, check_model_source, encode_prompts, image_hidden_states, load_janus, resolve_dtype
-from .pairs import PromptPair, load_pairs, load_prompts, pairs_from_concept, write_text_atomic
+from earkit.io import write_text_atomic
+from .pair_files import PromptPair, load_pairs, load_prompts, pairs_from_concept
 from .sampler import sample_image_tokens
 
 OPTIMIZERS = ("adamw8bit", "paged-adamw8bit", "adamw")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from earkit.cli import main as cli_main
+from earkit import io as earkit_io
 from earkit.engine import checkpoint
 from earkit.engine.tiny import save_tiny_janus
 from helpers import usage_error
@@ -65,9 +66,9 @@ def test_sample_force_replaces_a_folder_written_before_manifests(tmp_path, tiny_
     out = tmp_path / "samples"
     argv = ["sample", "--model", str(tiny_model), "--prompt", "a red circle", "--out", str(out), "--device", "cpu"]
     assert cli_main(argv) == 0
-    (out / checkpoint.MANIFEST_FILE).unlink()  # as the previous release wrote it: prompts.json lists the images
+    (out / earkit_io.MANIFEST_FILE).unlink()  # as the previous release wrote it: prompts.json lists the images
     assert cli_main(argv + ["--force"]) == 0
-    (out / checkpoint.MANIFEST_FILE).unlink()
+    (out / earkit_io.MANIFEST_FILE).unlink()
     (out / "thesis.tex").write_text("x")
     refused(capsys, argv + ["--force"], expect="thesis.tex")
 
@@ -165,13 +166,13 @@ def test_check_replaceable_names_what_is_foreign(tmp_path):
     folder = tmp_path / "ckpt"
     checkpoint.save_checkpoint(folder, tensors={"w": __import__("torch").zeros(2)}, optimizer_state={},
                                state={}, config={})
-    checkpoint.check_replaceable(folder, force=True, kind="checkpoint", what="checkpoint")
+    earkit_io.check_replaceable(folder, force=True, kind="checkpoint", what="checkpoint")
     (folder / "sub").mkdir()
     (folder / "sub" / "extra.bin").write_bytes(b"1")
     with pytest.raises(FileExistsError, match="sub/extra.bin"):
-        checkpoint.check_replaceable(folder, force=True, kind="checkpoint", what="checkpoint")
+        earkit_io.check_replaceable(folder, force=True, kind="checkpoint", what="checkpoint")
     with pytest.raises(FileExistsError, match="pass --force"):
-        checkpoint.check_replaceable(folder, force=False, kind="checkpoint", what="checkpoint")
+        earkit_io.check_replaceable(folder, force=False, kind="checkpoint", what="checkpoint")
     with pytest.raises(FileExistsError, match="sub/extra.bin"):
         checkpoint.save_checkpoint(folder, tensors={"w": __import__("torch").ones(2)}, optimizer_state={},
                                    state={}, config={}, force=True)
@@ -193,10 +194,10 @@ def unwritable_folder(tmp_path: Path) -> Path:
 
 
 def test_check_writable_tries_for_real(tmp_path):
-    checkpoint.check_writable(tmp_path / "new" / "deeper", "out")
+    earkit_io.check_writable(tmp_path / "new" / "deeper", "out")
     assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []  # probing leaves nothing
     with pytest.raises(PermissionError, match="cannot write"):
-        checkpoint.check_writable(unwritable_folder(tmp_path) / "report", "report folder")
+        earkit_io.check_writable(unwritable_folder(tmp_path) / "report", "report folder")
 
 
 @pytest.mark.parametrize("command", ["eval", "sample", "erase", "filter", "pairs"])

@@ -14,7 +14,7 @@ from earkit.ecgvf.filter import (
     filter_pairs_with_model, write_filter_results,
 )
 from earkit.ecgvf.images import load_generator, sample_prompt_images
-from earkit.engine.pairs import PromptPair, load_pairs
+from earkit.engine.pair_files import PromptPair, load_pairs
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The ECGVF prompt-pair generator: the offline template backend, an OpenAI-compatible server that
 misbehaves in every way it can, a tiny local causal LM, reply parsing, pair validation, and the
-written file loading with earkit.engine.pairs.load_pairs."""
+written file loading with earkit.engine.pair_files.load_pairs."""
 
 import argparse
 import json
@@ -17,7 +17,7 @@ from earkit.ecgvf.pairs import (
     add_pairs_arguments, extract_pair_list, generate_pairs, load_examples, pair_request_messages, parse_backend,
     run_pairs, summary_path, validate_items, write_generated,
 )
-from earkit.engine.pairs import PromptPair, load_pairs
+from earkit.engine.pair_files import PromptPair, load_pairs
 
 EAR_DATA = Path(__file__).resolve().parents[3] / "shared" / "ear-data"
 PROVENANCE_KEYS = {"concept_prompt", "anchor_prompt", "concept", "anchor", "backend", "model", "template", "seed",
@@ -35,7 +35,7 @@ def test_template_backend_gives_200_valid_circle_pairs_that_load(tmp_path):
     assert summary["received"] == summary["valid"] + sum(summary["rejected"].values())
     keys = {(p["concept_prompt"].lower(), p["anchor_prompt"].lower()) for p in pairs}
     assert len(keys) == 200
-    from earkit.engine.world import SHAPES, vocabulary
+    from earkit.engine.shapesworld.render import SHAPES, vocabulary
 
     # world.vocabulary() drops "background" with the template placeholder names; captions use the word.
     known_words = set(vocabulary()) | {"background"}

@@ -24,7 +24,7 @@ from earkit.ecgvf.pairs import (
     BackendError, MalformedReply, OpenAIChatBackend, TemplateBackend, extract_pair_list, generate_pairs, load_examples,
     summary_path, validate_items, write_generated,
 )
-from earkit.engine.pairs import load_pairs, load_prompts
+from earkit.engine.pair_files import load_pairs, load_prompts
 
 # Names added with these fixes are imported in the tests that use them, so that against the code
 # before the fixes each test fails on its own behaviour, not all of them on an import.
@@ -232,7 +232,7 @@ def test_an_https_server_redirecting_to_http_does_not_get_the_key_sent_in_clear(
 
 
 def test_parse_json_turns_a_recursion_error_into_a_value_error_naming_the_source():
-    from earkit.engine.pairs import NestedTooDeeply, parse_json
+    from earkit.io import NestedTooDeeply, parse_json
 
     with pytest.raises(NestedTooDeeply, match="some.json line 3: JSON nested too deeply"):
         parse_json(DEEP, "some.json line 3")
@@ -468,7 +468,7 @@ def test_write_generated_writes_both_files_or_neither(tmp_path):
 
 
 def test_write_files_atomic_puts_back_what_it_replaced_when_a_later_file_fails(tmp_path):
-    from earkit.engine.pairs import write_files_atomic
+    from earkit.io import write_files_atomic
 
     first, blocked = tmp_path / "first.txt", tmp_path / "blocked"
     (blocked / "inside").mkdir(parents=True)  # a non-empty folder: nothing can be renamed over it
@@ -642,7 +642,7 @@ def test_a_server_dripping_the_tls_handshake_is_cut_at_the_deadline():
 def test_earkit_filter_writes_its_two_files_together_or_not_at_all(tmp_path, monkeypatch):
     from ecgvf_helpers import StubJudge, rendered
     from earkit.ecgvf.filter import decisions_path, filter_pairs, write_filter_results
-    from earkit.engine.pairs import PromptPair
+    from earkit.engine.pair_files import PromptPair
 
     pairs = [PromptPair("a red circle", "a red square", "circle", "square")]
     records = filter_pairs(pairs, StubJudge(), [[rendered("circle")]], [[rendered("square")]])

@@ -12,10 +12,9 @@ import torch
 from torch import nn
 
 from earkit import __version__
+from earkit import io as earkit_io
 from earkit.engine import checkpoint
-from earkit.engine.checkpoint import (
-    apply_trainable, export_checkpoint, export_model, load_checkpoint, save_checkpoint, trainable_tensors,
-)
+from earkit.engine.checkpoint import apply_trainable, export_checkpoint, export_model, load_checkpoint, save_checkpoint, trainable_tensors
 
 
 def siblings(folder):
@@ -62,7 +61,7 @@ def test_round_trip_is_bitwise(tmp_path):
                              state=state, config={"erase": {"lr": 1e-4, "window": 48}, "dtype": torch.bfloat16},
                              base_model="deepseek-community/Janus-Pro-1B")
     assert folder == (tmp_path / "run" / "checkpoint").absolute()
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*checkpoint.CHECKPOINT_FILES, checkpoint.MANIFEST_FILE])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*checkpoint.CHECKPOINT_FILES, earkit_io.MANIFEST_FILE])
     assert siblings(folder) == ["checkpoint"]
 
     loaded = load_checkpoint(folder)

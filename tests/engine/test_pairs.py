@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from earkit.engine.pairs import (
-    DEFAULT_TEMPLATES, PromptPair, load_pairs, load_prompts, pairs_from_concept, write_pairs_jsonl,
-)
+from earkit.engine.pair_files import DEFAULT_TEMPLATES, PromptPair, load_pairs, load_prompts, pairs_from_concept, write_pairs_jsonl
 
 EAR_DATA = Path(__file__).resolve().parents[3] / "shared" / "ear-data"
 needs_ear_data = pytest.mark.skipif(not EAR_DATA.is_dir(), reason=f"the released EAR data folder {EAR_DATA} is absent")

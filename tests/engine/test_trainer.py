@@ -11,7 +11,7 @@ import torch
 from earkit.cli import main as cli_main
 from earkit.engine.checkpoint import load_checkpoint
 from earkit.engine.model import encode_prompts, image_hidden_states, image_logits, load_janus
-from earkit.engine.pairs import pairs_from_concept
+from earkit.engine.pair_files import pairs_from_concept
 from earkit.engine.tiny import save_tiny_janus
 from earkit.engine.trainer import (
     EraseConfig, FrozenTeacher, erase, make_optimizer, select_trainable, train_step, windows,

@@ -1,4 +1,4 @@
-"""The ShapesWorld generator (earkit.engine.world_model) at a tiny budget: the plumbing, in seconds.
+"""The ShapesWorld generator (earkit.engine.shapesworld.generator) at a tiny budget: the plumbing, in seconds.
 
 The whole pipeline runs on a handful of steps: VQ training, generator training, saving, loading
 with `load_janus` and sampling through earkit's own sampler. Quality (does it draw the requested
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from earkit.engine import world
+from earkit.engine.shapesworld import render as world
 from earkit.engine.model import encode_prompts, load_janus, unconditional
 from earkit.engine.sampler import decode_images, sample_image_tokens
-from earkit.engine.world_model import (
+from earkit.engine.shapesworld.generator import (
     PatchCodes, VQConfig, build_generator, fit_patch_codes, prompt_batch, shapes_tokenizer, tiny_budget,
     tokenize_images, train_generator, train_vq,
 )

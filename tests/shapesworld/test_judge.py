@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from earkit.engine import world
-from earkit.engine.world_judge import JudgeConfig, WorldJudge, WordTokenizer, train_judge
+from earkit.engine.shapesworld import render as world
+from earkit.engine.shapesworld.judge import JudgeConfig, WorldJudge, WordTokenizer, train_judge
 
 TINY = JudgeConfig(n_train_images=64, steps=3, batch_size=32, warmup_steps=1, seed=7)
 
@@ -99,7 +99,7 @@ def test_tokenizer_maps_unknown_words_and_ends_with_eot():
 
 
 def test_blur_keeps_flat_images_and_sigma_zero_is_the_identity():
-    from earkit.engine.world_judge import blur
+    from earkit.engine.shapesworld.judge import blur
 
     pixels = torch.rand(3, 3, 16, 16) * 2 - 1
     same = blur(pixels, torch.zeros(3))

@@ -13,7 +13,8 @@ import sys
 import time
 
 
-from earkit.engine import shapesworld, world
+from earkit.engine import shapesworld
+from earkit.engine.shapesworld import render as world
 from earkit.engine.shapesworld import DEFAULT_WORLD
 
 
@@ -34,7 +35,7 @@ def test_quick_build_runs_the_whole_pipeline_and_loads(tmp_path):
 
     from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-    from earkit.engine.world_judge import WorldJudge
+    from earkit.engine.shapesworld.judge import WorldJudge
 
     model = JanusForConditionalGeneration.from_pretrained(built / "generator")
     tokenizer = AutoTokenizer.from_pretrained(built / "generator")
@@ -60,7 +61,7 @@ def test_shipped_default_loads_with_the_real_classes():
     import open_clip
     from transformers import AutoTokenizer, JanusForConditionalGeneration, JanusVQVAE
 
-    from earkit.engine.world_judge import WorldJudge
+    from earkit.engine.shapesworld.judge import WorldJudge
 
     model = JanusForConditionalGeneration.from_pretrained(DEFAULT_WORLD / "generator")
     assert isinstance(model.model.vqmodel, JanusVQVAE)

@@ -24,9 +24,9 @@ def build_tiny_world(folder: Path) -> Path:
     judge trained for 3 steps): the layout build_world writes, in seconds. Untrained: plumbing only."""
     import torch
 
-    from earkit.engine import world
+    from earkit.engine.shapesworld import render as world
     from earkit.engine.tiny import save_tiny_janus
-    from earkit.engine.world_judge import JudgeConfig, train_judge
+    from earkit.engine.shapesworld.judge import JudgeConfig, train_judge
 
     torch.manual_seed(0)
     save_tiny_janus(folder / "generator", world.vocabulary() + list(world.SHAPES) + ["shape"])
@@ -52,7 +52,7 @@ def build_tiny_open_clip(folder: Path) -> tuple[Path, Path]:
 
 def rendered(shape: str, seed: int = 0):
     """A ShapesWorld image of `shape` that carries its shape in image.info (what StubJudge reads)."""
-    from earkit.engine import world
+    from earkit.engine.shapesworld import render as world
 
     image = world.render(world.random_scene(random.Random(f"{shape}-{seed}"), shape=shape), 32)
     image.info["shape"] = shape

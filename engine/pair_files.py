@@ -19,9 +19,10 @@ import csv
 import io
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from earkit.io import parse_json, read_text_file, unencodable, write_text_atomic
 
 # Key names per field, earkit's first, then the EAR files' (the same names in JSONL, JSON and CSV).
 # train_nudity.json's "category" ("sexual", ...) is not an anchor, so it is not read.
@@ -85,50 +86,6 @@ def pairs_from_concept(concept: str, anchor: str, templates: list[str] | None = 
 
 
 # ---------------------------------------------------------------- reading files
-
-
-class UnreadableJSON(ValueError):
-    """Well-formed JSON from outside (a file, a server, an LLM's reply) that the parser cannot hold."""
-
-
-class NestedTooDeeply(UnreadableJSON):
-    """JSON nested deeper than the parser can follow."""
-
-
-def parse_json(text: str, source: str, *, start: int | None = None):
-    """json.loads(text) for text from outside; with `start`, the (value, end) of the JSON value
-    that starts at text[start] (JSONDecoder.raw_decode). Every way outside JSON fails is a
-    ValueError naming `source` (a file and line, a URL):
-
-      malformed                        json.JSONDecodeError, as ever, for the caller to word
-      "[" * 100000                     NestedTooDeeply: json recurses once per bracket, and the
-                                       RecursionError would end a command with a traceback
-      a number of 5000 digits          UnreadableJSON: Python converts at most 4300 digits, and its
-                                       plain ValueError would pass a `except JSONDecodeError`
-    """
-    try:
-        return json.loads(text) if start is None else _DECODER.raw_decode(text, start)
-    except RecursionError:
-        raise NestedTooDeeply(f"{source}: JSON nested too deeply to read") from None
-    except json.JSONDecodeError:
-        raise
-    except ValueError:
-        raise UnreadableJSON(f"{source}: a JSON number too long to read (more digits than Python converts)") \
-            from None
-
-
-_DECODER = json.JSONDecoder()
-
-
-def unencodable(text: str) -> str | None:
-    """The first character of `text` that UTF-8 cannot encode (a lone surrogate, which the JSON
-    escape "\\ud800" decodes to), or None. Such text breaks every file written from it and every
-    tokenizer, so readers refuse it where it comes in."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        return text[error.start]
-    return None
 
 
 def pick_text(record: dict, keys: tuple[str, ...], where: str) -> str | None:
@@ -253,21 +210,6 @@ def file_format(path: Path, text: str) -> str:
     raise ValueError(f"{path}: unknown prompt pair file format (expected .jsonl, .json or .csv)")
 
 
-def read_text_file(path: Path, what: str) -> str:
-    """The UTF-8 text of a prompt file; FileNotFoundError or ValueError naming `what` and the path."""
-    if path.is_dir():
-        raise FileNotFoundError(f"{what} {path} is a folder, not a file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of the first key
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
-    if not text.strip():
-        raise ValueError(f"{path} is empty")
-    return text
-
-
 def load_pairs(path: str | os.PathLike) -> list[PromptPair]:
     """Read prompt pairs from a .jsonl, .json or .csv file (see the module docstring), stripped and
     without exact repeats. ValueError naming the file and line for anything wrong in it."""
@@ -338,80 +280,3 @@ def write_pairs_jsonl(pairs: list[PromptPair], path: str | os.PathLike, *, force
     return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write text to a temporary file beside `path`, flush it to disk, then rename it over `path`:
-    a crash leaves the old file or the new one, never half of one. ValueError naming the file when
-    the text is not encodable as UTF-8 (a lone surrogate), before anything is written."""
-    return write_files_atomic({path: encode_utf8(text, path)})[0]
-
-
-def encode_utf8(text: str, path) -> bytes:
-    """The UTF-8 bytes of a file's text; ValueError naming the file for a lone surrogate."""
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise ValueError(f"cannot write {path}: its text holds the lone surrogate {ascii(text[error.start])}, "
-                         "which is not valid Unicode (nothing written)") from None
-
-
-def write_files_atomic(files: dict) -> list[Path]:
-    """Write several files as one, {path: bytes}: the outputs of one command (pairs and their
-    summary, kept pairs and their decisions) are there together or not at all, so a summary never
-    describes a file that was not written and a rerun is never refused over half an output.
-
-    Each file goes to a temporary file beside it, flushed to disk; only when every one is written
-    are they renamed into place. If a rename fails, those already renamed are undone: a new file is
-    removed, a replaced one gets its old content back (kept under a second name, a hard link, until
-    all are in place; on a filesystem without hard links a replaced file cannot be put back).
-    Serialize everything to bytes before calling: then nothing that can fail on the data runs
-    after the first byte is written."""
-    files = {Path(path): data for path, data in files.items()}
-    for path, data in files.items():
-        if not isinstance(data, bytes):
-            raise TypeError(f"write_files_atomic takes bytes per path, got {type(data).__name__} for {path}")
-    stamp = f"{os.getpid()}-{time.time_ns()}"
-    staged, placed, backups = [], [], []  # (temporary, path); (path, existed, backup); backup paths
-    try:
-        for path, data in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(f".{path.name}.partial-{stamp}")
-            staged.append((temporary, path))
-            with open(temporary, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-        try:
-            for temporary, path in staged:
-                existed, backup = path.exists(), None
-                if existed and path.is_file():
-                    backup = path.with_name(f".{path.name}.previous-{stamp}")
-                    try:
-                        os.link(path, backup)
-                        backups.append(backup)
-                    except OSError:
-                        backup = None
-                placed.append((path, existed, backup))
-                os.replace(temporary, path)
-        except BaseException:
-            for path, existed, backup in reversed(placed):
-                try:
-                    if backup is not None:
-                        os.replace(backup, path)
-                    elif not existed:
-                        path.unlink(missing_ok=True)
-                except OSError:
-                    pass  # the error being raised says more than this one
-            raise
-    finally:
-        for temporary, _ in staged:
-            temporary.unlink(missing_ok=True)
-        for backup in backups:
-            backup.unlink(missing_ok=True)
-    if os.name != "nt":  # flush the renames themselves (Windows cannot open a folder to flush it)
-        for folder in dict.fromkeys(path.parent for path in files):
-            descriptor = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-    return list(files)

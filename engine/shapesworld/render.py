@@ -119,7 +119,7 @@ def caption(scene: Scene, rng: random.Random) -> str:
 
 def vocabulary() -> list[str]:
     """Every word a ShapesWorld caption (or an erasure prompt) can use."""
-    from .tiny import words_of
+    from ..tiny import words_of
 
     import re
 

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import world
-from .tiny import BASIC_WORDS, words_of
-from .world_model import learning_rate
+from . import render as world
+from ..tiny import BASIC_WORDS, words_of
+from .generator import learning_rate
 
 # Captions that name only some of a scene's attributes. The world's own captions always name
 # shape and colour together; mixing these in teaches the text tower what "a circle" or "a red
@@ -401,7 +401,7 @@ def train_judge(config: JudgeConfig | None = None, progress: bool = True, roundt
     """Render ShapesWorld with config.seed and train the judge contrastively; deterministic from the seed.
 
     roundtrip: optional function from a pixel batch to the same images encoded and decoded by the
-    world's VQ model (`world_model.vq_roundtrip`), so the judge also learns what generated images
+    world's VQ model (`generator.vq_roundtrip`), so the judge also learns what generated images
     look like.
     """
     config = config or JudgeConfig()

@@ -38,10 +38,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import world
-from .checkpoint import check_replaceable, write_folder_atomically
-from .model import encode_prompts, image_hidden_states, image_logits, unconditional
-from .tiny import tiny_janus_config, word_tokenizer
+from . import render as world
+from earkit.io import check_replaceable, write_folder_atomically
+from ..model import encode_prompts, image_hidden_states, image_logits, unconditional
+from ..tiny import tiny_janus_config, word_tokenizer
 
 # ---------------------------------------------------------------- configs
 
@@ -413,7 +413,7 @@ def train_generator(vq, rule: PatchCodes, config: GeneratorConfig | None = None,
     64 image tokens in one pass (`image_hidden_states` -> `image_logits`, the same functions the
     erasure trainer uses), through earkit's masked_cross_entropy kernel.
     """
-    from ..kernels import masked_cross_entropy
+    from ...kernels import masked_cross_entropy
 
     config = config or GeneratorConfig()
     vq_config = vq_config or vq_config_of(vq)
@@ -505,7 +505,7 @@ def build_generator(out_folder, vq_config: VQConfig | None = None, generator_con
         tokenizer.save_pretrained(folder)
         rule.save(folder)
         record = {
-            "what": "ShapesWorld generator: a tiny JanusForConditionalGeneration trained by earkit.engine.world_model",
+            "what": "ShapesWorld generator: a tiny JanusForConditionalGeneration trained by earkit.engine.shapesworld.generator",
             "vq_config": asdict(vq_config),
             "generator_config": asdict(generator_config),
             "seeds": {"vq": vq_config.seed, "generator": generator_config.seed},
