@@ -165,6 +165,28 @@ def write_files_atomic(files: dict) -> list[Path]:
     return list(files)
 
 
+def check_new_files(paths, *, force: bool, what: str = "file", derived: dict | None = None) -> None:
+    """Refuse, before any work, to write over files unless --force (force=True) says so.
+
+    `paths`: the files a command will write. A folder where a file should go is refused always, an
+    existing file unless `force`. `derived` maps a path the user never typed (a summary or decisions
+    file written beside --out) to a test `is_ours(path) -> bool`: under --force such a file is
+    replaced only when earkit wrote it, so --force never deletes a user's file by accident.
+    """
+    derived = derived or {}
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder, not a {what}")
+        if not path.exists():
+            continue
+        if not force:
+            raise FileExistsError(f"{path} already exists (pass --force, or force=True, to replace it)")
+        is_ours = derived.get(path)
+        if is_ours is not None and not is_ours(path):
+            raise FileExistsError(f"not replacing {path}: earkit did not write it (it writes a file of that name "
+                                  "beside its output); move it or choose another --out")
+
+
 # ---------------------------------------------------------------- writing folders
 
 
