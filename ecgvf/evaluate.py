@@ -33,7 +33,6 @@ from earkit.io import parse_json
 from . import metrics
 
 REPORT_FORMAT = "earkit-eval"
-GRID_PROMPTS = 6  # prompts per role shown in the report's image grids
 
 
 def flat(images_per_prompt: list[list]) -> list:
@@ -169,46 +168,6 @@ def evaluate(benchmark, judge, *, model_source, delta=None, seeds, clip=None, de
     return result, images
 
 
-# ---------------------------------------------------------------- printing
-
-
-def number(value, digits: int = 3) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-SUMMARY_COLUMNS = (("target_rate", "target rate"), ("erasure", "erasure"), ("preservation", "preservation"),
-                   ("harmonic_mean", "harmonic mean"), ("clip_score_preserve", "CLIP score (preserve)"),
-                   ("clip_score_target", "CLIP score (target)"))
-
-
-def summary_table(result: dict) -> str:
-    """Markdown: a row per side, a column per headline score."""
-    lines = ["| model | " + " | ".join(title for _, title in SUMMARY_COLUMNS) + " |",
-             "| --- |" + " ---: |" * len(SUMMARY_COLUMNS)]
-    for name, side in result["sides"].items():
-        lines.append(f"| {name} | " + " | ".join(number(side.get(key), 2 if key.startswith("clip") else 3)
-                                                 for key, _ in SUMMARY_COLUMNS) + " |")
-    return "\n".join(lines)
-
-
-def headline(result: dict) -> str:
-    """What `earkit eval` prints."""
-    benchmark = result["benchmark"]
-    lines = [f"eval: erasing {benchmark['concept']!r}, judge {result['judge']['name']}, "
-             f"{benchmark['target_prompts']} target + {benchmark['preserve_prompts']} preservation prompts x "
-             f"{len(result['seeds'])} seeds"]
-    width = max(len(name) for name in result["sides"])
-    for name, side in result["sides"].items():
-        lines.append(f"  {name:<{width}}  erasure {number(side['erasure'])} (concept seen in "
-                     f"{number(side['target_rate'])} of target images)  preservation {number(side['preservation'])}  "
-                     f"harmonic mean {number(side['harmonic_mean'])}")
-    fid = result["fid"]
-    if "before_vs_after" in fid:
-        lines.append(f"  FID before vs after ({fid['images']} images, {fid['features']} features): "
-                     f"{number(fid['before_vs_after'], 4)}")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------- command line
 
 
@@ -277,6 +236,7 @@ def run_eval(args) -> dict:
     from .images import resolve_delta, resolve_guidance, resolve_model, resolve_temperature
     from .judges import DEFAULT_NUDENET_THRESHOLD, parse_judge
     from .report import write_report
+    from .summary import headline
 
     out = Path(args.out).expanduser()
     check_out_folder(out, args.force)  # before minutes of sampling

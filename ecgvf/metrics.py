@@ -136,11 +136,3 @@ def nudenet_counts(detections, threshold: float, labels=None) -> dict[str, int]:
     counts["Total"] = sum(counts[heading] for heading in labels.values())
     return counts
 
-
-def nudenet_table(rows: dict[str, dict[str, int]]) -> str:
-    """The paper's table layout in markdown: a row per model (before, after), a column per label, Total."""
-    headings = list(next(iter(rows.values())))
-    lines = ["| model | " + " | ".join(headings) + " |", "| --- |" + " ---: |" * len(headings)]
-    for name, counts in rows.items():
-        lines.append(f"| {name} | " + " | ".join(str(counts[h]) for h in headings) + " |")
-    return "\n".join(lines)

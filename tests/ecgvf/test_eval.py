@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,3 +211,63 @@ def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(tmp_path, capsy
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and message in error[0], (extra, error)
     assert not (tmp_path / "report").exists()
+
+
+HOSTILE = "<script>alert(1)</script> \"&'"
+
+
+def hostile_report(folder):
+    """A report written from a made-up result whose prompts, concept names and paths hold HTML."""
+    from PIL import Image
+
+    from earkit.ecgvf.report import write_report
+
+    benchmark = Benchmark(f"circle {HOSTILE}", [BenchmarkPrompt(f"a red circle {HOSTILE}", "circle")],
+                          [BenchmarkPrompt(f"a blue square {HOSTILE}", f"square|{HOSTILE}")], source=f"b{HOSTILE}.jsonl")
+    side = {"target_rate": 0.5, "erasure": 0.5, "preservation": 1.0, "harmonic_mean": 2 / 3,
+            "preservation_by_concept": {f"square|{HOSTILE}": 1.0}, "preservation_source": "judge",
+            "nudenet_counts": {f"Feet {HOSTILE}": 1, "Total": 1}}
+    result = {"format": "earkit-eval", "benchmark": benchmark.describe(), "judge": {"name": f"j{HOSTILE}"},
+              "model": f"m{HOSTILE}", "delta": None, "seeds": [0], "sides": {"model": side},
+              "fid": {"images": "preserve", "features": None, "note": f"n{HOSTILE}"}}
+    images = {"model": {role: [[Image.new("RGB", (8, 8))]] for role in ("target", "preserve")}}
+    return write_report(folder, result, images, benchmark)
+
+
+def test_the_html_report_escapes_every_value_from_outside(tmp_path):
+    from html.parser import HTMLParser
+
+    import earkit.ecgvf.report
+
+    # the template ships in the package (the wheel maps ecgvf/ to earkit/ecgvf, templates/ included)
+    assert (Path(earkit.ecgvf.report.__file__).parent / "templates" / "report.html.j2").is_file()
+    page = (hostile_report(tmp_path) / "report.html").read_text(encoding="utf-8")
+    assert "<script>" not in page and "alert(1)</script>" not in page
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt; &#34;&amp;&#39;"
+    for text in (f"circle {escaped}", f"a red circle {escaped}", f"shows: square|{escaped}", f"Feet {escaped}",
+                 f"Model m{escaped}; judge j{escaped}; benchmark b{escaped}.jsonl", f"(n{escaped})"):
+        assert text in page, text
+
+    class Cells(HTMLParser):  # the text of every table cell, and the alt texts, as a browser reads them
+        def __init__(self):
+            super().__init__()
+            self.cells, self.alts, self.inside = [], [], False
+
+        def handle_starttag(self, tag, attrs):
+            self.inside = tag in ("td", "th") or (self.inside and tag in ("br", "small"))
+            if tag in ("td", "th"):
+                self.cells.append("")
+            if tag == "img":
+                self.alts.append(dict(attrs)["alt"])
+
+        def handle_data(self, data):
+            if self.inside:
+                self.cells[-1] += data
+
+    parsed = Cells()
+    parsed.feed(page)
+    assert f"square|{HOSTILE}" in parsed.cells  # one cell: a "|" in a name splits no table
+    assert f"Feet {HOSTILE}" in parsed.cells and f"a red circle {HOSTILE}shows: circle" in parsed.cells
+    assert f"model, a blue square {HOSTILE}" in parsed.alts
+    summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert f"| square\\|{HOSTILE} | 1.000 |" in summary  # markdown: the "|" escaped

@@ -7,9 +7,10 @@ import pytest
 
 from earkit.ecgvf.judges import NUDENET_LABELS
 from earkit.ecgvf.metrics import (
-    clip_score, concept_rate, erasure_score, frechet_distance, harmonic_mean, nudenet_counts, nudenet_table,
-    preservation_score, side_scores, trace_sqrt_product,
+    clip_score, concept_rate, erasure_score, frechet_distance, harmonic_mean, nudenet_counts, preservation_score,
+    side_scores, trace_sqrt_product,
 )
+from earkit.ecgvf.summary import nudenet_table
 
 
 def test_rates_erasure_preservation_and_harmonic_mean_by_hand():
