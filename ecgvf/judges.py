@@ -317,12 +317,41 @@ def imagenet_categories() -> list[str]:
     return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
 
 
+def resnet50_transform():
+    """torchvision's ResNet-50 preprocessing, its IMAGENET1K_V1 preset: the shorter side resized to 256
+    (bilinear), the centre 224 x 224 cropped, scaled to [0, 1], ImageNet mean and std. (V2's preset
+    resizes to 232; V1's is the usual evaluation crop and what this judge always used.)"""
+    from torchvision.models import ResNet50_Weights
+
+    return ResNet50_Weights.IMAGENET1K_V1.transforms()
+
+
+def inception_transform():
+    """Inception-v3's input for FID: the whole image resized to 299 x 299 (bilinear), scaled to [0, 1],
+    normalised with the mean and std of torchvision's Inception_V3_Weights preset. The preset itself
+    resizes to 342 and crops 299, which would drop the image's border from the FID features: its
+    resize is not used, its interpolation and normalisation are."""
+    import torch
+    from torchvision.models import Inception_V3_Weights
+    from torchvision.transforms import v2
+
+    preset = Inception_V3_Weights.IMAGENET1K_V1.transforms()
+    return v2.Compose([v2.Resize((299, 299), interpolation=preset.interpolation, antialias=True), v2.PILToTensor(),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(preset.mean, preset.std)])
+
+
+def batch_of(images, transform, device):
+    """(N, 3, H, W) float32 on `device`: each image (made RGB) through a torchvision transform."""
+    import torch
+
+    return torch.stack([transform(image) for image in as_rgb_list(images)]).to(device)
+
+
 class ResNet50Judge(Judge):
     """torchvision's ResNet-50 with a local weights file (a state dict of the ImageNet classifier).
     A concept is an ImageNet class name ("church", "cinema") or index ("497"); seen = top-1."""
 
     name = "resnet50"
-    MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
     def __init__(self, weights: str | os.PathLike, device: str = "cpu"):
         import torch
@@ -341,6 +370,7 @@ class ResNet50Judge(Judge):
         self.device = device
         self.weights = str(weights)
         self.categories = [name.lower() for name in imagenet_categories()]
+        self.transform = resnet50_transform()
         self.torch = torch
 
     def known_concepts(self):
@@ -357,21 +387,8 @@ class ResNet50Judge(Judge):
         return (concept.isdigit() and int(concept) < len(self.categories)) or concept in self.categories
 
     def pixels(self, images):
-        """Resize the shorter side to 256, centre-crop 224, ImageNet normalisation."""
-        from PIL import Image
-
-        torch = self.torch
-        batch = []
-        for image in as_rgb_list(images):
-            width, height = image.size
-            scale = 256 / min(width, height)
-            image = image.resize((max(224, round(width * scale)), max(224, round(height * scale))),
-                                 Image.Resampling.BILINEAR)
-            left, top = (image.size[0] - 224) // 2, (image.size[1] - 224) // 2
-            array = np.asarray(image.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255.0
-            array = (array - np.array(self.MEAN, dtype=np.float32)) / np.array(self.STD, dtype=np.float32)
-            batch.append(torch.from_numpy(array).permute(2, 0, 1))
-        return torch.stack(batch).to(self.device)
+        """The images through torchvision's ResNet-50 preset (resnet50_transform), a batch on the device."""
+        return batch_of(images, self.transform, self.device)
 
     def forward(self, images, batch_size: int = 16):
         """(logits (N, 1000), pooled features (N, 2048)), float64 numpy."""
@@ -408,7 +425,6 @@ class InceptionFeatures:
     of torchvision.models.inception_v3), its 2048 pooled features at 299 x 299. Features only."""
 
     name = "inception"
-    MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
     def __init__(self, weights: str | os.PathLike, device: str = "cpu"):
         import torch
@@ -428,20 +444,16 @@ class InceptionFeatures:
         self.model = model.eval().requires_grad_(False).to(device)
         self.device = device
         self.weights = str(weights)
+        self.transform = inception_transform()
         self.torch = torch
 
     def features(self, images, batch_size: int = 16) -> np.ndarray:
-        from PIL import Image
-
         torch = self.torch
         images = as_rgb_list(images)
-        mean, std = np.array(self.MEAN, dtype=np.float32), np.array(self.STD, dtype=np.float32)
         chunks = []
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
-                arrays = [(np.asarray(image.resize((299, 299), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-                           - mean) / std for image in images[start:start + batch_size]]
-                pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(self.device)
+                pixels = batch_of(images[start:start + batch_size], self.transform, self.device)
                 chunks.append(self.model(pixels).double().cpu())
         return torch.cat(chunks).numpy()
 

@@ -104,3 +104,47 @@ def test_judge_specs_fail_by_name(tmp_path):
         parse_judge("inception")
     with pytest.raises(FileNotFoundError, match="judge_config.json"):
         parse_judge(f"shapesworld:{tmp_path}")
+
+
+# ---------------------------------------------------------------- preprocessing through torchvision's presets
+
+
+def hand_resnet50_pixels(image) -> np.ndarray:
+    """The judge's former hand-written preprocessing: shorter side to 256 (bilinear), centre 224, ImageNet mean/std."""
+    from PIL import Image
+
+    width, height = image.size
+    scale = 256 / min(width, height)
+    image = image.resize((max(224, round(width * scale)), max(224, round(height * scale))), Image.Resampling.BILINEAR)
+    left, top = (image.size[0] - 224) // 2, (image.size[1] - 224) // 2
+    array = np.asarray(image.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255.0
+    array = (array - np.array((0.485, 0.456, 0.406), np.float32)) / np.array((0.229, 0.224, 0.225), np.float32)
+    return array.transpose(2, 0, 1)
+
+
+def hand_inception_pixels(image) -> np.ndarray:
+    from PIL import Image
+
+    array = np.asarray(image.resize((299, 299), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    array = (array - np.array((0.485, 0.456, 0.406), np.float32)) / np.array((0.229, 0.224, 0.225), np.float32)
+    return array.transpose(2, 0, 1)
+
+
+def test_judge_preprocessing_through_torchvision_presets_matches_the_hand_written_numbers():
+    from PIL import Image
+
+    from earkit.ecgvf.judges import batch_of, inception_transform, resnet50_transform
+
+    rng = np.random.default_rng(0)
+    # square (the generators' images: ShapesWorld 64, Janus-Pro 384) and two non-square sizes whose
+    # long side torchvision's int() and the old round() agree on; the preset truncates the long side
+    # where the old code rounded, so some sizes (333 x 250: 340 against 341) differ by one column
+    sizes = [(64, 64), (384, 384), (300, 200), (200, 500)]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    images.append(rendered("star", 3).convert("L"))  # greyscale: made RGB first
+    for transform, by_hand, side in ((resnet50_transform(), hand_resnet50_pixels, 224),
+                                     (inception_transform(), hand_inception_pixels, 299)):
+        batch = batch_of(images, transform, "cpu")
+        assert batch.shape == (len(images), 3, side, side) and batch.dtype == torch.float32
+        expected = np.stack([by_hand(image.convert("RGB")) for image in images])
+        np.testing.assert_allclose(batch.numpy(), expected, rtol=0, atol=1e-6)  # ResNet: 0; Inception: 7e-7 (float order)
