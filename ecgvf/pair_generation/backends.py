@@ -111,12 +111,13 @@ def model_prompt_vocabulary(model_folder) -> dict | None:
 
 class TemplateBackend:
     """Offline, no LLM: pairs composed from sentence templates x scene words x anchor words,
-    returned as the JSON list an LLM would write (so they go through the same parser and checks).
+    returned as the JSON list an LLM would write, in the template's field names (so they go
+    through the same parser and checks).
 
     With a prompt `vocabulary` (check_prompt_vocabulary; a model folder's prompt_vocabulary.json),
     a concept that is a word of one of its slots ("circle", "red") is put into the vocabulary's
     templates, the other slots filled at random, and replaced by another word of the same slot
-    (or by a replacement candidate of the request), so every word is one the model knows. Any
+    (or by an anchor candidate of the request), so every word is one the model knows. Any
     other concept goes into generic scene templates. Deterministic from the seed.
     """
 
