@@ -336,7 +336,7 @@ def main(argv=None) -> int:
     add_sample_arguments(commands.add_parser("sample", help="draw images with the CFG sampler"))
     add_export_arguments(commands.add_parser("export", help="write a checkpoint as a full model folder"))
     add_world_arguments(commands.add_parser("world", help="ShapesWorld, the embedded default: build, check"))
-    from earkit.ecgvf.pairs import add_pairs_arguments, run_pairs
+    from earkit.ecgvf.pair_generation import add_pairs_arguments, run_pairs
 
     add_pairs_arguments(commands.add_parser("pairs", help="generate target/replacement prompt pairs (ECGVF)"))
     from earkit.ecgvf.evaluate import add_eval_arguments, run_eval

@@ -1,6 +1,6 @@
 """earkit.ecgvf: the ECGVF benchmark: prompt pairs, the visual filter and its judges, metrics, reports."""
 
-from .pairs import (
+from .pair_generation import (
     BackendError,
     OpenAIChatBackend,
     TemplateBackend,

@@ -1,15 +1,16 @@
 """The ECGVF visual filter: keep a prompt pair only when the images say it is a good pair.
 
-A pair teaches erasure only if its original prompt really makes the model draw the concept and
-its replacement prompt really does not. So both prompts of every pair are drawn with several
-seeds by the engine's sampler, a judge looks at each image, and:
+A pair teaches erasure only if its concept prompt really makes the model draw the concept and
+its anchor prompt really does not. So both prompts of every pair are drawn with several seeds by
+the engine's sampler, a judge looks at each image, and:
 
-    kept     the original shows the concept in >= min_original_rate of its images, and the
-             replacement shows it in <= max_replacement_rate of its images (and, with
-             min_anchor_rate, the replacement shows its anchor often enough)
-    dropped  otherwise, with every reason that applies (ORIGINAL_MISSES, REPLACEMENT_SHOWS, ANCHOR_MISSES)
+    kept     the concept prompt shows the concept in >= min_concept_prompt_rate of its images, and
+             the anchor prompt shows it in <= max_anchor_prompt_rate of its images (and, with
+             min_anchor_rate, the anchor prompt shows its anchor often enough)
+    dropped  otherwise, with every reason that applies (CONCEPT_PROMPT_MISSES, ANCHOR_PROMPT_SHOWS,
+             ANCHOR_MISSES)
 
-    records = filter_pairs(pairs, judge, original_images, replacement_images)   # images[p][s]
+    records = filter_pairs(pairs, judge, concept_prompt_images, anchor_prompt_images)   # images[p][s]
     records = filter_pairs_with_model(model, tokenizer, pairs, judge, seeds=[0, 1, 2, 3])
     write_filter_results(records, "circle.kept.jsonl")   # + circle.kept.decisions.jsonl
 
@@ -24,22 +25,22 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from earkit.io import encode_utf8, parse_json, write_files_atomic
+from earkit.io import check_new_files, encode_utf8, parse_json, write_files_atomic
 
-ORIGINAL_MISSES = "original misses the concept"
-REPLACEMENT_SHOWS = "replacement shows the concept"
-ANCHOR_MISSES = "replacement misses the anchor"
-DROP_REASONS = (ORIGINAL_MISSES, REPLACEMENT_SHOWS, ANCHOR_MISSES)
+CONCEPT_PROMPT_MISSES = "concept prompt misses the concept"
+ANCHOR_PROMPT_SHOWS = "anchor prompt shows the concept"
+ANCHOR_MISSES = "anchor prompt misses the anchor"
+DROP_REASONS = (CONCEPT_PROMPT_MISSES, ANCHOR_PROMPT_SHOWS, ANCHOR_MISSES)
 
 
 @dataclass(frozen=True)
 class FilterRules:
-    min_original_rate: float = 0.5  # the original must show the concept in at least half its images
-    max_replacement_rate: float = 0.0  # and the replacement in none of them
+    min_concept_prompt_rate: float = 0.5  # the concept prompt must show the concept in at least half its images
+    max_anchor_prompt_rate: float = 0.0  # and the anchor prompt in none of them
     min_anchor_rate: float | None = None  # None: the anchor is not checked
 
     def validate(self) -> FilterRules:
-        for name in ("min_original_rate", "max_replacement_rate", "min_anchor_rate"):
+        for name in ("min_concept_prompt_rate", "max_anchor_prompt_rate", "min_anchor_rate"):
             value = getattr(self, name)
             if value is None and name == "min_anchor_rate":
                 continue
@@ -48,26 +49,28 @@ class FilterRules:
         return self
 
 
-def decide(original_seen, replacement_seen, rules: FilterRules, *, concept: str, anchor_seen=None,
+def decide(concept_prompt_seen, anchor_prompt_seen, rules: FilterRules, *, concept: str, anchor_seen=None,
            anchor: str | None = None) -> tuple[bool, list[str], list[str]]:
-    """(kept, reasons, details) for one pair from the judge's verdicts on its images."""
-    original_seen, replacement_seen = [bool(v) for v in original_seen], [bool(v) for v in replacement_seen]
+    """(kept, reasons, details) for one pair from the judge's verdicts on its images: whether each
+    image of the concept prompt, and of the anchor prompt, shows the concept (and, `anchor_seen`,
+    whether each image of the anchor prompt shows the anchor)."""
+    concept_prompt_seen, anchor_prompt_seen = [bool(v) for v in concept_prompt_seen], [bool(v) for v in anchor_prompt_seen]
     reasons, details = [], []
-    shown, total = sum(original_seen), len(original_seen)
-    if shown < rules.min_original_rate * total:
-        reasons.append(ORIGINAL_MISSES)
-        details.append(f"the original shows {concept!r} in {shown}/{total} images; needs at least "
-                       f"{rules.min_original_rate:g} of them")
-    shown, total = sum(replacement_seen), len(replacement_seen)
-    if shown > rules.max_replacement_rate * total:
-        reasons.append(REPLACEMENT_SHOWS)
-        details.append(f"the replacement still shows {concept!r} in {shown}/{total} images; allowed at most "
-                       f"{rules.max_replacement_rate:g} of them")
+    shown, total = sum(concept_prompt_seen), len(concept_prompt_seen)
+    if shown < rules.min_concept_prompt_rate * total:
+        reasons.append(CONCEPT_PROMPT_MISSES)
+        details.append(f"the concept prompt shows {concept!r} in {shown}/{total} images; needs at least "
+                       f"{rules.min_concept_prompt_rate:g} of them")
+    shown, total = sum(anchor_prompt_seen), len(anchor_prompt_seen)
+    if shown > rules.max_anchor_prompt_rate * total:
+        reasons.append(ANCHOR_PROMPT_SHOWS)
+        details.append(f"the anchor prompt still shows {concept!r} in {shown}/{total} images; allowed at most "
+                       f"{rules.max_anchor_prompt_rate:g} of them")
     if rules.min_anchor_rate is not None and anchor_seen is not None:
         shown, total = sum(bool(v) for v in anchor_seen), len(anchor_seen)
         if shown < rules.min_anchor_rate * total:
             reasons.append(ANCHOR_MISSES)
-            details.append(f"the replacement shows its anchor {anchor!r} in {shown}/{total} images; needs at least "
+            details.append(f"the anchor prompt shows its anchor {anchor!r} in {shown}/{total} images; needs at least "
                            f"{rules.min_anchor_rate:g} of them")
     return not reasons, reasons, details
 
@@ -97,40 +100,42 @@ def judge_grouped(judge, images_per_pair: list[list], concepts: list[str]) -> li
     return results
 
 
-def filter_pairs(pairs, judge, original_images, replacement_images, *, concept: str | None = None,
+def filter_pairs(pairs, judge, concept_prompt_images, anchor_prompt_images, *, concept: str | None = None,
                  rules: FilterRules | None = None, seeds=None) -> list[dict]:
-    """One decision record per pair, in order; original_images[p] and replacement_images[p] are
-    the images of pair p's two prompts (one per seed)."""
+    """One decision record per pair, in order; concept_prompt_images[p] and anchor_prompt_images[p]
+    are the images of pair p's two prompts (one per seed)."""
     rules = (rules or FilterRules()).validate()
     pairs = list(pairs)
-    if len(original_images) != len(pairs) or len(replacement_images) != len(pairs):
-        raise ValueError(f"{len(pairs)} pairs but {len(original_images)} original and {len(replacement_images)} "
-                         "replacement image lists")
+    if len(concept_prompt_images) != len(pairs) or len(anchor_prompt_images) != len(pairs):
+        raise ValueError(f"{len(pairs)} pairs but {len(concept_prompt_images)} concept-prompt and "
+                         f"{len(anchor_prompt_images)} anchor-prompt image lists")
     concepts = [judge.check_concept(pair_concept(pair, concept, i)) for i, pair in enumerate(pairs)]
-    originals = judge_grouped(judge, original_images, concepts)
-    replacements = judge_grouped(judge, replacement_images, concepts)
-    anchors = [None] * len(pairs)
+    concept_prompt_verdicts = judge_grouped(judge, concept_prompt_images, concepts)
+    anchor_prompt_verdicts = judge_grouped(judge, anchor_prompt_images, concepts)
+    anchor_verdicts = [None] * len(pairs)
     if rules.min_anchor_rate is not None:
         known = [i for i, pair in enumerate(pairs) if pair.anchor and judge.knows(pair.anchor)]
-        for i, result in zip(known, judge_grouped(judge, [replacement_images[i] for i in known],
+        for i, result in zip(known, judge_grouped(judge, [anchor_prompt_images[i] for i in known],
                                                   [pair_anchor(pairs[i]) for i in known])):
-            anchors[i] = result
+            anchor_verdicts[i] = result
 
     records = []
     for index, pair in enumerate(pairs):
-        (original_scores, original_seen), (replacement_scores, replacement_seen) = originals[index], replacements[index]
-        anchor_scores, anchor_seen = anchors[index] or (None, None)
-        kept, reasons, details = decide(original_seen, replacement_seen, rules, concept=concepts[index],
+        concept_prompt_scores, concept_prompt_seen = concept_prompt_verdicts[index]
+        anchor_prompt_scores, anchor_prompt_seen = anchor_prompt_verdicts[index]
+        anchor_scores, anchor_seen = anchor_verdicts[index] or (None, None)
+        kept, reasons, details = decide(concept_prompt_seen, anchor_prompt_seen, rules, concept=concepts[index],
                                         anchor_seen=anchor_seen, anchor=pair.anchor)
         records.append({
             "index": index, "concept_prompt": pair.concept_prompt, "anchor_prompt": pair.anchor_prompt,
             "concept": pair.concept, "anchor": pair.anchor, "judged_concept": concepts[index],
             "kept": kept, "reasons": reasons, "details": details,
-            "original_rate": sum(original_seen) / len(original_seen),
-            "replacement_rate": sum(replacement_seen) / len(replacement_seen),
+            "concept_prompt_rate": sum(concept_prompt_seen) / len(concept_prompt_seen),
+            "anchor_prompt_rate": sum(anchor_prompt_seen) / len(anchor_prompt_seen),
             "anchor_rate": None if anchor_seen is None else sum(anchor_seen) / len(anchor_seen),
-            "scores": {"original": original_scores, "replacement": replacement_scores, "anchor": anchor_scores},
-            "seen": {"original": original_seen, "replacement": replacement_seen, "anchor": anchor_seen},
+            "scores": {"concept_prompt": concept_prompt_scores, "anchor_prompt": anchor_prompt_scores,
+                       "anchor": anchor_scores},
+            "seen": {"concept_prompt": concept_prompt_seen, "anchor_prompt": anchor_prompt_seen, "anchor": anchor_seen},
             "seeds": list(seeds) if seeds is not None else None,
         })
     return records
@@ -185,17 +190,12 @@ def is_decisions_file(path: Path) -> bool:
     return isinstance(first, dict) and set(first) == {"filter"}
 
 
-def refuse_existing(paths, force: bool) -> None:
-    """The kept-pairs file (paths[0], named by --out) is replaced under --force; the decisions file
-    beside it (paths[1], a name the user never typed) only when earkit wrote it."""
-    for index, path in enumerate(paths):
-        if path.is_dir():
-            raise IsADirectoryError(f"{path} is a folder, not a file")
-        if path.exists() and not force:
-            raise FileExistsError(f"{path} already exists (pass --force to replace it)")
-        if path.exists() and index > 0 and not is_decisions_file(path):
-            raise FileExistsError(f"not replacing {path}: earkit filter did not write it (it writes its decisions "
-                                  "there); move it or choose another --out")
+def check_outputs(out, *, force: bool) -> None:
+    """The kept-pairs file (named by --out) is replaced under --force; the decisions file beside it
+    (a name the user never typed) only when earkit filter wrote it."""
+    out = Path(out).expanduser()
+    check_new_files([out, decisions_path(out)], force=force, what="file",
+                    derived={decisions_path(out): is_decisions_file})
 
 
 def write_filter_results(records: list[dict], out, *, force: bool = False, judge: dict | None = None,
@@ -206,14 +206,14 @@ def write_filter_results(records: list[dict], out, *, force: bool = False, judge
     decisions say why."""
     out = Path(out).expanduser()
     decisions = decisions_path(out)
-    refuse_existing([out, decisions], force)
+    check_outputs(out, force=force)
     kept_lines = []
     for record in records:
         if record["kept"]:
             line = {"concept_prompt": record["concept_prompt"], "anchor_prompt": record["anchor_prompt"]}
             line.update({key: record[key] for key in ("concept", "anchor") if record[key]})
-            line["filter"] = {"judge": (judge or {}).get("name"), "original_rate": record["original_rate"],
-                              "replacement_rate": record["replacement_rate"], "seeds": record["seeds"]}
+            line["filter"] = {"judge": (judge or {}).get("name"), "concept_prompt_rate": record["concept_prompt_rate"],
+                              "anchor_prompt_rate": record["anchor_prompt_rate"], "seeds": record["seeds"]}
             kept_lines.append(json.dumps(line, ensure_ascii=False))
     header = {"summary": filter_summary(records), "judge": judge, "rules": asdict(rules) if rules else None}
     decision_lines = [json.dumps({"filter": header}, ensure_ascii=False)]
@@ -243,12 +243,13 @@ def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the concept the judge looks for (default: each pair's own; nudity pairs: --concept nudity)")
     parser.add_argument("--seeds", type=int, default=4, help="images per prompt, seeds SEED..SEED+N-1 (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="the first seed (default: %(default)s)")
-    parser.add_argument("--min-original-rate", type=float, default=FilterRules.min_original_rate,
-                        help="keep only if the original shows the concept in at least this share (default: %(default)s)")
-    parser.add_argument("--max-replacement-rate", type=float, default=FilterRules.max_replacement_rate,
-                        help="keep only if the replacement shows it in at most this share (default: %(default)s)")
+    parser.add_argument("--min-concept-prompt-rate", type=float, default=FilterRules.min_concept_prompt_rate,
+                        help="keep only if the concept prompt shows the concept in at least this share of its "
+                             "images (default: %(default)s)")
+    parser.add_argument("--max-anchor-prompt-rate", type=float, default=FilterRules.max_anchor_prompt_rate,
+                        help="keep only if the anchor prompt shows the concept in at most this share (default: %(default)s)")
     parser.add_argument("--min-anchor-rate", type=float, default=None,
-                        help="also require the replacement to show its anchor this often (where the judge knows it)")
+                        help="also require the anchor prompt to show its anchor this often (where the judge knows it)")
     parser.add_argument("--max-pairs", type=int, default=None, help="filter only the first N pairs")
     add_sampling_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per sampler batch (default: %(default)s)")
@@ -275,12 +276,12 @@ def run_filter(args) -> dict:
     from .judges import DEFAULT_NUDENET_THRESHOLD, parse_judge
 
     out = Path(args.out).expanduser()
-    refuse_existing([out, decisions_path(out)], args.force)  # before minutes of sampling
+    check_outputs(out, force=args.force)  # before minutes of sampling
     check_writable(out, "--out")
     check_count(args.seeds, "--seeds")
     check_count(args.max_pairs, "--max-pairs")
     check_count(args.batch_size, "--batch-size")
-    rules = FilterRules(args.min_original_rate, args.max_replacement_rate, args.min_anchor_rate).validate()
+    rules = FilterRules(args.min_concept_prompt_rate, args.max_anchor_prompt_rate, args.min_anchor_rate).validate()
     pairs = load_pairs(args.pairs)[:args.max_pairs]
     model_source = resolve_model(args.model)
     resolve_delta(args.delta)

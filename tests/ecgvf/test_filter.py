@@ -10,7 +10,7 @@ import torch
 from ecgvf_helpers import StubJudge, build_tiny_open_clip, build_tiny_world, rendered
 from earkit.cli import main as cli_main
 from earkit.ecgvf.filter import (
-    ANCHOR_MISSES, ORIGINAL_MISSES, REPLACEMENT_SHOWS, FilterRules, decide, decisions_path, filter_pairs,
+    ANCHOR_MISSES, ANCHOR_PROMPT_SHOWS, CONCEPT_PROMPT_MISSES, FilterRules, decide, decisions_path, filter_pairs,
     filter_pairs_with_model, write_filter_results,
 )
 from earkit.ecgvf.images import load_generator, sample_prompt_images
@@ -35,38 +35,39 @@ PAIRS = [
 ]
 
 
-def test_keeps_a_pair_whose_original_shows_the_concept_and_drops_one_whose_replacement_still_does():
-    originals = [shapes("circle", "circle", "square"),  # 2/3 >= 0.5: shows the concept
-                 shapes("circle", "circle", "circle"),
-                 shapes("square", "star", "circle"),  # 1/3 < 0.5
-                 shapes("square", "square", "square")]
-    replacements = [shapes("square", "square", "square"),
-                    shapes("square", "circle", "square"),  # the replacement still draws a circle once
-                    shapes("star", "star", "star"),
-                    shapes("circle", "cross", "cross")]
-    records = filter_pairs(PAIRS, StubJudge(), originals, replacements, seeds=[0, 1, 2])
+def test_keeps_a_pair_whose_concept_prompt_shows_the_concept_and_drops_one_whose_anchor_prompt_still_does():
+    concept_images = [shapes("circle", "circle", "square"),  # 2/3 >= 0.5: shows the concept
+                      shapes("circle", "circle", "circle"),
+                      shapes("square", "star", "circle"),  # 1/3 < 0.5
+                      shapes("square", "square", "square")]
+    anchor_images = [shapes("square", "square", "square"),
+                     shapes("square", "circle", "square"),  # the anchor prompt still draws a circle once
+                     shapes("star", "star", "star"),
+                     shapes("circle", "cross", "cross")]
+    records = filter_pairs(PAIRS, StubJudge(), concept_images, anchor_images, seeds=[0, 1, 2])
     assert [r["kept"] for r in records] == [True, False, False, False]
     assert records[0]["reasons"] == [] and records[0]["details"] == []
-    assert records[1]["reasons"] == [REPLACEMENT_SHOWS]
+    assert records[1]["reasons"] == [ANCHOR_PROMPT_SHOWS]
     assert "1/3" in records[1]["details"][0]
-    assert records[2]["reasons"] == [ORIGINAL_MISSES]
-    assert records[3]["reasons"] == [ORIGINAL_MISSES, REPLACEMENT_SHOWS]  # every reason that applies
-    assert records[0]["original_rate"] == pytest.approx(2 / 3) and records[1]["replacement_rate"] == pytest.approx(1 / 3)
-    assert records[0]["seen"]["original"] == [True, True, False]
-    assert records[0]["scores"]["original"] == [0.95, 0.95, 0.05] and records[0]["seeds"] == [0, 1, 2]
+    assert records[2]["reasons"] == [CONCEPT_PROMPT_MISSES]
+    assert records[3]["reasons"] == [CONCEPT_PROMPT_MISSES, ANCHOR_PROMPT_SHOWS]  # every reason that applies
+    assert records[0]["concept_prompt_rate"] == pytest.approx(2 / 3)
+    assert records[1]["anchor_prompt_rate"] == pytest.approx(1 / 3)
+    assert records[0]["seen"]["concept_prompt"] == [True, True, False]
+    assert records[0]["scores"]["concept_prompt"] == [0.95, 0.95, 0.05] and records[0]["seeds"] == [0, 1, 2]
 
 
 def test_rules_are_thresholds_and_the_anchor_can_be_required():
-    assert decide([True, False], [False, False], FilterRules(min_original_rate=0.5), concept="c")[0]
-    assert not decide([True, False], [False, False], FilterRules(min_original_rate=0.75), concept="c")[0]
-    assert decide([True, True], [True, False], FilterRules(max_replacement_rate=0.5), concept="c")[0]
-    with pytest.raises(ValueError, match="min_original_rate"):
-        FilterRules(min_original_rate=1.5).validate()
+    assert decide([True, False], [False, False], FilterRules(min_concept_prompt_rate=0.5), concept="c")[0]
+    assert not decide([True, False], [False, False], FilterRules(min_concept_prompt_rate=0.75), concept="c")[0]
+    assert decide([True, True], [True, False], FilterRules(max_anchor_prompt_rate=0.5), concept="c")[0]
+    with pytest.raises(ValueError, match="min_concept_prompt_rate"):
+        FilterRules(min_concept_prompt_rate=1.5).validate()
 
-    originals = [shapes("circle", "circle"), shapes("circle", "circle")]
-    replacements = [shapes("square", "square"), shapes("triangle", "triangle")]  # pair 1 asked for a square
+    concept_images = [shapes("circle", "circle"), shapes("circle", "circle")]
+    anchor_images = [shapes("square", "square"), shapes("triangle", "triangle")]  # pair 1 asked for a square
     pairs = [PAIRS[0], PromptPair("a blue circle", "a blue square", "circle", "square")]
-    records = filter_pairs(pairs, StubJudge(), originals, replacements, rules=FilterRules(min_anchor_rate=0.5))
+    records = filter_pairs(pairs, StubJudge(), concept_images, anchor_images, rules=FilterRules(min_anchor_rate=0.5))
     assert records[0]["kept"] and records[0]["anchor_rate"] == 1.0
     assert records[1]["reasons"] == [ANCHOR_MISSES] and records[1]["anchor_rate"] == 0.0
 
@@ -86,11 +87,12 @@ def test_sampling_judges_each_prompts_own_images(tiny_world):
     assert len(records) == 2 and records[0]["seeds"] == [3, 4]
     expected = sample_prompt_images(model, tokenizer, [p.concept_prompt for p in PAIRS[:2]] +
                                     [p.anchor_prompt for p in PAIRS[:2]], [3, 4], progress=False)
-    (concept, judged_originals), (_, judged_replacements) = judge.calls
+    (concept, judged_concept_images), (_, judged_anchor_images) = judge.calls
     assert concept == "circle"
-    assert [image.tobytes() for image in judged_originals] == [image.tobytes() for row in expected[:2] for image in row]
-    assert [image.tobytes() for image in judged_replacements] == [image.tobytes() for row in expected[2:]
-                                                                  for image in row]
+    assert [image.tobytes() for image in judged_concept_images] == [image.tobytes() for row in expected[:2]
+                                                                    for image in row]
+    assert [image.tobytes() for image in judged_anchor_images] == [image.tobytes() for row in expected[2:]
+                                                                   for image in row]
 
 
 def test_written_files_load_and_refuse_to_be_overwritten(tmp_path):
@@ -102,7 +104,7 @@ def test_written_files_load_and_refuse_to_be_overwritten(tmp_path):
     assert load_pairs(kept) == [PAIRS[0]]
     lines = [json.loads(line) for line in decisions.read_text().splitlines()]
     assert lines[0]["filter"]["summary"] == {"pairs": 2, "kept": 1, "dropped": 1,
-                                             "dropped_by_reason": {ORIGINAL_MISSES: 1}}
+                                             "dropped_by_reason": {CONCEPT_PROMPT_MISSES: 1}}
     assert [line["kept"] for line in lines[1:]] == [True, False]
     with pytest.raises(FileExistsError, match="--force"):
         write_filter_results(records, out)
@@ -111,8 +113,16 @@ def test_written_files_load_and_refuse_to_be_overwritten(tmp_path):
 
 
 def test_earkit_filter_on_a_tiny_world(tiny_world, tmp_path, capsys):
+    from earkit.engine.shapesworld.render import BACKGROUNDS, CAPTION_TEMPLATES, COLOURS, SHAPES, SIZES
+
+    # The world's prompt vocabulary, so that the pairs are in words its tokenizer knows.
+    vocabulary = {"format": "earkit-prompt-vocabulary", "version": 1, "templates": list(CAPTION_TEMPLATES),
+                  "slots": {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES),
+                            "background": list(BACKGROUNDS)}}
+    (tiny_world / "generator" / "prompt_vocabulary.json").write_text(json.dumps(vocabulary))
     pairs = tmp_path / "circle.jsonl"
-    assert cli_main(["pairs", "--concept", "circle", "--n", "6", "--out", str(pairs), "--quiet"]) == 0
+    assert cli_main(["pairs", "--concept", "circle", "--n", "6", "--model", str(tiny_world / "generator"),
+                     "--out", str(pairs), "--quiet"]) == 0
     out = tmp_path / "kept.jsonl"
     argv = ["filter", "--pairs", str(pairs), "--model", str(tiny_world / "generator"), "--seeds", "2",
             "--out", str(out), "--device", "cpu", "--quiet"]
@@ -123,7 +133,7 @@ def test_earkit_filter_on_a_tiny_world(tiny_world, tmp_path, capsys):
     assert len(decisions) == 6
     for record in decisions:  # an untrained world keeps or drops at random, but always says why
         assert record["kept"] == (not record["reasons"]) and len(record["details"]) == len(record["reasons"])
-        assert len(record["scores"]["original"]) == 2
+        assert len(record["scores"]["concept_prompt"]) == 2
     assert len(out.read_text().splitlines()) == sum(r["kept"] for r in decisions)
 
     assert cli_main(argv) == 2  # exists: one line, no sampling

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from earkit.ecgvf.pairs import (
-    CONCEPT_IN_MODIFIED, CONCEPT_MISSING, DUPLICATE, IDENTICAL, MISSING_FIELD, NOT_AN_OBJECT, REPLACEMENT_MISSING,
+from earkit.ecgvf.pair_generation import (
+    ANCHOR_MISSING, CONCEPT_IN_ANCHOR_PROMPT, CONCEPT_MISSING, DUPLICATE, IDENTICAL, MISSING_FIELD, NOT_AN_OBJECT,
     REWRITTEN, TEMPLATE, BackendError, MalformedReply, OpenAIChatBackend, TemplateBackend, TransformersBackend,
     add_pairs_arguments, extract_pair_list, generate_pairs, load_examples, pair_request_messages, parse_backend,
     run_pairs, summary_path, validate_items, write_generated,
@@ -24,11 +24,22 @@ PROVENANCE_KEYS = {"concept_prompt", "anchor_prompt", "concept", "anchor", "back
                    "attempt"}
 
 
+def shapes_world_vocabulary() -> dict:
+    """ShapesWorld's words as a prompt vocabulary (the file a generator folder ships as
+    prompt_vocabulary.json), built from the renderer's own constants."""
+    from earkit.engine.shapesworld.render import BACKGROUNDS, CAPTION_TEMPLATES, COLOURS, SHAPES, SIZES
+
+    return {"format": "earkit-prompt-vocabulary", "version": 1, "templates": list(CAPTION_TEMPLATES),
+            "slots": {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES),
+                      "background": list(BACKGROUNDS)}}
+
+
 # ---------------------------------------------------------------- the offline backend
 
 
 def test_template_backend_gives_200_valid_circle_pairs_that_load(tmp_path):
-    pairs, summary = generate_pairs("circle", backends=[TemplateBackend()], n_pairs=200, seed=0, progress=False)
+    pairs, summary = generate_pairs("circle", backends=[TemplateBackend(shapes_world_vocabulary())], n_pairs=200,
+                                    seed=0, progress=False)
     assert len(pairs) == 200 and summary["returned"] == 200 and summary["stopped"] == "enough pairs"
     assert summary["malformed_replies"] == 0 and summary["backend_errors"] == 0
     assert set(summary["rejected"]) <= {DUPLICATE}  # composed pairs fail no check, only repeat
@@ -62,25 +73,26 @@ def test_template_backend_is_deterministic_and_works_for_any_concept():
     anchored, _ = generate_pairs("church", backends=[TemplateBackend()], n_pairs=20, anchors=["cinema", "ground"],
                                  progress=False)
     assert {p["anchor"] for p in anchored} == {"cinema", "ground"}
-    red, _ = generate_pairs("red", backends=[TemplateBackend()], n_pairs=20, progress=False)  # a ShapesWorld colour
+    red, _ = generate_pairs("red", backends=[TemplateBackend(shapes_world_vocabulary())], n_pairs=20,
+                            progress=False)  # a ShapesWorld colour
     assert all(p["anchor"] in {"green", "blue", "yellow", "purple", "orange"} for p in red)
 
 
 def test_template_asks_for_the_json_schema_and_takes_released_examples():
-    messages = pair_request_messages("church", count=7, replacements=["cinema"], style_hints=["photographs"])
+    messages = pair_request_messages("church", count=7, anchors=["cinema"], style_hints=["photographs"])
     assert [m["role"] for m in messages] == ["system", "user"]
     system, user = messages[0]["content"], messages[1]["content"]
     assert '"original_prompt"' in system and '"modified_prompt"' in system and '"replaced"' in system
     assert "write 7 different pairs" in user and "cinema" in user and "photographs" in user
     if EAR_DATA.is_dir():
         examples = load_examples(EAR_DATA / "train_church.json", limit=2)
-        assert examples[0] == {"original_prompt": "The church is surrounded by a peaceful garden.",
-                               "modified_prompt": "The cinema is surrounded by a peaceful garden.", "replaced": "cinema"}
+        assert examples[0] == {"concept_prompt": "The church is surrounded by a peaceful garden.",
+                               "anchor_prompt": "The cinema is surrounded by a peaceful garden.", "anchor": "cinema"}
         user = pair_request_messages("church", examples=examples)[1]["content"]
         assert "The church is surrounded by a peaceful garden." in user
         van_gogh = load_examples(EAR_DATA / "train_van_gogh.csv", limit=1)  # no concept column: no replacement
-        assert van_gogh == [{"original_prompt": "a photo of apple in Van Gogh", "modified_prompt": "a photo of apple",
-                             "replaced": ""}]
+        assert van_gogh == [{"concept_prompt": "a photo of apple in Van Gogh", "anchor_prompt": "a photo of apple",
+                             "anchor": ""}]
     with pytest.raises(ValueError, match="concept"):
         pair_request_messages("  ")
 
@@ -324,12 +336,12 @@ def test_validation_rejects_each_bad_pair_with_its_reason():
         "a circle -> a star",
     ]
     accepted, rejected = validate_items(items, "circle")
-    assert [(p["original_prompt"], p["replaced"]) for p in accepted] == [
+    assert [(p["concept_prompt"], p["anchor"]) for p in accepted] == [
         ("a red circle on a white background", "square"), ("two circles on a table", "stars"),
         ("a cat near a Circle", "triangle")]
     assert all(p["similarity"] == 1.0 for p in accepted)
-    assert [r["reason"] for r in rejected] == [CONCEPT_MISSING, CONCEPT_MISSING, CONCEPT_IN_MODIFIED, REWRITTEN,
-                                               IDENTICAL, DUPLICATE, REPLACEMENT_MISSING, MISSING_FIELD, NOT_AN_OBJECT]
+    assert [r["reason"] for r in rejected] == [CONCEPT_MISSING, CONCEPT_MISSING, CONCEPT_IN_ANCHOR_PROMPT, REWRITTEN,
+                                               IDENTICAL, DUPLICATE, ANCHOR_MISSING, MISSING_FIELD, NOT_AN_OBJECT]
     assert rejected[3]["modified_prompt"] == "a dog running through a park at night"  # the pair is kept with its reason
     assert rejected[-1] == {"value": "a circle -> a star", "reason": NOT_AN_OBJECT}
 
@@ -344,7 +356,7 @@ def test_validation_rejects_each_bad_pair_with_its_reason():
     assert len(accepted) == 2 and [r["reason"] for r in rejected] == [CONCEPT_MISSING]
     accepted, _ = validate_items([{"original_prompt": "a still life in Van  Gogh style",
                                    "modified_prompt": "a still life in Monet style"}], "van gogh")
-    assert accepted[0]["replaced"] == "Monet"
+    assert accepted[0]["anchor"] == "Monet"
     accepted, _ = validate_items([{"original_prompt": "a photo of a church", "modified_prompt": "a photo of an apple",
                                    "replaced": "apple"}], "church")
     assert accepted[0]["similarity"] == 1.0
@@ -377,14 +389,150 @@ def test_write_generated_refuses_to_overwrite_and_leaves_no_partial_file(tmp_pat
 
 def test_parse_backend_forms():
     template = parse_backend("template")
-    assert isinstance(template, TemplateBackend)
-    backend = parse_backend("openai:http://127.0.0.1:8000/v1:qwen2.5:7b", timeout=3)
+    assert isinstance(template, TemplateBackend) and template.vocabulary is None
+    vocabulary = shapes_world_vocabulary()
+    assert parse_backend("template", vocabulary=vocabulary).vocabulary == vocabulary
+    backend = parse_backend("openai", openai_url="http://127.0.0.1:8000/v1", openai_model="qwen2.5:7b", timeout=3)
     assert (backend.url, backend.model, backend.timeout) == ("http://127.0.0.1:8000/v1/chat/completions", "qwen2.5:7b", 3)
-    backend = parse_backend("openai:https://api.example.com:gpt-4o-mini")
-    assert (backend.base_url, backend.model) == ("https://api.example.com", "gpt-4o-mini")
-    for bad in ("openai:http://127.0.0.1:8000/v1", "llm", "openai:127.0.0.1:8000:m"):
+    for bad in ("openai:http://127.0.0.1:8000/v1:m", "llm", "transformers:"):
         with pytest.raises(ValueError, match="--backend"):
             parse_backend(bad)
+    with pytest.raises(ValueError, match="--openai-url URL and --openai-model MODEL"):
+        parse_backend("openai", openai_url="http://127.0.0.1:8000/v1")
+
+
+def pairs_argv(tmp_path, *extra):
+    return ["pairs", "--concept", "circle", "--n", "2", "--out", str(tmp_path / "p.jsonl"), "--quiet", *extra]
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--backend", "openai"], "--backend openai needs --openai-url URL and --openai-model MODEL"),
+    (["--backend", "openai", "--openai-url", "http://127.0.0.1:1/v1"], "needs --openai-url URL and --openai-model"),
+    (["--backend", "openai", "--openai-model", "m"], "needs --openai-url URL and --openai-model"),
+    (["--openai-url", "http://127.0.0.1:1/v1", "--openai-model", "m"],
+     "--openai-url and --openai-model given without --backend openai"),
+    (["--backend", "template", "--openai-model", "m"], "--openai-model given without --backend openai"),
+    (["--backend", "openai", "--backend", "openai", "--openai-url", "http://127.0.0.1:1/v1", "--openai-model", "m"],
+     "--backend openai is given 2 time(s), --openai-url 1 and --openai-model 1"),
+    (["--backend", "openai:http://127.0.0.1:1/v1:m"], "--backend openai --openai-url"),
+])
+def test_openai_flags_are_checked_in_one_line_before_any_request(tmp_path, capsys, extra, words):
+    from earkit.cli import main
+
+    assert main(pairs_argv(tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and words in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_each_openai_backend_takes_its_own_url_and_model_in_order(tmp_path, capsys):
+    from earkit.cli import main
+
+    with StubChatServer() as first, StubChatServer() as second:
+        status = main(pairs_argv(tmp_path, "--backend", "openai", "--backend", "template", "--backend", "openai",
+                                 "--openai-url", first.url, "--openai-model", "good", "--openai-url", second.url,
+                                 "--openai-model", "malformed", "--n", "6", "--retries", "0", "--per-request", "1"))
+        assert status == 0, capsys.readouterr().err
+        assert {r["body"]["model"] for r in first.requests} == {"good"}
+        assert {r["body"]["model"] for r in second.requests} == {"malformed"}
+    summary = json.loads(summary_path(tmp_path / "p.jsonl").read_text())
+    assert list(summary["per_backend"]) == ["openai:good", "template:builtin-templates", "openai:malformed"]
+
+
+def test_the_template_backend_composes_with_the_same_draws_as_before():
+    """A ShapesWorld concept with ShapesWorld's vocabulary gives exactly the pairs the built-in
+    ShapesWorld composer gave (same seed, same pairs: the draws come in the same order)."""
+    import hashlib
+
+    backend = TemplateBackend(shapes_world_vocabulary())
+    pairs, _ = generate_pairs("circle", backends=[backend], n_pairs=4, seed=5, progress=False)
+    assert [(p["concept_prompt"], p["anchor_prompt"], p["anchor"]) for p in pairs] == [
+        ("a yellow circle", "a yellow square", "square"),
+        ("a photo of a large blue circle on a black background",
+         "a photo of a large blue square on a black background", "square"),
+        ("a photo of a small red circle on a gray background", "a photo of a small red star on a gray background", "star"),
+        ("orange circle", "orange cross", "cross"),
+    ]
+    digests = {"circle": "c83e3e0c7a64201d", "red": "7062590eb16d5d3d"}
+    for concept, digest in digests.items():
+        pairs, _ = generate_pairs(concept, backends=[backend], n_pairs=200, seed=5, progress=False)
+        written = [(p["concept_prompt"], p["anchor_prompt"], p["anchor"], p["seed"]) for p in pairs]
+        assert hashlib.sha256(json.dumps(written).encode()).hexdigest()[:16] == digest, concept
+    # Without a vocabulary (or for a word in none of its slots) the generic scene templates are used.
+    generic, _ = generate_pairs("circle", backends=[TemplateBackend()], n_pairs=5, seed=5, progress=False)
+    assert all(p["anchor"] in TemplateBackend.GENERIC_ANCHORS for p in generic)
+
+
+def test_a_prompt_vocabulary_file_is_checked_with_one_clear_error(tmp_path):
+    from earkit.ecgvf.pair_generation import load_prompt_vocabulary, model_prompt_vocabulary
+
+    assert model_prompt_vocabulary(tmp_path) is None  # a model folder without one
+    path = tmp_path / "prompt_vocabulary.json"
+    path.write_text(json.dumps(shapes_world_vocabulary()))
+    assert model_prompt_vocabulary(tmp_path) == shapes_world_vocabulary()
+    good = shapes_world_vocabulary()
+    bad_ones = {
+        "format": {**good, "format": "something-else"},
+        "version": {**good, "version": 2},
+        "slot 'shape'": {**good, "slots": {"shape": []}},
+        "templates": {**good, "templates": "a {shape}"},
+        "no slot fills": {**good, "templates": ["a {colour} {animal}"]},
+        "JSON object": ["a list"],
+    }
+    for words, vocabulary in bad_ones.items():
+        path.write_text(json.dumps(vocabulary))
+        with pytest.raises(ValueError, match="not an earkit prompt vocabulary") as error:
+            load_prompt_vocabulary(path)
+        assert str(path) in str(error.value) and words in str(error.value), error.value
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="is not JSON") as error:
+        load_prompt_vocabulary(path)
+    assert str(path) in str(error.value)
+    with pytest.raises(ValueError, match="version"):
+        TemplateBackend({**good, "version": 7})
+
+
+def test_earkit_pairs_composes_with_the_vocabulary_of_model(tmp_path, capsys):
+    from earkit.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "prompt_vocabulary.json").write_text(json.dumps(shapes_world_vocabulary()))
+    out = tmp_path / "circle.jsonl"
+    assert main(["pairs", "--concept", "circle", "--n", "20", "--seed", "5", "--model", str(model), "--out", str(out),
+                 "--quiet"]) == 0
+    expected, _ = generate_pairs("circle", backends=[TemplateBackend(shapes_world_vocabulary())], n_pairs=20, seed=5,
+                                 progress=False)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == expected
+    (model / "prompt_vocabulary.json").write_text('{"format": "earkit-prompt-vocabulary", "version": 9}')
+    assert main(["pairs", "--concept", "circle", "--n", "2", "--model", str(model), "--out", str(tmp_path / "x.jsonl"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "prompt_vocabulary.json" in err and "version 9" in err, err
+    assert main(["pairs", "--concept", "circle", "--n", "2", "--model", str(tmp_path / "absent"), "--out",
+                 str(tmp_path / "x.jsonl"), "--quiet"]) == 2
+    assert "no such model folder" in capsys.readouterr().err
+
+
+def test_the_default_model_without_a_vocabulary_falls_back_to_the_generic_templates(tmp_path, monkeypatch, capsys):
+    from earkit.cli import main
+    from earkit.ecgvf import images
+
+    monkeypatch.setattr(images, "resolve_model", lambda model: str(model) if model else str(tmp_path / "nowhere"))
+    out = tmp_path / "church.jsonl"
+    assert main(["pairs", "--concept", "circle", "--n", "5", "--out", str(out), "--quiet"]) == 0
+    assert all(pair.anchor in TemplateBackend.GENERIC_ANCHORS for pair in load_pairs(out))
+
+
+def test_a_reply_in_earkit_field_names_is_read_too():
+    items = [{"concept_prompt": "a red circle", "anchor_prompt": "a red square", "anchor": "square"},
+             {"original_prompt": "a blue circle", "modified_prompt": "a blue star", "replaced": "star"}]
+    accepted, rejected = validate_items(items, "circle")
+    assert rejected == [] and [(p["anchor_prompt"], p["anchor"]) for p in accepted] == [
+        ("a red square", "square"), ("a blue star", "star")]
+    examples = [{"concept_prompt": "a red circle", "anchor_prompt": "a red square", "anchor": "square"}]
+    assert ('{"original_prompt": "a red circle", "modified_prompt": "a red square", "replaced": "square"}'
+            in pair_request_messages("circle", examples=examples)[1]["content"])
 
 
 def test_run_pairs_writes_pairs_and_summary(tmp_path, capsys):

@@ -4,7 +4,6 @@ nested as deep; lone surrogates in replies; nonsense timeouts. Each must end as 
 (a run keeps what it has) or as one line naming the problem (exit 2), never as a traceback, a
 leaked key, a hung run or half of a command's outputs."""
 
-import io
 import json
 import math
 import shutil
@@ -13,14 +12,13 @@ import ssl
 import subprocess
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from earkit.cli import main
 from earkit.ecgvf.benchmark import load_benchmark, load_prompt_file
-from earkit.ecgvf.pairs import (
+from earkit.ecgvf.pair_generation import (
     BackendError, MalformedReply, OpenAIChatBackend, TemplateBackend, extract_pair_list, generate_pairs, load_examples,
     summary_path, validate_items, write_generated,
 )
@@ -126,7 +124,7 @@ def four_pairs_from(respond, out, capsys) -> "Stub":
     """`earkit pairs` asking a stub server that answers with `respond` for 4 pairs, 2 a request:
     it must succeed and write 4; returns the stub (its requests)."""
     with Stub(respond) as stub:
-        status, printed, err = cli(["pairs", "--concept", "circle", "--backend", f"openai:{stub.url}:m", "--n", "4",
+        status, printed, err = cli(["pairs", "--concept", "circle", "--backend", "openai", "--openai-url", stub.url, "--openai-model", "m", "--n", "4",
                                     "--per-request", "2", "--out", str(out), "--quiet", "--timeout", "5"], capsys)
     assert status == 0, err
     assert len(load_pairs(out)) == 4
@@ -191,17 +189,16 @@ def test_a_same_origin_redirect_that_would_drop_the_body_is_refused():
     ("https://api.example.com/v1/chat/completions", "https://api.example.com:99999/v1", False),
 ])
 def test_https_to_http_or_any_other_origin_is_not_followed(url, new, same):
-    from earkit.ecgvf.pairs import SameOriginRedirects
+    from earkit.ecgvf.pair_generation.backends import redirect_target
 
-    handler = SameOriginRedirects()
-    request = urllib.request.Request(url, data=b"{}", headers={"Authorization": f"Bearer {KEY}"}, method="POST")
     if same:
-        followed = handler.redirect_request(request, io.BytesIO(b""), 307, "Temporary Redirect", {}, new)
-        assert followed.full_url == new and followed.get_header("Authorization") == f"Bearer {KEY}"
-        assert followed.data == b"{}" and followed.get_method() == "POST"
+        assert redirect_target(url, 307, new) == new
+        assert redirect_target(url, 308, new) == new
     else:
         with pytest.raises(BackendError, match="another origin"):
-            handler.redirect_request(request, io.BytesIO(b""), 307, "Temporary Redirect", {}, new)
+            redirect_target(url, 307, new)
+    with pytest.raises(BackendError, match="not followed"):
+        redirect_target(url, 302, new)
 
 
 @pytest.fixture(scope="module")
@@ -401,7 +398,7 @@ def test_earkit_pairs_counts_a_dripping_backend_as_failed_and_goes_on(tmp_path, 
     out = tmp_path / "circle.jsonl"
     with DripStub("body") as stub:
         started = time.monotonic()
-        status, printed, err = cli(["pairs", "--concept", "circle", "--backend", f"openai:{stub.url}:m",
+        status, printed, err = cli(["pairs", "--concept", "circle", "--backend", "openai", "--openai-url", stub.url, "--openai-model", "m",
                                     "--backend", "template", "--n", "5", "--retries", "0", "--timeout", "1",
                                     "--out", str(out), "--quiet"], capsys)
         elapsed = time.monotonic() - started
@@ -417,13 +414,13 @@ def test_earkit_pairs_counts_a_dripping_backend_as_failed_and_goes_on(tmp_path, 
 
 
 def test_a_pair_with_a_lone_surrogate_is_rejected_with_a_reason():
-    from earkit.ecgvf.pairs import INVALID_TEXT
+    from earkit.ecgvf.pair_generation import INVALID_TEXT
 
     items = [{"original_prompt": "a red circle \ud800", "modified_prompt": "a red square \ud800", "replaced": "square"},
              {"original_prompt": "a red circle", "modified_prompt": "a red square", "replaced": "sq\udcffuare"},
              {"original_prompt": "a blue circle", "modified_prompt": "a blue square", "replaced": "square"}]
     accepted, rejected = validate_items(items, "circle")
-    assert [p["original_prompt"] for p in accepted] == ["a blue circle"]
+    assert [p["concept_prompt"] for p in accepted] == ["a blue circle"]
     assert [r["reason"] for r in rejected] == [INVALID_TEXT, INVALID_TEXT]
     json.dumps(rejected, ensure_ascii=False).encode("utf-8")  # the record of them is writable
 
@@ -441,7 +438,7 @@ def test_earkit_pairs_writes_the_good_pairs_when_a_reply_holds_a_lone_surrogate(
 
     out = tmp_path / "circle.jsonl"
     four_pairs_from(respond, out, capsys)
-    from earkit.ecgvf.pairs import INVALID_TEXT
+    from earkit.ecgvf.pair_generation import INVALID_TEXT
 
     summary = json.loads(summary_path(out).read_text(encoding="utf-8"))
     assert summary["rejected"] == {INVALID_TEXT: 1} and summary["malformed_replies"] == 1
@@ -508,7 +505,7 @@ def test_a_concept_or_anchor_that_is_not_utf8_is_refused_before_any_request():
 @pytest.mark.parametrize("timeout", ["nan", "inf", "-inf", "0", "-1", "1e12"])
 def test_a_timeout_that_is_not_a_positive_finite_number_is_refused_before_any_request(tmp_path, capsys, timeout):
     with Stub(good) as stub:
-        status, _, err = cli(["pairs", "--concept", "circle", "--backend", f"openai:{stub.url}:m", "--n", "2",
+        status, _, err = cli(["pairs", "--concept", "circle", "--backend", "openai", "--openai-url", stub.url, "--openai-model", "m", "--n", "2",
                               "--out", str(tmp_path / "p.jsonl"), "--quiet", f"--timeout={timeout}"], capsys)
         assert stub.requests == []
     assert status == 2
@@ -560,7 +557,7 @@ def test_a_rejected_pair_nested_as_deep_as_json_reads_does_not_stop_the_summary(
     # rejected pair; json.dumps of the summary needs a few levels more, and fails when the caller
     # writes from a deeper stack than it generated on (50 frames: a framework, a callback). Where
     # the window lies depends on the stack, so every depth up to the parser's limit is tried.
-    from earkit.ecgvf.pairs import CONCEPT_MISSING
+    from earkit.ecgvf.pair_generation import CONCEPT_MISSING
 
     class Nested:
         name, model = "nested", "deep-field"

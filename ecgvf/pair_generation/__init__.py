@@ -1,0 +1,38 @@
+"""The ECGVF prompt-pair generator: concept/anchor prompt pairs for a concept, asked of one or more
+LLMs through one structured template, parsed, validated and written with their provenance.
+
+EAR's benchmark builds its training pairs by asking LLMs for prompts that show a concept and the
+same prompts with the concept replaced by an anchor ("A church on a hill overlooking the sea" ->
+"A ground on a hill overlooking the sea"). Here:
+
+    messages = pair_request_messages("church", count=20)          # the template, filled
+    backends = [TemplateBackend(), OpenAIChatBackend("http://127.0.0.1:8000/v1", "qwen2.5-7b")]
+    pairs, summary = generate_pairs("church", backends=backends, n_pairs=200)
+    write_generated(pairs, "church.jsonl", summary=summary)
+
+One story per module: `prompt` (the request template and its few-shot examples), `backends`
+(TemplateBackend, OpenAIChatBackend, TransformersBackend, BackendError, the request deadline),
+`parsing` (replies, check_pair, validate_items, rejection reasons), `generate` (generate_pairs,
+seeds, write_generated, the summary file) and `command` (`earkit pairs`).
+"""
+
+from .backends import (
+    BackendError, OpenAIChatBackend, TemplateBackend, TransformersBackend, check_prompt_vocabulary,
+    load_prompt_vocabulary, model_prompt_vocabulary,
+)
+from .command import add_pairs_arguments, parse_backend, run_pairs
+from .generate import generate_pairs, summary_path, write_generated
+from .parsing import (
+    ANCHOR_MISSING, CONCEPT_IN_ANCHOR_PROMPT, CONCEPT_MISSING, DUPLICATE, IDENTICAL, INVALID_TEXT, MISSING_FIELD,
+    NOT_AN_OBJECT, REJECTION_REASONS, REWRITTEN, MalformedReply, check_pair, extract_pair_list, validate_items,
+)
+from .prompt import TEMPLATE, load_examples, pair_request_messages
+
+__all__ = [
+    "generate_pairs", "write_generated", "summary_path", "pair_request_messages", "load_examples", "TEMPLATE",
+    "TemplateBackend", "OpenAIChatBackend", "TransformersBackend", "BackendError", "check_prompt_vocabulary",
+    "load_prompt_vocabulary", "model_prompt_vocabulary", "extract_pair_list", "check_pair", "validate_items",
+    "MalformedReply", "add_pairs_arguments", "run_pairs", "parse_backend",
+    "NOT_AN_OBJECT", "MISSING_FIELD", "INVALID_TEXT", "IDENTICAL", "CONCEPT_MISSING", "CONCEPT_IN_ANCHOR_PROMPT",
+    "ANCHOR_MISSING", "REWRITTEN", "DUPLICATE", "REJECTION_REASONS",
+]
