@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from earkit.io import (
-    ANCHOR_PROMPT_KEYS, CONCEPT_PROMPT_KEYS, csv_header, csv_records, file_format, has_column,
+    ANCHOR_PROMPT_KEYS, CONCEPT_PROMPT_KEYS, check_new_files, csv_header, csv_records, file_format, has_column,
     json_list_records, jsonl_records, pick_text, read_prompts, read_text_file, write_text_atomic,
 )
 
@@ -169,10 +169,7 @@ def write_pairs_jsonl(pairs: list[PromptPair], path: str | os.PathLike, *, force
         lines.append(json.dumps(record, ensure_ascii=False))
 
     path = Path(path).expanduser()
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder, not a pairs file")
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} already exists (pass force=True to replace it)")
+    check_new_files([path], force=force, what="pairs file")
     return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
