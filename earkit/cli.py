@@ -237,13 +237,12 @@ def run_sample(args) -> None:
 
     from earkit.engine.checkpoint import apply_trainable, load_checkpoint
     from earkit.engine.model import check_device, check_model_source, load_janus
-    from earkit.io import read_text_file
+    from earkit.io import read_prompts
     from earkit.engine.sampler import check_samples_folder, check_sampling_arguments, write_samples
 
     prompts = list(args.prompt)
     if args.prompts_file:
-        path = Path(args.prompts_file).expanduser()
-        prompts += [line.strip() for line in read_text_file(path, "prompts file").splitlines() if line.strip()]
+        prompts += read_prompts(args.prompts_file, "prompts file")
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompts-file")
     if any(not prompt.strip() for prompt in prompts):

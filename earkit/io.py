@@ -2,7 +2,9 @@
 
 Reading: `parse_json` for any JSON from outside (a file, a server, an LLM's reply), which turns
 every way such JSON fails into a ValueError naming its source; `read_text_file` for prompt and
-pairs files (UTF-8, a byte-order mark dropped, a folder or an empty file refused by name).
+pairs files (UTF-8, a byte-order mark dropped, a folder or an empty file refused by name);
+`read_prompt_records` and `read_prompts`, the one reader of prompt files (.txt, .json, .jsonl,
+.csv) for every command, with the record readers that engine/pair_files.py shares for pairs files.
 
 Writing: nothing is ever half-written. `write_files_atomic` writes one or several files as one
 (temporary files beside them, fsynced, renamed into place together); `write_folder_atomically`
@@ -14,6 +16,8 @@ never a user's files. `check_writable` tries a real write before minutes of work
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -81,6 +85,173 @@ def read_text_file(path: Path, what: str) -> str:
     if not text.strip():
         raise ValueError(f"{path} is empty")
     return text
+
+
+# ---------------------------------------------------------------- prompt and pairs files
+
+# Key names per field, earkit's first, then the EAR files' (the same names in JSONL, JSON and CSV).
+CONCEPT_PROMPT_KEYS = ("concept_prompt", "original_prompt", "unsafe_prompt")
+ANCHOR_PROMPT_KEYS = ("anchor_prompt", "modified_prompt", "safe_prompt")
+# A prompt file's prompt: its "prompt", else (a pairs file) its anchor prompt, which names what a
+# concept is replaced by and so must stay drawable.
+PROMPT_KEYS = ("prompt",) + ANCHOR_PROMPT_KEYS
+
+
+def pick_text(record: dict, keys: tuple[str, ...], where: str) -> str | None:
+    """The stripped value of the first of `keys` in the record; None when absent, null or blank.
+    ValueError naming `where` for a value that is not a string or not valid Unicode."""
+    for key in keys:
+        if key in record and record[key] is not None:
+            value = record[key]
+            if not isinstance(value, str):
+                raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__} {value!r}")
+            bad = unencodable(value)
+            if bad is not None:
+                raise ValueError(f"{where}: {key!r} is not valid Unicode text: it holds the lone surrogate "
+                                 f"{ascii(bad)} (a JSON escape such as \\ud800 without its pair)")
+            return value.strip() or None
+    return None
+
+
+def file_format(path: Path, text: str) -> str | None:
+    """The format of a pairs or prompt file, "jsonl", "json" or "csv": by the suffix (.jsonl, .ndjson, .json, .csv), else by the content
+    (a JSON list, or one object per line); None for anything else."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix in (".json", ".csv"):
+        return suffix[1:]
+    return {"[": "json", "{": "jsonl"}.get(text.lstrip()[:1])
+
+
+def jsonl_records(path: Path, text: str):
+    """(where, value) per non-blank line of JSON lines."""
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a string
+        if not line.strip():
+            continue
+        try:
+            record = parse_json(line, f"{path} line {number}")
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {number}: malformed JSON ({error.msg}, column {error.colno})") from None
+        yield f"{path} line {number}", record
+
+
+def json_entry_lines(text: str, source: str = "JSON text"):
+    """The line each entry of a valid top-level JSON list starts on."""
+    position = text.index("[") + 1
+    line = 1 + text.count("\n", 0, position)
+    while True:
+        while text[position] in " \t\r\n,":
+            line += text[position] == "\n"
+            position += 1
+        if text[position] == "]":
+            return
+        yield line
+        _, end = parse_json(text, f"{source} line {line}", start=position)
+        line += text.count("\n", position, end)
+        position = end
+
+
+def json_list_records(path: Path, text: str):
+    """(where, value) per entry of a JSON list, as the EAR train_*.json and test_*.json files are;
+    a .json file of one object per line is read as JSON lines."""
+    try:
+        document = parse_json(text, str(path))
+    except json.JSONDecodeError as error:
+        if text.lstrip().startswith("{") and error.msg == "Extra data":  # one object per line in a .json file
+            yield from jsonl_records(path, text)
+            return
+        raise ValueError(f"{path} line {error.lineno}: malformed JSON ({error.msg}, column {error.colno})") from None
+    if not isinstance(document, list):
+        raise ValueError(f"{path} line 1: the top level is a {type(document).__name__}, expected a list of "
+                         "objects (or one object per line, as .jsonl)")
+    for index, (line, record) in enumerate(zip(json_entry_lines(text, str(path)), document), 1):
+        yield f"{path} entry {index} (line {line})", record
+
+
+def has_column(header: list[str], keys: tuple[str, ...]) -> bool:
+    return any(key in header for key in keys)
+
+
+def csv_header(text: str) -> list[str]:
+    """The stripped names of a CSV text's first row ([] when it cannot be read: csv_records says why)."""
+    try:
+        return [name.strip() for name in next(csv.reader(io.StringIO(text, newline="")), [])]
+    except csv.Error:
+        return []
+
+
+def csv_records(path: Path, text: str, columns: tuple[tuple[tuple[str, ...], str], ...]):
+    """(where, {column: cell}) per non-blank row of a CSV file with a header, as the EAR .csv files
+    are. The header must have one of each group of `columns`, ((keys, what), ...); a row with more
+    fields than the header (an unquoted comma) is refused rather than cut short."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [name.strip() for name in next(reader)]
+        for keys, what in columns:
+            if not has_column(header, keys):
+                raise ValueError(f"{path} line 1: the header ({','.join(header)}) has no {what} column "
+                                 f"(one of {', '.join(keys)})")
+        last_line = reader.line_num
+        for row in reader:
+            first_line, last_line = last_line + 1, reader.line_num  # a quoted field may span lines
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) > len(header):
+                raise ValueError(f"{path} line {first_line}: {len(row)} fields, the header has {len(header)} "
+                                 "(an unquoted comma?)")
+            yield f"{path} line {first_line}", dict(zip(header, row))
+    except csv.Error as error:
+        raise ValueError(f"{path} line {reader.line_num}: malformed CSV ({error})") from None
+
+
+def read_prompt_records(path: str | os.PathLike, what: str = "prompt file") -> list[tuple[str, dict]]:
+    """(where, record) per prompt of a prompt file, `where` naming the file and line. One set of
+    rules for every command that reads prompts (sample --prompts-file, erase --preserve, eval
+    --benchmark and --preserve):
+
+      .txt              one prompt per non-blank line
+      .csv              a header with a prompt column (one of PROMPT_KEYS), one row per prompt
+      a JSON list       of prompts (strings) or of objects with a prompt (.json, or any file that
+                        starts with "[")
+      JSON lines        one prompt or object per line (.jsonl, .ndjson, or any file that starts with "{")
+      anything else     one prompt per non-blank line
+
+    An object's prompt is its "prompt", else its anchor prompt (ANCHOR_PROMPT_KEYS: a pairs file's
+    prompts that must stay drawable). Each record is the object with "prompt" set to that prompt,
+    stripped; a string or a line is {"prompt": it}. Repeats are kept (the caller decides).
+    FileNotFoundError or ValueError naming the file (and line) for anything wrong in it."""
+    path = Path(path).expanduser()
+    text = read_text_file(path, what)
+    kind = None if path.suffix.lower() == ".txt" else file_format(path, text)
+    if kind == "csv":
+        entries = csv_records(path, text, ((PROMPT_KEYS, "prompt"),))
+    elif kind is not None and text.lstrip().startswith(("[", "{")):
+        entries = (json_list_records if text.lstrip()[0] == "[" else jsonl_records)(path, text)
+    elif kind is not None:
+        entries = (json_list_records if kind == "json" else jsonl_records)(path, text)
+    else:
+        entries = [(f"{path} line {number}", line) for number, line in enumerate(text.splitlines(), 1)
+                   if line.strip()]
+    records = []
+    for where, entry in entries:
+        if isinstance(entry, str):
+            entry = {"prompt": entry}
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected a prompt or an object with a prompt, got {type(entry).__name__}")
+        prompt = pick_text(entry, ("prompt",), where) or pick_text(entry, ANCHOR_PROMPT_KEYS, where)
+        if prompt is None:
+            raise ValueError(f"{where}: no prompt (a 'prompt', or an anchor prompt: one of "
+                             f"{', '.join(ANCHOR_PROMPT_KEYS)})")
+        records.append((where, {**entry, "prompt": prompt}))
+    if not records:
+        raise ValueError(f"{path} holds no prompts")
+    return records
+
+
+def read_prompts(path: str | os.PathLike, what: str = "prompt file") -> list[str]:
+    """The prompts of a prompt file (read_prompt_records), stripped, in order, repeats kept."""
+    return [record["prompt"] for _, record in read_prompt_records(path, what)]
 
 
 # ---------------------------------------------------------------- writing files

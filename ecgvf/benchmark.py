@@ -15,14 +15,12 @@ It is read from any of:
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from earkit.io import parse_json, read_text_file, unencodable
+from earkit.io import jsonl_records, parse_json, read_prompt_records, read_text_file, unencodable
 
 ROLES = ("target", "preserve")
 
@@ -70,19 +68,6 @@ def unique(prompts: list[BenchmarkPrompt]) -> list[BenchmarkPrompt]:
     return kept
 
 
-def jsonl_objects(path: Path, text: str) -> list[tuple[str, dict]]:
-    records = []
-    for number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = parse_json(line, f"{path} line {number}")
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} line {number}: malformed JSON ({error.msg})") from None
-        records.append((f"{path} line {number}", record))
-    return records
-
-
 def is_benchmark_jsonl(path: Path, text: str) -> bool:
     first = text.lstrip()
     if not first.startswith("{"):
@@ -95,48 +80,17 @@ def is_benchmark_jsonl(path: Path, text: str) -> bool:
     return isinstance(record, dict) and "role" in record
 
 
-def read_prompt_records(path: Path, text: str) -> list[tuple[str, dict]]:
-    """(where, record) per prompt of an evaluation prompt file."""
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return [(f"{path} line {n}", {"prompt": line}) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    if suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(text, newline="")))
-        if not rows or "prompt" not in rows[0]:
-            raise ValueError(f"{path} line 1: a prompt CSV needs a 'prompt' column")
-        return [(f"{path} row {n}", row) for n, row in enumerate(rows, 2)]
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            document = parse_json(text, str(path))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} line {error.lineno}: malformed JSON ({error.msg})") from None
-        return [(f"{path} entry {n}", {"prompt": r} if isinstance(r, str) else r) for n, r in enumerate(document, 1)]
-    if stripped.startswith("{"):
-        return jsonl_objects(path, text)
-    return [(f"{path} line {n}", {"prompt": line}) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-
-
 def load_prompt_file(path, *, concept: str | None = None, what: str = "prompt file") -> list[BenchmarkPrompt]:
-    """Prompts of an evaluation prompt file; each prompt's concept from its "concept" field, else `concept`."""
-    path = Path(path).expanduser()
-    text = read_text_file(path, what)
-    prompts = []
-    for where, record in read_prompt_records(path, text):
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected an object with a 'prompt', got {type(record).__name__}")
-        prompt = text_field(record, "prompt", where)
-        if prompt is None:
-            raise ValueError(f"{where}: has no 'prompt' text")
-        prompts.append(BenchmarkPrompt(prompt, text_field(record, "concept", where) or concept))
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
+    """Prompts of a prompt file, read as every prompt file is (earkit.io.read_prompt_records); each
+    prompt's concept from its "concept" field, else `concept`."""
+    prompts = [BenchmarkPrompt(clean(record["prompt"]), text_field(record, "concept", where) or concept)
+               for where, record in read_prompt_records(path, what)]
     return unique(prompts)
 
 
 def load_benchmark_jsonl(path: Path, text: str, concept: str | None) -> Benchmark:
     roles = {role: [] for role in ROLES}
-    for where, record in jsonl_objects(path, text):
+    for where, record in jsonl_records(path, text):
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected an object")
         prompt, role = text_field(record, "prompt", where), record.get("role")
@@ -164,7 +118,7 @@ def load_benchmark(path, *, concept: str | None = None, preserve=None, max_promp
     """A Benchmark from a pairs file, a prompt file or a benchmark JSONL (module docstring);
     `preserve` adds the prompts of a second file as preservation prompts. The first max_prompts
     of each role are kept."""
-    from earkit.engine.pair_files import load_pairs
+    from earkit.engine.pair_files import EvaluationPromptFile, load_pairs
 
     path = Path(path).expanduser()
     text = read_text_file(path, "benchmark file")
@@ -174,9 +128,7 @@ def load_benchmark(path, *, concept: str | None = None, preserve=None, max_promp
     else:
         try:
             pairs = load_pairs(path)
-        except ValueError as error:
-            if "evaluation prompt file" not in str(error) and "'prompt'" not in str(error):
-                raise
+        except EvaluationPromptFile:
             if concept is None:
                 raise ValueError(f"{path} is a prompt file without concept/anchor pairs: give --concept (the concept "
                                  "its prompts ask for)") from None

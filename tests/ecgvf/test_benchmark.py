@@ -67,3 +67,27 @@ def test_bad_files_name_the_problem(tmp_path):
         load_benchmark(empty)
     with pytest.raises(ValueError, match="max_prompts"):
         load_benchmark(EAR_DATA / "train_church.json", max_prompts=0)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("eval.jsonl", '{"prompt": "a star"}\n{"prompt": "a big star", "concept": "big star"}\n'),
+    ("eval.json", '[{"prompt": "a star"}, {"prompt": "a big star", "concept": "big star"}]'),
+    ("eval.csv", "case,prompt,concept\n1,a star,\n2,a big star,big star\n"),
+])
+def test_a_file_of_single_prompts_is_read_as_target_prompts(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    benchmark = load_benchmark(path, concept="star")
+    assert benchmark.kind == "prompts" and benchmark.preserve == []
+    assert [(p.prompt, p.concept) for p in benchmark.target] == [("a star", "star"), ("a big star", "big star")]
+    with pytest.raises(ValueError, match="--concept"):
+        load_benchmark(path)
+
+
+def test_only_a_file_of_single_prompts_is_read_as_prompts(tmp_path):
+    """A pairs file with a bad record is refused as such, naming the record, whatever its message says."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"concept_prompt": "a star", "anchor_prompt": "a moon"}\n'
+                    '{"concept_prompt": "a star", "anchor_prompt": {"prompt": "a moon"}}\n')
+    with pytest.raises(ValueError, match="line 2: 'anchor_prompt' must be a string"):
+        load_benchmark(path, concept="star")

@@ -122,6 +122,8 @@ def test_jsonl_write_refuses_overwrite_without_force(tmp_path):
     write_pairs_jsonl([PromptPair("a", "b")], path, force=True)
     assert load_pairs(path) == [PromptPair("a", "b")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]
+    with pytest.raises(IsADirectoryError, match="is a folder, not a pairs file"):
+        write_pairs_jsonl([PromptPair("a", "b")], tmp_path, force=True)
 
 
 def test_jsonl_write_refuses_bad_pairs(tmp_path):
