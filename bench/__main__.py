@@ -4,7 +4,7 @@
     python -m earkit.bench kernels --quick
     python -m earkit.bench kernels --linear-only --full-shapes --plot linear.png --out bench/RESULTS.md
 
-Subcommands: `kernels` (the loss ops on CPU against the torch eager chain, bench/kernels.py, then
+Subcommands: `kernels` (the loss ops on CPU against the torch eager chain, bench/loss_ops.py, then
 the fused linear + loss ops against torch eager, torch.compile, Liger and cut-cross-entropy,
 bench/linear.py),
 `engine` (sampler and erasure step at the Janus-Pro shapes with random weights, bench/engine.py),
@@ -66,9 +66,9 @@ def main(argv=None) -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
     if args.command == "kernels":
-        from . import kernels
+        from . import loss_ops
 
-        kernels.main(args)
+        loss_ops.main(args)
     elif args.command == "engine":
         from . import engine
 

@@ -34,8 +34,8 @@ directly, so they come before the engine's long stages):
       windows of 50 (3 at T = 8) and a window threshold; both fused ops on (B, T) = (2, 576) and
       (1, 8), H = 2048, V = 16384, fp32 and bf16, "mean" and "none", head frozen (d hidden only)
       and trained (d weight and d bias too), threshold, windows and window threshold.
-    The expected loss and gradients come from an independent float64 formula (log_softmax and
-    autograd) on the same rounded inputs. PASS when max |loss error| <= tol * max |loss| and,
+    The expected loss and gradients come from the float64 oracles the op tests use
+    (earkit.kernels.testing: log_softmax, autograd, loops over the windows) on the same rounded inputs. PASS when max |loss error| <= tol * max |loss| and,
     for each gradient, max |error| <= tol * max |gradient| (fp32 1e-4, 1e-4; bf16 1e-3 for the
     fp32 loss, 2e-2 for the bf16 gradient), and with inplace_backward=False the logits are left
     untouched. Thresholds sit in the widest gap between neighbouring losses near the median, so
@@ -84,8 +84,9 @@ perf_counter, measures memory with the profiler (earkit.bench.memory) and compil
 backend="aot_eager", so CI runs every code path of this script without a GPU.
 
 It uses only the public kernel API (earkit.kernels.*, backend_name,
-linear_cross_entropy.flops) and three layout knobs (triton_cross_entropy.force_splits,
-force_block_v, linear_cross_entropy.force_chunk_rows), so it outlives changes inside the kernels.
+linear_cross_entropy.flops), the float64 oracles of earkit.kernels.testing and three layout
+knobs (triton_cross_entropy.force_splits, force_block_v, linear_cross_entropy.force_chunk_rows), so
+it outlives changes inside the kernels.
 """
 
 import argparse
@@ -104,12 +105,6 @@ import time
 import traceback
 import warnings
 
-if __name__ == "__main__" and sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
-    # Run as `python bench/gpu_check.py`, bench/ is first on sys.path, and its kernels.py and
-    # memory.py would shadow top-level modules of those names (Hugging Face's `kernels`
-    # package is probed for by name); earkit is imported from the installed package instead.
-    sys.path.pop(0)
-
 SMOKE = "--smoke" in sys.argv[1:]
 if SMOKE and __name__ == "__main__":
     # Triton reads TRITON_INTERPRET when it is imported, so this must come before torch and
@@ -119,7 +114,6 @@ if SMOKE and __name__ == "__main__":
     os.environ["EARKIT_BACKEND"] = "triton"
 
 import torch
-import torch.nn.functional as F
 
 ETA = 1.0
 MB = 1 << 20
@@ -266,7 +260,7 @@ def layout_name(knobs: dict) -> str:
     return ", ".join(words[k].format(v) for k, v in knobs.items() if v is not None) or "auto"
 
 
-# ---------------------------------------------------------------- inputs and the float64 reference
+# ---------------------------------------------------------------- inputs and the float64 oracle
 
 
 def make_inputs(shape, dtype, device, seed=0) -> dict:
@@ -288,28 +282,23 @@ def grad_input_name(op: str) -> str:
     return "logits" if op == "masked" else "student"
 
 
-def reference_token_loss(op: str, inputs: dict, x):
-    """Per-token loss in float64, differentiable in x (the logits or the student)."""
-    if op == "masked":
-        return torch.logsumexp(x, -1) - x.gather(-1, inputs["target"][..., None]).squeeze(-1)
-    log_p = F.log_softmax((1 + ETA) * inputs["anchor"].double() - ETA * inputs["concept"].double(), -1)
-    log_q = F.log_softmax(x, -1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+def oracle_token_loss(op: str, inputs: dict):
+    """Per-token loss l_i (N,) in float64 from the oracle's pieces (earkit.kernels.testing)."""
+    from earkit.kernels import testing as oracle
+
+    with torch.no_grad():
+        if op == "masked":
+            return oracle.hard_token_loss(inputs["logits"].double(), inputs["target"])
+        target_logits = oracle.guided_target(inputs["concept"].double(), inputs["anchor"].double(), ETA)
+        return oracle.guided_token_loss(inputs["student"].double(), target_logits)
 
 
-def window_sums(values, window: int):
-    """(B, T) -> (B, number of windows): sums over windows of `window` positions (the last may be short)."""
-    n_windows = -(-values.shape[1] // window)
-    padded = F.pad(values, (0, n_windows * window - values.shape[1]))
-    return padded.view(values.shape[0], n_windows, window).sum(-1)
+def oracle_window_sums(token_loss, threshold, rows_shape, window: int):
+    """The window sums L_w of the tokens kept at `threshold`, none dropped (a window_threshold of -inf)."""
+    from earkit.kernels import testing as oracle
 
-
-def reference_weights(token_loss, threshold, window, window_threshold):
-    keep = (token_loss > threshold).double()
-    if window is None:
-        return keep
-    gate = (window_sums(keep * token_loss, window) > window_threshold).double()
-    return keep * gate.repeat_interleave(window, dim=1)[:, : token_loss.shape[1]]
+    keep = oracle.token_mask(token_loss, threshold)
+    return oracle.window_weights(token_loss, keep, rows_shape, window, -math.inf)[1]
 
 
 def threshold_in_gap(values):
@@ -323,17 +312,17 @@ def threshold_in_gap(values):
     return float((s[i - 1] + s[i]) / 2), float(gaps.max() / 2)
 
 
-def reference_result(op, inputs, threshold, window, window_threshold, reduction, upstream):
-    x = inputs[grad_input_name(op)].double().requires_grad_(True)
-    token_loss = reference_token_loss(op, inputs, x)
-    weight = reference_weights(token_loss.detach(), threshold, window, window_threshold)
-    if reduction == "mean":
-        out = (weight * token_loss).sum() / weight.sum().clamp_min(1)
-        (grad,) = torch.autograd.grad(out, x)
+def oracle_result(op, inputs, threshold, window, window_threshold, reduction, upstream):
+    """(loss, gradient) of the logits-level op in float64, from earkit.kernels.testing."""
+    from earkit.kernels import testing as oracle
+
+    options = dict(threshold=threshold, window=window, window_threshold=window_threshold, reduction=reduction,
+                   grad_output=upstream if reduction == "none" else None)
+    if op == "masked":
+        want = oracle.masked_cross_entropy(inputs["logits"], inputs["target"], **options)
     else:
-        out = weight * token_loss
-        (grad,) = torch.autograd.grad((out * upstream.double()).sum(), x)
-    return out.detach(), grad
+        want = oracle.guided_cross_entropy(inputs["student"], inputs["concept"], inputs["anchor"], eta=ETA, **options)
+    return want.loss, want.grads[0]
 
 
 def earkit_loss(op, x, inputs, **options):
@@ -396,15 +385,13 @@ def logits_checks(emit, deadline, device, group, shape, dtype, window, knobs_lis
                   "out_of_time": True})
             continue
         try:
-            with torch.no_grad():
-                x64 = inputs[grad_input_name(op)].double()
-                token_loss = reference_token_loss(op, inputs, x64)
-                threshold, margin = threshold_in_gap(token_loss)
-                window_threshold, window_margin = None, math.nan
-                if window:
-                    kept = (token_loss > threshold).double() * token_loss
-                    window_threshold, window_margin = threshold_in_gap(window_sums(kept, window))
-                del x64, token_loss
+            token_loss = oracle_token_loss(op, inputs)
+            threshold, margin = threshold_in_gap(token_loss)
+            window_threshold, window_margin = None, math.nan
+            if window:
+                window_threshold, window_margin = threshold_in_gap(
+                    oracle_window_sums(token_loss, threshold, shape[:-1], window))
+            del token_loss
             options = {"threshold": threshold}
             if window:
                 options.update(window=window, window_threshold=window_threshold)
@@ -414,7 +401,7 @@ def logits_checks(emit, deadline, device, group, shape, dtype, window, knobs_lis
             continue
         for reduction in reductions:
             try:
-                expected = reference_result(op, inputs, threshold, window, window_threshold, reduction, upstream)
+                expected = oracle_result(op, inputs, threshold, window, window_threshold, reduction, upstream)
             except Exception as error:  # say so in every row it would have served
                 traceback.print_exc()
                 expected = error
@@ -441,28 +428,17 @@ def logits_checks(emit, deadline, device, group, shape, dtype, window, knobs_lis
 # ---------------------------------------------------------------- (a) correctness, fused linear + loss
 
 
-def linear_reference(op, x, weight, bias, threshold, window, window_threshold, reduction, upstream, train_head):
-    """Loss and gradients (hidden, then weight and bias when train_head) in float64."""
-    h = x["student" if op == "guided" else "hidden"].double().requires_grad_(True)
-    w = weight.double().requires_grad_(train_head)
-    b = bias.double().requires_grad_(train_head)
-    head = lambda t: t @ w.t() + b  # noqa: E731
+def linear_oracle(op, x, weight, bias, threshold, window, window_threshold, reduction, upstream, train_head):
+    """The fused op's float64 oracle (earkit.kernels.testing): .loss, .grads (hidden, then weight and
+    bias when train_head), .token_loss."""
+    from earkit.kernels import testing as oracle
+
+    options = dict(threshold=threshold, window=window, window_threshold=window_threshold, reduction=reduction,
+                   grad_output=upstream if reduction == "none" else None, head_grads=train_head)
     if op == "masked":
-        z = head(h)
-        token_loss = torch.logsumexp(z, -1) - z.gather(-1, x["target"][..., None]).squeeze(-1)
-    else:
-        with torch.no_grad():
-            log_p = F.log_softmax((1 + ETA) * head(x["anchor"].double()) - ETA * head(x["concept"].double()), -1)
-        log_q = F.log_softmax(head(h), -1)
-        token_loss = (log_p.exp() * (log_p - log_q)).sum(-1)
-    weights = reference_weights(token_loss.detach(), threshold, window, window_threshold)
-    if reduction == "mean":
-        out = (weights * token_loss).sum() / weights.sum().clamp_min(1)
-        grads = torch.autograd.grad(out, [h, w, b] if train_head else [h])
-    else:
-        out = weights * token_loss
-        grads = torch.autograd.grad((out * upstream.double()).sum(), [h, w, b] if train_head else [h])
-    return out.detach(), grads
+        return oracle.linear_masked_cross_entropy(x["hidden"], weight, x["target"], bias, **options)
+    return oracle.linear_guided_cross_entropy(x["student"], x["concept"], x["anchor"], weight, bias, eta=ETA,
+                                              **options)
 
 
 def linear_earkit(op, x, weight, bias, options, reduction, upstream, train_head):
@@ -494,15 +470,13 @@ def linear_checks(emit, deadline, device, group, label, x, weight, bias, dtype, 
                   "out_of_time": True})
             continue
         try:
-            # Every weight is 1 at -inf thresholds: "none" gives the per-token loss.
-            token_loss, _ = linear_reference(op, x, weight, bias, -math.inf, None, None, "none",
-                                             torch.ones_like(upstream), False)
+            token_loss = linear_oracle(op, x, weight, bias, None, None, None, "mean", None, False).token_loss
             threshold, _ = threshold_in_gap(token_loss)
             options = {"threshold": threshold}
             window_threshold = None
             if window:
-                kept = (token_loss > threshold).double() * token_loss
-                window_threshold, _ = threshold_in_gap(window_sums(kept, window))
+                window_threshold, _ = threshold_in_gap(
+                    oracle_window_sums(token_loss, threshold, x["target"].shape, window))
                 options.update(window=window, window_threshold=window_threshold)
             del token_loss
         except Exception as error:
@@ -512,7 +486,7 @@ def linear_checks(emit, deadline, device, group, label, x, weight, bias, dtype, 
         for reduction in reductions:
             for train_head in heads:
                 try:
-                    want = linear_reference(op, x, weight, bias, threshold, window, window_threshold, reduction,
+                    want = linear_oracle(op, x, weight, bias, threshold, window, window_threshold, reduction,
                                             upstream, train_head)
                 except Exception as error:
                     traceback.print_exc()
@@ -523,7 +497,7 @@ def linear_checks(emit, deadline, device, group, label, x, weight, bias, dtype, 
                     try:
                         if isinstance(want, Exception):
                             raise want
-                        want_out, want_grads = want
+                        want_out, want_grads = want.loss, want.grads
                         with layout(**knobs):
                             out, grads = linear_earkit(op, x, weight, bias, options, reduction, upstream, train_head)
                         loss_rel = float((out.double() - want_out).abs().max()) / max(float(want_out.abs().max()), 1e-6)
@@ -646,7 +620,7 @@ def peak_extra_mb(loss_fn, base, device):
 
 def timing_impls(op, inputs, threshold, compile_backend):
     """[(impl, loss_fn(leaf))], the eager row first; compile_backend None leaves torch.compile out."""
-    from earkit.bench.kernels import guided_eager, hard_eager  # the eager chains, shared with the CPU table
+    from earkit.bench.baselines import guided_eager, hard_eager  # the eager chains, shared with the CPU tables
 
     if op == "masked":
         eager_fn, extra = hard_eager, (inputs["target"], threshold)
@@ -678,10 +652,7 @@ def run_timings(emit, shapes, device, reps, warmup, compile_backend, only=None):
         n = shape[0] * shape[1]
         for op in ("masked", "guided"):
             try:
-                with torch.no_grad():
-                    x64 = inputs[grad_input_name(op)].double()
-                    threshold = float(reference_token_loss(op, inputs, x64).median())  # keeps about half
-                    del x64
+                threshold = float(oracle_token_loss(op, inputs).median())  # keeps about half
             except Exception as error:
                 emit({"kind": "error", "what": f"timing threshold {op} N={n}", "message": short_error(error)})
                 continue

@@ -12,7 +12,7 @@ that rate as a percent of a plain bf16 N x H @ H x V matmul timed in the same ru
 peak extra memory of one fwd+bwd.
 
 The implementations (a row per one that is installed; the others say why they are missing):
-  torch eager       F.linear, then the logits-level eager chain of bench/kernels.py
+  torch eager       F.linear, then the logits-level eager chain of bench/baselines.py
   torch.compile     the same function compiled (inductor; --no-compile leaves it out)
   earkit            the fused op with the token threshold (and, for guided, the target)
   Liger fused linear CE, cut-cross-entropy (Apple)
@@ -35,10 +35,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from earkit.kernels import linear_guided_cross_entropy, linear_masked_cross_entropy
-from earkit.kernels.cross_entropy import backend_name
+from earkit.kernels import backend_name, linear_guided_cross_entropy, linear_masked_cross_entropy
 
-from .kernels import ETA, guided_eager, hard_eager
+from .baselines import ETA, cpu_name, guided_eager, hard_eager
 from .memory import MB, cpu_peak_extra_bytes
 
 CPU_SHAPES = [(576, 256, 16384), (1152, 256, 16384), (1152, 512, 16384)]
@@ -294,8 +293,6 @@ def header(device, dtype, repeats, warmup) -> str:
     if device.type == "cuda":
         where = torch.cuda.get_device_name()
     else:
-        from .kernels import cpu_name
-
         where = f"{cpu_name()}, {torch.get_num_threads()} threads"
     return (
         f"### Fused linear + loss, {when}\n\n"

@@ -107,7 +107,7 @@ def main(args) -> list[dict]:
 def markdown(rows: list[dict], shown: str, args) -> str:
     import torch
 
-    from .kernels import cpu_name
+    from .baselines import cpu_name
 
     threads = os.environ.get("OMP_NUM_THREADS", "not set")
     lines = [f"### `{shown}` on a busy machine, {datetime.now():%Y-%m-%d %H:%M}", "",

@@ -4,7 +4,7 @@
     pytest bench/test_kernels_cpu.py --benchmark-only --benchmark-group-by=param:op,param:dtype
 
 Not part of the default test run (pyproject's testpaths is tests/). The same shape and the same
-losses as `python -m earkit.bench kernels` (bench/kernels.py): N = 2304 tokens, V = 16384,
+losses as `python -m earkit.bench kernels` (bench/loss_ops.py): N = 2304 tokens, V = 16384,
 fp32 and bf16, threshold = the median fp32 loss; each round gets a fresh clone of the logits,
 made in setup, outside the timed region (the in-place backward consumes it). Peak memory is
 not measured here: that is what `python -m earkit.bench kernels` adds. The last cases are the
@@ -14,16 +14,8 @@ fused linear + loss ops (bf16, N = 576, H = 256, V = 16384) against F.linear + t
 import pytest
 import torch
 
-from earkit.bench.kernels import (
-    DTYPES,
-    fwd_bwd,
-    guided_earkit,
-    guided_eager,
-    hard_earkit,
-    hard_eager,
-    make_inputs,
-    median_thresholds,
-)
+from earkit.bench.baselines import guided_eager, hard_eager
+from earkit.bench.loss_ops import DTYPES, fwd_bwd, guided_earkit, hard_earkit, make_inputs, median_thresholds
 
 N, V = 2304, 16384
 ROUNDS = 5

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-import earkit.kernels  # noqa: F401  (registers torch.ops.earkit.*)
-from earkit.kernels import reference
+from earkit.kernels import guided_cross_entropy, linear_guided_cross_entropy, reference
 
 from .model import generation_features, image_logits
 
@@ -57,26 +56,21 @@ def token_kl(model, student_hidden: Tensor, teacher: TeacherStates, *, eta: floa
              window_threshold) -> tuple[Tensor, Tensor]:
     window = min(window, student_hidden.shape[1])
     if fused_head(model):
-        # The op itself (not the public wrapper) also hands back the per-token weights; the
-        # trainer validated every argument when it read its config. The head's last Linear is
-        # frozen, so only d features is computed (into the rest of the head and the model).
+        # The head's last Linear is frozen, so only d features is computed (into the rest of the
+        # head and the model); return_weights hands back the per-token weights a_i too.
         layer = _head_layer(model)
         features = generation_features(model, student_hidden)
-        teacher_features = (x.to(features.dtype) for x in (teacher.concept, teacher.anchor))
-        loss, weight, *_ = torch.ops.earkit.linear_guided_cross_entropy(
-            features, *teacher_features, layer.weight, layer.bias, float(eta), token_threshold, window,
-            window_threshold, "mean", torch.is_grad_enabled() and features.requires_grad, False, False,
+        concept, anchor = (x.to(features.dtype) for x in (teacher.concept, teacher.anchor))
+        return linear_guided_cross_entropy(
+            features, concept, anchor, layer.weight, layer.bias, eta=float(eta), threshold=token_threshold,
+            window=window, window_threshold=window_threshold, reduction="mean", return_weights=True,
         )
-        return loss, weight
     student_logits = image_logits(model, student_hidden)
-    # The op itself (not the public wrapper) also hands back the per-token weights; the trainer
-    # validated every argument when it read its config. The gradient is written into the
-    # student logits in place: one B x T x V buffer for it, not two.
-    loss, weight, _, _ = torch.ops.earkit.guided_cross_entropy(
-        student_logits, teacher.concept, teacher.anchor, float(eta), token_threshold, window, window_threshold,
-        "mean", True,
+    # The gradient is written into the student logits in place: one B x T x V buffer for it, not two.
+    return guided_cross_entropy(
+        student_logits, teacher.concept, teacher.anchor, eta=float(eta), threshold=token_threshold, window=window,
+        window_threshold=window_threshold, reduction="mean", inplace_backward=True, return_weights=True,
     )
-    return loss, weight
 
 
 def hidden_mse(student_hidden: Tensor, teacher: TeacherStates, *, eta: float, token_threshold, window: int,

@@ -10,7 +10,8 @@ The ops are also registered as torch.ops.earkit.* custom ops. See DESIGN.md, "Ke
 contract", for the math; `reference.py` is the readable spec.
 """
 
-from .cross_entropy import backend_name, guided_cross_entropy, masked_cross_entropy
+from ._shared import backend_name
+from .cross_entropy import guided_cross_entropy, masked_cross_entropy
 from .linear_cross_entropy import linear_guided_cross_entropy, linear_masked_cross_entropy
 from .modules import (
     GuidedCrossEntropyLoss,

@@ -25,7 +25,7 @@ d hidden and the backward multiplies row i by g_i (or g / sum a). d weight sums 
 a scalar upstream ("mean", "sum") it is scaled the same way; for reduction="none" the
 backward recomputes it chunk by chunk with the per-row upstream gradient.
 
-The backends are those of the logits-level ops (cross_entropy.py): Triton (the row kernels of
+The backends are those of the logits-level ops (chosen in _shared.py): Triton (the row kernels of
 triton_cross_entropy.py, the logits kernel of triton_linear_cross_entropy.py, cuBLAS for the
 gradient products), the native C++ twin (its row kernels, fp32 BLAS through torch for the
 products), the pure-torch reference. `inplace_backward` is accepted for the contract's sake and
@@ -40,14 +40,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .cross_entropy import (
-    _backend,
-    _check_common,
-    _check_finite,
-    _check_float_tensor,
-    _check_ignore_index,
-    _check_target_values,
-    _reduce,
+from ._shared import (
+    backend_module,
+    check_backend,
+    check_common,
+    check_finite,
+    check_float_tensor,
+    check_ignore_index,
+    check_same_layout,
+    check_target,
+    check_target_values,
+    reduce_loss,
 )
 
 # Rows per chunk, from a memory budget: the chunk's fp32 logits (two buffers for the guided loss)
@@ -61,9 +64,9 @@ CHUNK_BYTES = {"cuda": 112 << 20, "cpu": 32 << 20}
 force_chunk_rows: int | None = None
 
 
-def _linear_backend(device: torch.device) -> SimpleNamespace:
+def _linear_backend(device: torch.device, backend: Optional[str]) -> SimpleNamespace:
     """The row functions of the logits-level backend plus its three matmul helpers."""
-    rows = _backend(device)
+    rows = backend_module(device, backend)
     if rows.__name__.endswith("triton_cross_entropy"):
         from . import triton_linear_cross_entropy as products
     else:
@@ -172,14 +175,14 @@ def _gate(backend, loss_c, weights_c, seq_len, window, window_threshold) -> None
 
 
 def _hard_chunks(hidden, weight, bias, target, ignore_index, threshold, window, window_threshold,
-                 need_hidden, need_weight, need_bias, row_scale=None):
+                 need_hidden, need_weight, need_bias, row_scale=None, backend=None):
     """Steps 1-3 over every chunk. With row_scale given (the backward's recompute), the gradient
     uses it instead of the weights a_i and the loss outputs are not wanted."""
-    backend = _linear_backend(hidden.device)
+    backend = _linear_backend(hidden.device, backend)
     hidden_rows = hidden.reshape(-1, hidden.shape[-1])
     target_rows = target.reshape(-1).contiguous()
     n_rows, n_cols = hidden_rows.shape[0], weight.shape[0]
-    _check_target_values(target_rows, n_cols, ignore_index)
+    check_target_values(target_rows, n_cols, ignore_index)
     weight_mm = backend.linear_weight(weight)
     sink = _GradientSink(hidden_rows, weight, n_cols, need_hidden, need_weight, need_bias)
     loss, weights, lse = (torch.empty(n_rows, dtype=torch.float32, device=hidden.device) for _ in range(3))
@@ -205,8 +208,8 @@ def _hard_chunks(hidden, weight, bias, target, ignore_index, threshold, window, 
 
 
 def _guided_chunks(h_student, h_concept, h_anchor, weight, bias, eta, threshold, window, window_threshold,
-                   need_hidden, need_weight, need_bias, row_scale=None):
-    backend = _linear_backend(h_student.device)
+                   need_hidden, need_weight, need_bias, row_scale=None, backend=None):
+    backend = _linear_backend(h_student.device, backend)
     n_inner = h_student.shape[-1]
     s_rows, c_rows, a_rows = (x.reshape(-1, n_inner) for x in (h_student, h_concept, h_anchor))
     n_rows, n_cols = s_rows.shape[0], weight.shape[0]
@@ -309,38 +312,39 @@ def _weight_grads(ctx, grad_weight, grad_bias, factor):
 def _linear_masked_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, threshold: Optional[float],
     ignore_index: int, window: Optional[int], window_threshold: Optional[float], reduction: str,
-    need_hidden_grad: bool, need_weight_grad: bool, need_bias_grad: bool,
+    need_hidden_grad: bool, need_weight_grad: bool, need_bias_grad: bool, backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # d weight needs the per-row upstream gradient for reduction="none": the backward does it.
     forward_weight = reduction != "none"
     loss, weights, lse, sink = _hard_chunks(
         hidden, weight, bias, target, ignore_index, threshold, window, window_threshold,
-        need_hidden_grad, need_weight_grad and forward_weight, need_bias_grad and forward_weight,
+        need_hidden_grad, need_weight_grad and forward_weight, need_bias_grad and forward_weight, backend=backend,
     )
     rows_shape = hidden.shape[:-1]
-    return (_reduce(loss, weights, reduction, rows_shape), weights.reshape(rows_shape), lse.reshape(rows_shape),
+    return (reduce_loss(loss, weights, reduction, rows_shape), weights.reshape(rows_shape), lse.reshape(rows_shape),
             *sink.outputs(hidden, hidden.shape))
 
 
 @_linear_masked_op.register_fake
 def _(hidden, weight, bias, target, threshold, ignore_index, window, window_threshold, reduction,
-      need_hidden_grad, need_weight_grad, need_bias_grad):
+      need_hidden_grad, need_weight_grad, need_bias_grad, backend=None):
     return _fake_linear_outputs(hidden, weight, reduction, 2, need_hidden_grad, need_weight_grad, need_bias_grad)
 
 
 @torch.library.custom_op("earkit::linear_masked_cross_entropy_weight_backward", mutates_args=())
 def _linear_masked_weight_backward_op(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int, lse: Tensor,
-    row_scale: Tensor, need_weight_grad: bool, need_bias_grad: bool,
+    row_scale: Tensor, need_weight_grad: bool, need_bias_grad: bool, backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
     _, _, _, sink = _hard_chunks(hidden, weight, bias, target, ignore_index, None, None, None, False,
-                                 need_weight_grad, need_bias_grad, row_scale=(row_scale, lse.reshape(-1)))
+                                 need_weight_grad, need_bias_grad, row_scale=(row_scale, lse.reshape(-1)),
+                                 backend=backend)
     _, dw, db = sink.outputs(hidden, hidden.shape)
     return dw, db
 
 
 @_linear_masked_weight_backward_op.register_fake
-def _(hidden, weight, bias, target, ignore_index, lse, row_scale, need_weight_grad, need_bias_grad):
+def _(hidden, weight, bias, target, ignore_index, lse, row_scale, need_weight_grad, need_bias_grad, backend=None):
     n_cols, n_inner = weight.shape
     return (hidden.new_empty((n_cols, n_inner) if need_weight_grad else 0, dtype=torch.float32),
             hidden.new_empty(n_cols if need_bias_grad else 0, dtype=torch.float32))
@@ -348,10 +352,10 @@ def _(hidden, weight, bias, target, ignore_index, lse, row_scale, need_weight_gr
 
 def _linear_masked_setup_context(ctx, inputs, output):
     (hidden, weight, bias, target, _, ignore_index, _, _, reduction, need_hidden_grad, need_weight_grad,
-     need_bias_grad) = inputs
+     need_bias_grad, backend) = inputs
     _, weights, lse, grad_hidden, grad_weight, grad_bias = output
     ctx.save_for_backward(hidden, weight, bias, target, weights, lse, grad_hidden, grad_weight, grad_bias)
-    ctx.ignore_index, ctx.reduction = ignore_index, reduction
+    ctx.ignore_index, ctx.reduction, ctx.backend = ignore_index, reduction, backend
     ctx.need_hidden_grad, ctx.need_weight_grad, ctx.need_bias_grad = need_hidden_grad, need_weight_grad, need_bias_grad
     ctx.weight_dtype = weight.dtype
     ctx.bias_dtype = bias.dtype if bias is not None else weight.dtype
@@ -362,17 +366,17 @@ def _linear_masked_setup_context(ctx, inputs, output):
 
 def _linear_masked_backward(ctx, grad_loss, *_unused):
     if grad_loss is None:
-        return (None,) * 12
+        return (None,) * 13
     hidden, weight, bias, target, weights, lse, grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
     factor = _upstream_factor(weights.reshape(-1), grad_loss, ctx.reduction)
     dh = _scaled_hidden_grad(grad_hidden, factor, weights, hidden) if ctx.need_hidden_grad else None
     if ctx.reduction == "none" and (ctx.need_weight_grad or ctx.need_bias_grad):
         grad_weight, grad_bias = torch.ops.earkit.linear_masked_cross_entropy_weight_backward(
             hidden, weight, bias, target, ctx.ignore_index, lse, (weights.reshape(-1) * factor).contiguous(),
-            ctx.need_weight_grad, ctx.need_bias_grad)
+            ctx.need_weight_grad, ctx.need_bias_grad, ctx.backend)
         factor = torch.ones((), device=hidden.device)
     dw, db = _weight_grads(ctx, grad_weight, grad_bias, factor)
-    return dh, dw, db, None, None, None, None, None, None, None, None, None
+    return dh, dw, db, None, None, None, None, None, None, None, None, None, None
 
 
 _linear_masked_op.register_autograd(_linear_masked_backward, setup_context=_linear_masked_setup_context)
@@ -385,21 +389,21 @@ _linear_masked_op.register_autograd(_linear_masked_backward, setup_context=_line
 def _linear_guided_op(
     h_student: Tensor, h_concept: Tensor, h_anchor: Tensor, weight: Tensor, bias: Optional[Tensor], eta: float,
     threshold: Optional[float], window: Optional[int], window_threshold: Optional[float], reduction: str,
-    need_hidden_grad: bool, need_weight_grad: bool, need_bias_grad: bool,
+    need_hidden_grad: bool, need_weight_grad: bool, need_bias_grad: bool, backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     forward_weight = reduction != "none"
     loss, weights, lse_student, lse_target, sink = _guided_chunks(
         h_student, h_concept, h_anchor, weight, bias, eta, threshold, window, window_threshold,
-        need_hidden_grad, need_weight_grad and forward_weight, need_bias_grad and forward_weight,
+        need_hidden_grad, need_weight_grad and forward_weight, need_bias_grad and forward_weight, backend=backend,
     )
     rows_shape = h_student.shape[:-1]
-    return (_reduce(loss, weights, reduction, rows_shape), weights.reshape(rows_shape),
+    return (reduce_loss(loss, weights, reduction, rows_shape), weights.reshape(rows_shape),
             lse_student.reshape(rows_shape), lse_target.reshape(rows_shape), *sink.outputs(h_student, h_student.shape))
 
 
 @_linear_guided_op.register_fake
 def _(h_student, h_concept, h_anchor, weight, bias, eta, threshold, window, window_threshold, reduction,
-      need_hidden_grad, need_weight_grad, need_bias_grad):
+      need_hidden_grad, need_weight_grad, need_bias_grad, backend=None):
     return _fake_linear_outputs(h_student, weight, reduction, 3, need_hidden_grad, need_weight_grad, need_bias_grad)
 
 
@@ -407,17 +411,18 @@ def _(h_student, h_concept, h_anchor, weight, bias, eta, threshold, window, wind
 def _linear_guided_weight_backward_op(
     h_student: Tensor, h_concept: Tensor, h_anchor: Tensor, weight: Tensor, bias: Optional[Tensor], eta: float,
     lse_student: Tensor, lse_target: Tensor, row_scale: Tensor, need_weight_grad: bool, need_bias_grad: bool,
+    backend: Optional[str] = None,
 ) -> tuple[Tensor, Tensor]:
     *_, sink = _guided_chunks(h_student, h_concept, h_anchor, weight, bias, eta, None, None, None, False,
                               need_weight_grad, need_bias_grad,
-                              row_scale=(row_scale, lse_student.reshape(-1), lse_target.reshape(-1)))
+                              row_scale=(row_scale, lse_student.reshape(-1), lse_target.reshape(-1)), backend=backend)
     _, dw, db = sink.outputs(h_student, h_student.shape)
     return dw, db
 
 
 @_linear_guided_weight_backward_op.register_fake
 def _(h_student, h_concept, h_anchor, weight, bias, eta, lse_student, lse_target, row_scale, need_weight_grad,
-      need_bias_grad):
+      need_bias_grad, backend=None):
     n_cols, n_inner = weight.shape
     return (h_student.new_empty((n_cols, n_inner) if need_weight_grad else 0, dtype=torch.float32),
             h_student.new_empty(n_cols if need_bias_grad else 0, dtype=torch.float32))
@@ -425,11 +430,11 @@ def _(h_student, h_concept, h_anchor, weight, bias, eta, lse_student, lse_target
 
 def _linear_guided_setup_context(ctx, inputs, output):
     (h_student, h_concept, h_anchor, weight, bias, eta, _, _, _, reduction, need_hidden_grad, need_weight_grad,
-     need_bias_grad) = inputs
+     need_bias_grad, backend) = inputs
     _, weights, lse_student, lse_target, grad_hidden, grad_weight, grad_bias = output
     ctx.save_for_backward(h_student, h_concept, h_anchor, weight, bias, weights, lse_student, lse_target,
                           grad_hidden, grad_weight, grad_bias)
-    ctx.eta, ctx.reduction = eta, reduction
+    ctx.eta, ctx.reduction, ctx.backend = eta, reduction, backend
     ctx.need_hidden_grad, ctx.need_weight_grad, ctx.need_bias_grad = need_hidden_grad, need_weight_grad, need_bias_grad
     ctx.weight_dtype = weight.dtype
     ctx.bias_dtype = bias.dtype if bias is not None else weight.dtype
@@ -440,7 +445,7 @@ def _linear_guided_setup_context(ctx, inputs, output):
 
 def _linear_guided_backward(ctx, grad_loss, *_unused):
     if grad_loss is None:
-        return (None,) * 13
+        return (None,) * 14
     (h_student, h_concept, h_anchor, weight, bias, weights, lse_student, lse_target, grad_hidden, grad_weight,
      grad_bias) = ctx.saved_tensors
     factor = _upstream_factor(weights.reshape(-1), grad_loss, ctx.reduction)
@@ -448,11 +453,11 @@ def _linear_guided_backward(ctx, grad_loss, *_unused):
     if ctx.reduction == "none" and (ctx.need_weight_grad or ctx.need_bias_grad):
         grad_weight, grad_bias = torch.ops.earkit.linear_guided_cross_entropy_weight_backward(
             h_student, h_concept, h_anchor, weight, bias, ctx.eta, lse_student, lse_target,
-            (weights.reshape(-1) * factor).contiguous(), ctx.need_weight_grad, ctx.need_bias_grad)
+            (weights.reshape(-1) * factor).contiguous(), ctx.need_weight_grad, ctx.need_bias_grad, ctx.backend)
         factor = torch.ones((), device=h_student.device)
     dw, db = _weight_grads(ctx, grad_weight, grad_bias, factor)
     # The teachers' hidden states are constants of the objective: they never get a gradient.
-    return dh, None, None, dw, db, None, None, None, None, None, None, None, None
+    return dh, None, None, dw, db, None, None, None, None, None, None, None, None, None
 
 
 _linear_guided_op.register_autograd(_linear_guided_backward, setup_context=_linear_guided_setup_context)
@@ -462,8 +467,8 @@ _linear_guided_op.register_autograd(_linear_guided_backward, setup_context=_line
 
 
 def _check_head(hidden_name: str, hidden: Tensor, weight, bias) -> None:
-    _check_float_tensor(hidden_name, hidden)
-    _check_float_tensor("weight", weight)
+    check_float_tensor(hidden_name, hidden)
+    check_float_tensor("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must be (V, H), got shape {tuple(weight.shape)}")
     if weight.shape[0] < 1:
@@ -477,7 +482,7 @@ def _check_head(hidden_name: str, hidden: Tensor, weight, bias) -> None:
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight has dtype {weight.dtype} but {hidden_name} has {hidden.dtype}")
     if bias is not None:
-        _check_float_tensor("bias", bias)
+        check_float_tensor("bias", bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({weight.shape[0]},) (weight's V)")
         if bias.device != hidden.device:
@@ -493,61 +498,53 @@ def _wants_grad(tensor: Optional[Tensor]) -> bool:
 def linear_masked_cross_entropy(
     hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, *, threshold: float | None = None,
     ignore_index: int = -100, window: int | None = None, window_threshold: float | None = None,
-    reduction: str = "mean", inplace_backward: bool = False,
-) -> Tensor:
+    reduction: str = "mean", inplace_backward: bool = False, return_weights: bool = False,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """masked_cross_entropy(hidden @ weight.T + bias, target, ...) without the N x V logits.
 
     hidden (..., H) (with `window`: (B, T, H)), weight (V, H), bias (V,) or None, all of one
     float dtype; target (...) integer class ids. Threshold, ignore_index, windows and reduction
     as in masked_cross_entropy. hidden gets a gradient; weight and bias get one only when they
     require grad. inplace_backward is accepted and changes nothing (there is no logits buffer).
+    return_weights=True returns (loss, weights), the per-token a_i; backend as in
+    masked_cross_entropy (EARKIT_BACKEND, when set, overrides it).
     """
     _check_head("hidden", hidden, weight, bias)
-    threshold, window_threshold = _check_common("hidden", hidden, threshold, window, window_threshold, reduction)
-    if not isinstance(target, Tensor):
-        raise ValueError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise ValueError(f"target must hold integer class ids, got dtype {target.dtype}")
-    if target.shape != hidden.shape[:-1]:
-        raise ValueError(f"target has shape {tuple(target.shape)}; expected {tuple(hidden.shape[:-1])} (hidden without H)")
-    if target.device != hidden.device:
-        raise ValueError(f"target is on {target.device} but hidden is on {hidden.device}")
-    ignore_index = _check_ignore_index(ignore_index)
-    loss, *_ = torch.ops.earkit.linear_masked_cross_entropy(
+    threshold, window_threshold = check_common("hidden", hidden, threshold, window, window_threshold, reduction)
+    check_target(target, "hidden", hidden)
+    ignore_index = check_ignore_index(ignore_index)
+    loss, weights, *_ = torch.ops.earkit.linear_masked_cross_entropy(
         hidden, weight, bias, target.long(), threshold, ignore_index, window, window_threshold, reduction,
-        _wants_grad(hidden), _wants_grad(weight), _wants_grad(bias),
+        _wants_grad(hidden), _wants_grad(weight), _wants_grad(bias), check_backend(backend),
     )
-    return loss
+    return (loss, weights) if return_weights else loss
 
 
 def linear_guided_cross_entropy(
     h_student: Tensor, h_concept: Tensor, h_anchor: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     eta: float = 1.0, threshold: float | None = None, window: int | None = None,
     window_threshold: float | None = None, reduction: str = "mean", inplace_backward: bool = False,
-) -> Tensor:
+    return_weights: bool = False, backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """guided_cross_entropy(h_s W^T + b, h_c W^T + b, h_a W^T + b, ...) without any N x V logits.
 
     The three hidden states (..., H) (with `window`: (B, T, H)) share the head weight (V, H) and
     bias (V,): the student's and both teachers' logits come from the same layer. Only h_student
-    (and weight, bias when they require grad) get a gradient.
+    (and weight, bias when they require grad) get a gradient. return_weights and backend as in
+    linear_masked_cross_entropy.
     """
     _check_head("h_student", h_student, weight, bias)
-    for name, tensor in (("h_concept", h_concept), ("h_anchor", h_anchor)):
-        _check_float_tensor(name, tensor)
-        if tensor.shape != h_student.shape:
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)} but h_student has {tuple(h_student.shape)}")
-        if tensor.device != h_student.device:
-            raise ValueError(f"{name} is on {tensor.device} but h_student is on {h_student.device}")
-        if tensor.dtype != h_student.dtype:
-            raise ValueError(f"{name} has dtype {tensor.dtype} but h_student has {h_student.dtype}")
-    eta = _check_finite("eta", eta, allow_none=False)
-    threshold, window_threshold = _check_common("h_student", h_student, threshold, window, window_threshold,
+    check_same_layout("h_concept", h_concept, "h_student", h_student)
+    check_same_layout("h_anchor", h_anchor, "h_student", h_student)
+    eta = check_finite("eta", eta, allow_none=False)
+    threshold, window_threshold = check_common("h_student", h_student, threshold, window, window_threshold,
                                                 reduction)
-    loss, *_ = torch.ops.earkit.linear_guided_cross_entropy(
+    loss, weights, *_ = torch.ops.earkit.linear_guided_cross_entropy(
         h_student, h_concept.detach(), h_anchor.detach(), weight, bias, eta, threshold, window, window_threshold,
-        reduction, _wants_grad(h_student), _wants_grad(weight), _wants_grad(bias),
+        reduction, _wants_grad(h_student), _wants_grad(weight), _wants_grad(bias), check_backend(backend),
     )
-    return loss
+    return (loss, weights) if return_weights else loss
 
 
 def flops(n_rows: int, n_inner: int, n_cols: int, op: str, weight_grad: bool = False) -> int:

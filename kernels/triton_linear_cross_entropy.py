@@ -172,7 +172,7 @@ LOGITS_ENGINES = ("cublas", "triton")
 
 
 def logits_engine(hidden: torch.Tensor) -> str:
-    from .cross_entropy import forced_choice
+    from ._shared import forced_choice
 
     forced = forced_choice("EARKIT_LINEAR_LOGITS", LOGITS_ENGINES)
     if forced:

@@ -1,6 +1,8 @@
 """Quick tests of the benchmarks: the memory measure, `python -m earkit.bench kernels --quick`,
 and `python -m earkit.bench.gpu_check --smoke` (the GPU check's every stage on CPU via the Triton interpreter)."""
 
+import ast
+import importlib.util
 import json
 import os
 import subprocess
@@ -257,3 +259,46 @@ def test_load_bench_table_and_command():
     rows = [{"load": "none (idle)", "seconds": 10.0, "ratio": 1.0}, {"load": "2 x torch", "seconds": 25.0, "ratio": 2.5}]
     table = load.markdown(rows, "earkit erase", None)
     assert "| 2 x torch | 25.0 | 2.50 |" in table and "Target: at most 3x" in table
+
+
+def bench_modules() -> dict:
+    return {path.stem: path for path in sorted((REPO / "bench").glob("*.py")) if path.stem != "__init__"}
+
+
+def bench_imports(path: Path, names) -> set:
+    """The bench modules `path` imports: relative (from . import x, from .x import y) or as earkit.bench.x."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level == 1 or module == "earkit.bench":
+                candidates = [module] if node.level == 1 and module else [alias.name for alias in node.names]
+            elif module.startswith("earkit.bench."):
+                candidates = [module.split(".")[2]]
+            else:
+                continue
+            found.update(name.split(".")[0] for name in candidates)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[2] for alias in node.names if alias.name.startswith("earkit.bench."))
+    return found & set(names)
+
+
+def test_no_two_bench_modules_import_each_other():
+    modules = bench_modules()
+    imports = {name: bench_imports(path, modules) - {name} for name, path in modules.items()}
+    assert imports["loss_ops"] >= {"baselines", "linear"} and "baselines" in imports["linear"]  # the parser sees them
+    circles = sorted((a, b) for a in imports for b in imports[a] if a < b and a in imports.get(b, ()))
+    assert circles == [], circles
+
+
+def test_no_bench_module_poses_as_a_top_level_package():
+    # `python bench/gpu_check.py` puts bench/ first on sys.path: a bench/kernels.py stood in for Hugging
+    # Face's `kernels` package there (transformers probes for it by name).
+    taken = {name for name in bench_modules() if not name.startswith("__") and importlib.util.find_spec(name)}
+    assert "kernels" not in bench_modules() and taken == set(), taken
+
+
+def test_gpu_check_runs_as_a_script_from_the_repository_root():
+    result = subprocess.run([sys.executable, "bench/gpu_check.py", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "--smoke" in result.stdout, result.stderr[-2000:]

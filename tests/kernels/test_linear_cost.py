@@ -176,7 +176,7 @@ def meta_backend():
 def test_peak_extra_memory_of_the_hard_op_at_the_anchor_shape(monkeypatch):
     """<= 200 MB beside its inputs (Liger: 200 MB, torch.compile: 360 MB): d hidden (N x H bf16,
     75.5 MB) plus one chunk's fp32 logits and bf16 gradient (1152 x 16384 x 6 B, 113 MB)."""
-    monkeypatch.setattr(linear_cross_entropy, "_linear_backend", lambda device: meta_backend())
+    monkeypatch.setattr(linear_cross_entropy, "_linear_backend", lambda device, backend: meta_backend())
     with torch.device("meta"):
         hidden = torch.empty(N_ROWS // SEQ_LEN, SEQ_LEN, 4096, dtype=torch.bfloat16)
         weight = torch.empty(16384, 4096, dtype=torch.bfloat16)

@@ -1,4 +1,4 @@
-"""linear_guided_cross_entropy on every backend against a float64 reference written here from DESIGN.md:
+"""linear_guided_cross_entropy on every backend against the float64 oracle of earkit.kernels.testing (written from DESIGN.md):
 student and teacher logits h W^T + b through one head, then KL(p || softmax(s)) thresholded and windowed."""
 
 import math
@@ -10,37 +10,18 @@ from hypothesis import strategies as st
 
 from earkit.kernels import LinearGuidedCrossEntropyLoss, guided_cross_entropy, linear_guided_cross_entropy
 from earkit.kernels import linear_cross_entropy, triton_linear_cross_entropy
-from helpers import (DTYPES, EMPTY_IDS, empty_cases, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, reduce, rounding_floors,
-                     threshold_in_gap, windowed_weights)
+from earkit.kernels import testing as oracle
+from helpers import (DTYPES, EMPTY_IDS, empty_cases, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, rounding_floors,
+                     threshold_in_gap)
 
 GRAD_SCALE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def expected(h_student, h_concept, h_anchor, weight, bias=None, *, eta=1.0, threshold=None, window=None,
-             window_threshold=None, reduction="mean", grad_output=None):
-    """Loss and gradients (h_student, weight, bias) in float64; the teachers are constants."""
-    h = h_student.detach().double().requires_grad_()
-    w = weight.detach().double().requires_grad_()
-    b = bias.detach().double().requires_grad_() if bias is not None else None
-    head = lambda x: x @ w.t() + (b if b is not None else 0.0)  # noqa: E731
-    n_classes = w.shape[0]
-    with torch.no_grad():
-        target_logits = (1 + eta) * head(h_anchor.double()) - eta * head(h_concept.double())
-        log_p = torch.log_softmax(target_logits.reshape(-1, n_classes), dim=-1)
-    log_q = torch.log_softmax(head(h).reshape(-1, n_classes), dim=-1)
-    p = log_p.exp()
-    token_loss = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q)).sum(-1)  # NaN p stays NaN
-    rows_shape = h_student.shape[:-1]
-    with torch.no_grad():
-        keep = ~(token_loss <= threshold) if threshold is not None else torch.ones_like(token_loss, dtype=torch.bool)
-        weights, window_sums = windowed_weights(token_loss, keep, rows_shape, window, window_threshold)
-    loss = reduce(weights, token_loss, reduction, rows_shape)
-    upstream = torch.ones_like(loss) if grad_output is None else grad_output.double()
-    leaves = [h, w] + ([b] if b is not None else [])
-    (row_scale,) = torch.autograd.grad(loss, token_loss, upstream, retain_graph=True)
-    grads = torch.autograd.grad(loss, leaves, upstream)
-    floors = rounding_floors(row_scale, h.detach(), w.detach())[:len(grads)]
-    return loss.detach(), list(zip(grads, floors)), token_loss.detach(), window_sums
+def expected(h_student, h_concept, h_anchor, weight, bias=None, **options):
+    """Loss, (gradient, rounding floor) of h_student, weight and bias, token losses and window sums (float64 oracle)."""
+    want = oracle.linear_guided_cross_entropy(h_student, h_concept, h_anchor, weight, bias, **options)
+    floors = rounding_floors(want.row_scale, h_student, weight)[:len(want.grads)]
+    return want.loss, list(zip(want.grads, floors)), want.token_loss, want.window_sums
 
 
 def run_op(h_student, h_concept, h_anchor, weight, bias=None, grad_output=None, train_head=True, **kwargs):

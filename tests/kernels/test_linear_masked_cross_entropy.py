@@ -1,4 +1,4 @@
-"""linear_masked_cross_entropy on every backend against a float64 reference written here from DESIGN.md:
+"""linear_masked_cross_entropy on every backend against the float64 oracle of earkit.kernels.testing (written from DESIGN.md):
 the head's logits hidden @ weight.T + bias, then the thresholded, windowed hard-label loss."""
 
 import math
@@ -11,37 +11,20 @@ from hypothesis import strategies as st
 
 from earkit.kernels import LinearMaskedCrossEntropyLoss, linear_masked_cross_entropy
 from earkit.kernels import linear_cross_entropy, triton_linear_cross_entropy
-from helpers import (DTYPES, EMPTY_IDS, empty_cases, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, reduce, rounding_floors,
-                     threshold_in_gap, windowed_weights)
+from earkit.kernels import testing as oracle
+from helpers import (DTYPES, EMPTY_IDS, empty_cases, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, rounding_floors,
+                     threshold_in_gap)
 
 # Gradients here are sums over V (d hidden) or N (d weight) of rounded terms, so an entry near
 # zero carries the rounding of much larger terms: compare against the largest entry.
 GRAD_SCALE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-def expected(hidden, weight, target, bias=None, *, threshold=None, ignore_index=-100, window=None,
-             window_threshold=None, reduction="mean", grad_output=None):
-    """Loss and gradients (hidden, weight, bias) in float64; masks are constants."""
-    h = hidden.detach().double().requires_grad_()
-    w = weight.detach().double().requires_grad_()
-    b = bias.detach().double().requires_grad_() if bias is not None else None
-    logits = h @ w.t() + (b if b is not None else 0.0)
-    n_classes = w.shape[0]
-    labels = target.reshape(-1)
-    valid = labels != ignore_index
-    log_probs = torch.log_softmax(logits.reshape(-1, n_classes), dim=-1)
-    picked = log_probs.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)
-    token_loss = torch.where(valid, -picked, torch.zeros_like(picked))
-    with torch.no_grad():
-        keep = valid & ~(token_loss <= threshold) if threshold is not None else valid
-        weights, window_sums = windowed_weights(token_loss, keep, target.shape, window, window_threshold)
-    loss = reduce(weights, token_loss, reduction, target.shape)
-    upstream = torch.ones_like(loss) if grad_output is None else grad_output.double()
-    leaves = [h, w] + ([b] if b is not None else [])
-    (row_scale,) = torch.autograd.grad(loss, token_loss, upstream, retain_graph=True)
-    grads = torch.autograd.grad(loss, leaves, upstream)
-    floors = rounding_floors(row_scale, h.detach(), w.detach())[:len(grads)]
-    return loss.detach(), list(zip(grads, floors)), token_loss.detach(), window_sums
+def expected(hidden, weight, target, bias=None, **options):
+    """Loss, (gradient, rounding floor) of hidden, weight and bias, token losses and window sums (float64 oracle)."""
+    want = oracle.linear_masked_cross_entropy(hidden, weight, target, bias, **options)
+    floors = rounding_floors(want.row_scale, hidden, weight)[:len(want.grads)]
+    return want.loss, list(zip(want.grads, floors)), want.token_loss, want.window_sums
 
 
 def run_op(hidden, weight, target, bias=None, grad_output=None, train_head=True, **kwargs):

@@ -1,4 +1,5 @@
-"""Small pieces shared by the op tests: tolerances per dtype and threshold choice."""
+"""Small pieces shared by the op tests: tolerances per dtype and threshold choice (the float64 oracles
+themselves are earkit.kernels.testing)."""
 
 import torch
 
@@ -29,34 +30,6 @@ def far_from(values: torch.Tensor, threshold, margin: float = 1e-4) -> bool:
     if threshold is None:
         return True
     return bool(((values.double() - threshold).abs() > margin).all())
-
-
-def windowed_weights(token_loss, keep, seq_shape, window, window_threshold):
-    """a_i = m_i G_w(i) with explicit loops over sequences and windows (float64)."""
-    weight = keep.double().clone()
-    window_sums = []
-    if window is None or window_threshold is None:
-        return weight, window_sums
-    batch, seq_len = seq_shape
-    weight_2d = weight.view(batch, seq_len)
-    loss_2d = token_loss.detach().double().view(batch, seq_len)
-    for b in range(batch):
-        for start in range(0, seq_len, window):
-            span = slice(start, start + window)
-            total = (weight_2d[b, span] * loss_2d[b, span]).sum()
-            window_sums.append(total)
-            if total <= window_threshold:  # NaN fails this test and keeps its window
-                weight_2d[b, span] = 0.0
-    return weight, torch.stack(window_sums) if window_sums else torch.zeros(0, dtype=torch.float64)
-
-
-def reduce(weight, token_loss, reduction, shape):
-    weighted = weight * token_loss
-    if reduction == "none":
-        return weighted.view(shape)
-    if reduction == "sum":
-        return weighted.sum()
-    return weighted.sum() / weight.sum().clamp_min(1.0)
 
 
 def usage_error(capsys, argv) -> str:

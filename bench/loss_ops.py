@@ -37,20 +37,17 @@ import datetime
 import gc
 import math
 import os
-import platform
 import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-from earkit.kernels import guided_cross_entropy, masked_cross_entropy, reference
-from earkit.kernels.cross_entropy import backend_name
+from earkit.kernels import backend_name, guided_cross_entropy, masked_cross_entropy, reference
 
+from .baselines import ETA, cpu_name, guided_eager, hard_eager
 from .memory import MB, cpu_peak_extra_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ETA = 1.0
 
 
 # ---------------------------------------------------------------- inputs and thresholds
@@ -79,23 +76,6 @@ def median_thresholds(inputs: dict) -> dict:
 
 
 # ---------------------------------------------------------------- the losses under test
-
-
-def hard_eager(logits, target, threshold, upcast=False):
-    z = logits.float() if upcast else logits
-    token_loss = F.cross_entropy(z.flatten(0, -2), target.flatten(), reduction="none")
-    keep = (token_loss.detach() > threshold).to(token_loss.dtype)
-    return (token_loss * keep).sum() / keep.sum().clamp_min(1)
-
-
-def guided_eager(student, concept, anchor, threshold, upcast=False, eta=ETA):
-    s, zc, za = (x.float() for x in (student, concept, anchor)) if upcast else (student, concept, anchor)
-    with torch.no_grad():  # the teachers are constants
-        log_p = F.log_softmax((1 + eta) * za - eta * zc, dim=-1)
-    log_q = F.log_softmax(s, dim=-1)
-    token_loss = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
-    keep = (token_loss.detach() > threshold).to(token_loss.dtype)
-    return (token_loss * keep).sum() / keep.sum().clamp_min(1)
 
 
 def hard_earkit(logits, target, threshold, inplace=False):
@@ -213,17 +193,6 @@ def run(n: int, v: int, dtype_names, repeats: int, warmup: int, seed: int = 0):
 
 
 # ---------------------------------------------------------------- reporting
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown_table(results) -> str:
