@@ -4,16 +4,21 @@
     result = erase(EraseConfig(model="deepseek-community/Janus-Pro-1B", concept="church", anchor="cinema"))
 """
 
-from .checkpoint import apply_trainable, export_checkpoint, export_model, load_checkpoint, save_checkpoint
-from .model import encode_prompts, image_hidden_states, image_logits, load_janus, prompt_text
-from .pair_files import PromptPair, load_pairs, pairs_from_concept
-from .sampler import decode_images, sample_image_tokens, write_samples
-from .trainer import EraseConfig, EraseResult, erase
+if __name__ != "earkit.engine":  # imported as a top-level `engine`: see earkit/_source_folder.py
+    from earkit._source_folder import refusal
 
-__all__ = [
-    "EraseConfig", "EraseResult", "erase",
-    "load_janus", "prompt_text", "encode_prompts", "image_hidden_states", "image_logits",
-    "sample_image_tokens", "decode_images", "write_samples",
-    "PromptPair", "load_pairs", "pairs_from_concept",
-    "save_checkpoint", "load_checkpoint", "apply_trainable", "export_model", "export_checkpoint",
-]
+    __getattr__ = refusal(__name__)
+else:
+    from .checkpoint import apply_trainable, export_checkpoint, export_model, load_checkpoint, save_checkpoint
+    from .model import encode_prompts, image_hidden_states, image_logits, load_janus, prompt_text
+    from .pair_files import PromptPair, load_pairs, pairs_from_concept
+    from .sampler import decode_images, sample_image_tokens, write_samples
+    from .trainer import EraseConfig, EraseResult, erase
+
+    __all__ = [
+        "EraseConfig", "EraseResult", "erase",
+        "load_janus", "prompt_text", "encode_prompts", "image_hidden_states", "image_logits",
+        "sample_image_tokens", "decode_images", "write_samples",
+        "PromptPair", "load_pairs", "pairs_from_concept",
+        "save_checkpoint", "load_checkpoint", "apply_trainable", "export_model", "export_checkpoint",
+    ]

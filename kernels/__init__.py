@@ -10,24 +10,29 @@ The ops are also registered as torch.ops.earkit.* custom ops. See DESIGN.md, "Ke
 contract", for the math; `reference.py` is the readable spec.
 """
 
-from ._shared import backend_name
-from .cross_entropy import guided_cross_entropy, masked_cross_entropy
-from .linear_cross_entropy import linear_guided_cross_entropy, linear_masked_cross_entropy
-from .modules import (
-    GuidedCrossEntropyLoss,
-    LinearGuidedCrossEntropyLoss,
-    LinearMaskedCrossEntropyLoss,
-    MaskedCrossEntropyLoss,
-)
+if __name__ != "earkit.kernels":  # imported as a top-level `kernels`: see earkit/_source_folder.py
+    from earkit._source_folder import refusal
 
-__all__ = [
-    "masked_cross_entropy",
-    "guided_cross_entropy",
-    "MaskedCrossEntropyLoss",
-    "GuidedCrossEntropyLoss",
-    "linear_masked_cross_entropy",
-    "linear_guided_cross_entropy",
-    "LinearMaskedCrossEntropyLoss",
-    "LinearGuidedCrossEntropyLoss",
-    "backend_name",
-]
+    __getattr__ = refusal(__name__)
+else:
+    from ._shared import backend_name
+    from .cross_entropy import guided_cross_entropy, masked_cross_entropy
+    from .linear_cross_entropy import linear_guided_cross_entropy, linear_masked_cross_entropy
+    from .modules import (
+        GuidedCrossEntropyLoss,
+        LinearGuidedCrossEntropyLoss,
+        LinearMaskedCrossEntropyLoss,
+        MaskedCrossEntropyLoss,
+    )
+
+    __all__ = [
+        "masked_cross_entropy",
+        "guided_cross_entropy",
+        "MaskedCrossEntropyLoss",
+        "GuidedCrossEntropyLoss",
+        "linear_masked_cross_entropy",
+        "linear_guided_cross_entropy",
+        "LinearMaskedCrossEntropyLoss",
+        "LinearGuidedCrossEntropyLoss",
+        "backend_name",
+    ]
