@@ -65,36 +65,55 @@ DEFAULT_TRAINABLE = ("model.language_model.layers.[0-4].self_attn.*",)
 class EraseConfig:
     """Everything one erasure run needs; `earkit erase --help` documents the same fields."""
 
+    # Each field's metadata is the help of its `earkit erase` flag (earkit/cli/arguments.py
+    # derives the flags from them); "none" says what None means where "none" may be given.
     model: str
     out: str = "erased"
-    concept: str | None = None
-    anchor: str | None = None
-    pairs: str | None = None  # a file of prompt pairs (JSONL, or the released EAR files)
-    preserve: str | None = None  # a file of prompts whose images must not change (pairs.load_prompts)
-    preserve_weight: float = 1.0
-    objective: str = "token-kl"
-    eta: float = 1.0
-    window: int = 48  # the released code: 48 (church), 100 (nudity), 12 (style)
-    token_threshold: float | None = None
-    window_threshold: float | None = None  # hidden-mse uses 0.05 when None, as the released code
-    wga: str = "parallel"
-    trainable: tuple[str, ...] = DEFAULT_TRAINABLE  # globs over parameter names
-    optimizer: str = "adamw8bit"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    epochs: int = 1
-    steps: int | None = None  # overrides epochs
-    batch_size: int = 1  # prompt pairs per step
-    images_per_prompt: int = 1
-    grad_clip: float | None = 1.0
-    gradient_checkpointing: bool = False
-    guidance_scale: float = 5.0
-    temperature: float = 1.0
-    seed: int = 0
-    dtype: str = "auto"
-    device: str | None = None
-    load_in_8bit: bool = False
-    save_every: int = 0  # steps between rolling checkpoints; 0 = only at the end
+    concept: str | None = field(default=None, metadata={"help": "the concept to erase, e.g. church"})
+    anchor: str | None = field(default=None, metadata={"help": "what to draw instead, e.g. cinema"})
+    pairs: str | None = field(default=None, metadata={
+        "help": "prompt pairs file (JSONL with concept_prompt/anchor_prompt, or a released EAR train file)"})
+    preserve: str | None = field(default=None, metadata={
+        "help": "prompts whose images must not change (one per line in a .txt, records with a 'prompt', or a "
+                "pairs file, whose anchor prompts are read); not in the EAR paper"})  # pairs.load_prompts
+    preserve_weight: float = field(default=1.0, metadata={
+        "help": "weight of the preservation term beside the erasure loss"})
+    objective: str = field(default="token-kl", metadata={
+        "help": "the training loss: token-kl (earkit's) or hidden-mse (the released EAR code's)",
+        "choices": objectives.OBJECTIVES})
+    eta: float = field(default=1.0, metadata={"help": "negative-guidance strength"})
+    window: int = field(default=48, metadata={  # the released code: 48 (church), 100 (nudity), 12 (style)
+        "help": "WGA window, in image tokens"})
+    token_threshold: float | None = field(default=None, metadata={
+        "help": "TLM: drop tokens whose loss is <= this", "none": "keep every token"})
+    window_threshold: float | None = field(default=None, metadata={
+        "help": "TLM: drop windows whose kept loss sum is <= this",
+        "none": "0.05 with hidden-mse, as the released code; no threshold with token-kl"})
+    wga: str = field(default="parallel", metadata={
+        "help": "parallel: one step per batch; sequential: one step per window", "choices": WGA_MODES})
+    trainable: tuple[str, ...] = field(default=DEFAULT_TRAINABLE, metadata={
+        "help": "glob of parameter names to train; repeatable"})
+    optimizer: str = field(default="adamw8bit", metadata={
+        "help": "the optimizer (the 8-bit ones use bitsandbytes)", "choices": OPTIMIZERS})
+    lr: float = field(default=1e-4, metadata={"help": "learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "the optimizer's weight decay"})
+    epochs: int = field(default=1, metadata={"help": "passes over the prompt pairs"})
+    steps: int | None = field(default=None, metadata={"help": "number of steps (overrides --epochs)"})
+    batch_size: int = field(default=1, metadata={"help": "prompt pairs per step"})
+    images_per_prompt: int = field(default=1, metadata={"help": "images sampled per prompt pair and step"})
+    grad_clip: float | None = field(default=1.0, metadata={
+        "help": "clip the gradient norm to this", "none": "no clipping"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass: less memory, more time"})
+    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale of the sampled training images"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the training images"})
+    seed: int = field(default=0, metadata={"help": "the run's seed"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
+    device: str | None = field(default=None, metadata={
+        "help": "cuda, cuda:1, cpu", "default": "cuda when available; cpu for the ShapesWorld default"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "frozen weights in 8 bits (bitsandbytes, CUDA)"})
+    save_every: int = field(default=0, metadata={  # steps between rolling checkpoints; 0 = only at the end
+        "help": "steps between checkpoints", "default": "0, at the end only"})
     resume: bool = False
     force: bool = False
 

@@ -47,8 +47,8 @@ def threads_seen(monkeypatch):
             seen[name] = torch.get_num_threads()
         return run
 
-    for name in ("run_sample", "run_erase"):
-        monkeypatch.setattr(cli, name, recorder(name))
+    for name in ("sample", "erase"):
+        monkeypatch.setattr(cli.command_module(name), "run", recorder(f"run_{name}"))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     return seen
 

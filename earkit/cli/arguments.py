@@ -1,0 +1,116 @@
+"""Arguments shared by several commands, and flags derived from the config dataclasses, so that
+a field's flag, type, default and help are written once (on the field) and cannot drift."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Callable, Iterable
+
+
+def optional_float(text: str) -> float | None:
+    """A number, or "none" for a field whose None means something of its own."""
+    return None if text.lower() == "none" else float(text)
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def none_is_a_value(field: dataclasses.Field) -> bool:
+    """Whether the field's None means something ("none" on the command line); its metadata
+    says what, under "none"."""
+    return "none" in field.metadata
+
+
+def config_fields(config_class, names: Iterable[str]) -> list[dataclasses.Field]:
+    by_name = {field.name: field for field in dataclasses.fields(config_class)}
+    return [by_name[name] for name in names]
+
+
+def _argument_type(annotation) -> tuple[type, bool]:
+    """(the value type, whether None is allowed) of a field annotation such as `float | None`."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(inner) != 1:
+            raise TypeError(f"cannot derive a flag from {annotation}")
+        return inner[0], True
+    return annotation, False
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class, names: Iterable[str], *,
+                         defaults_note: Callable[[str], str] | None = None) -> None:
+    """One flag per field of `config_class` in `names`, derived from the dataclass:
+
+    - the flag is the field's name with - for _;
+    - the type comes from the annotation: int, float, str; bool -> store_true; tuple[str, ...] ->
+      a repeatable flag (append); a field whose None means something (metadata "none") accepts "none";
+    - every flag defaults to None (not given), so a caller can tell what the user asked for;
+    - the help is metadata["help"], then the dataclass default (or metadata["default"], a text
+      that replaces it), then `defaults_note(name)`, then what "none" means; metadata["choices"]
+      restricts the values.
+    """
+    hints = typing.get_type_hints(config_class)
+    instance_defaults = {field.name: field.default for field in dataclasses.fields(config_class)}
+    for field in config_fields(config_class, names):
+        meta = field.metadata
+        kind, _ = _argument_type(hints[field.name])
+        default = instance_defaults[field.name]
+        notes = []
+        if "default" in meta:
+            notes.append(f"default: {meta['default']}")
+        elif default is None and none_is_a_value(field):
+            notes.append("default: none")
+        elif default is not None and default is not dataclasses.MISSING and kind is not bool:
+            shown = ", ".join(default) if isinstance(default, tuple) else default
+            notes.append(f"default: {shown}")
+        note = defaults_note(field.name) if defaults_note else ""
+        if note:
+            notes.append(note)
+        if none_is_a_value(field):
+            notes.append(f"none: {meta['none']}")
+        help_text = meta.get("help", "")
+        if notes:
+            help_text = f"{help_text} ({'; '.join(notes)})" if help_text else "; ".join(notes)
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
+        options = dict(default=None, help=help_text)
+        if kind is bool:
+            options["action"] = "store_true"
+        elif typing.get_origin(kind) is tuple:
+            options["action"] = "append"
+        elif none_is_a_value(field):
+            options["type"] = optional_float if kind is float else _optional(kind)
+        elif kind is not str:
+            options["type"] = kind
+        if "choices" in meta:
+            options["choices"] = meta["choices"]
+        parser.add_argument(flag_name(field.name), dest=field.name, **options)
+
+
+def _optional(kind: type) -> Callable[[str], object]:
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = f"optional_{kind.__name__}"
+    return parse
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, seed: bool = True, top_k_p: bool = True) -> None:
+    """The sampler's flags, one spelling for every command that draws images: --seed (the first
+    seed), --guidance-scale, --temperature, --top-k and --top-p, --dtype, --device. Guidance and
+    temperature default to None: the command resolves them from the model."""
+    if seed:
+        parser.add_argument("--seed", type=int, default=0, help="the first seed (default: %(default)s)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="CFG scale (default: the model's generation_config.json, else 5)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature, 0 = greedy (default: the model's generation_config.json, else 1)")
+    if top_k_p:
+        parser.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens only (default: all)")
+        parser.add_argument("--top-p", type=float, default=None,
+                            help="sample from the smallest set of likeliest tokens whose probability reaches p (default: all)")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32 (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
