@@ -20,43 +20,35 @@ def resolve_model(model) -> str:
     return str(generator_folder())
 
 
-def is_shapesworld(model_source: str) -> bool:
-    """A ShapesWorld generator folder (its world.json says so)."""
-    record = Path(model_source) / "world.json"
-    return record.is_file() and "ShapesWorld" in record.read_text()
-
-
 def add_sampling_arguments(parser) -> None:
-    """--guidance-scale and --temperature, with the defaults that resolve_guidance and
-    resolve_temperature really apply (read from the constants, so the help cannot drift)."""
-    from earkit.engine.shapesworld import GUIDANCE_SCALE, TEMPERATURE
+    """--guidance-scale and --temperature; unset, resolve_guidance and resolve_temperature take
+    the model's own (its generation_config.json), else Janus-Pro's 5 and 1."""
+    from earkit.engine.sampler import DEFAULT_GUIDANCE_SCALE, DEFAULT_TEMPERATURE
 
     parser.add_argument("--guidance-scale", type=float, default=None,
-                        help=f"CFG scale (default: 5, Janus-Pro's; {GUIDANCE_SCALE:g} for a ShapesWorld generator)")
+                        help=f"CFG scale (default: the model's generation_config.json, else "
+                             f"{DEFAULT_GUIDANCE_SCALE:g}, Janus-Pro's)")
     parser.add_argument("--temperature", type=float, default=None,
-                        help=f"sampling temperature (default: 1; {TEMPERATURE:g} for a ShapesWorld generator)")
+                        help=f"sampling temperature (default: the model's generation_config.json, else "
+                             f"{DEFAULT_TEMPERATURE:g})")
 
 
 def resolve_guidance(guidance_scale, model_source: str) -> float:
-    """--guidance-scale, else Janus-Pro's 5, or ShapesWorld's own scale for a ShapesWorld generator."""
+    """--guidance-scale, else the model's generation_config.json guidance_scale, else 5."""
     if guidance_scale is not None:
         return float(guidance_scale)
-    if is_shapesworld(model_source):
-        from earkit.engine.shapesworld import GUIDANCE_SCALE
+    from earkit.engine.sampler import source_sampling_defaults
 
-        return GUIDANCE_SCALE
-    return 5.0
+    return source_sampling_defaults(model_source)[0]
 
 
 def resolve_temperature(temperature, model_source: str) -> float:
-    """--temperature, else 1, or ShapesWorld's own sampling temperature for a ShapesWorld generator."""
+    """--temperature, else the model's generation_config.json temperature, else 1."""
     if temperature is not None:
         return float(temperature)
-    if is_shapesworld(model_source):
-        from earkit.engine.shapesworld import TEMPERATURE
+    from earkit.engine.sampler import source_sampling_defaults
 
-        return TEMPERATURE
-    return 1.0
+    return source_sampling_defaults(model_source)[1]
 
 
 def resolve_delta(delta) -> Path | None:
@@ -95,11 +87,13 @@ def check_seeds(seeds) -> list[int]:
     return seeds
 
 
-def sample_prompt_images(model, tokenizer, prompts, seeds, *, guidance_scale: float = 5.0, temperature: float = 1.0,
-                         batch_size: int | None = 16, progress: bool = True, desc: str = "images") -> list[list]:
+def sample_prompt_images(model, tokenizer, prompts, seeds, *, guidance_scale: float | None = None,
+                         temperature: float | None = None, batch_size: int | None = 16, progress: bool = True,
+                         desc: str = "images") -> list[list]:
     """images[p][s]: PIL images, one per prompt and seed. Each seed is one sampler call over all
     the prompts (the sampler's generator is seeded once per call), so the images of a prompt
-    depend on the prompt list and batch_size as well as the seed: keep both fixed to compare models."""
+    depend on the prompt list and batch_size as well as the seed: keep both fixed to compare models.
+    guidance_scale / temperature None: the model's generation_config, else 5 and 1."""
     from tqdm.auto import tqdm
 
     from earkit.engine.sampler import decode_images, sample_image_tokens

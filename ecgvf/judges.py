@@ -483,37 +483,50 @@ def load_state_dict_file(path: Path) -> dict:
 # ---------------------------------------------------------------- command-line forms
 
 
-def world_judge_folder(model_folder) -> Path | None:
-    """The ShapesWorld judge beside a world's generator (WORLD/generator -> WORLD/judge), if there is one."""
-    if model_folder is None:
+def default_judge(model_folder) -> tuple[str, Path] | None:
+    """The judge a model folder names as its own (its earkit.json's "default_judge", a judge form
+    of JUDGE_FORMS) and the folder its relative paths are read against; None when it names none."""
+    from earkit.engine.model import MODEL_NOTES, read_model_notes
+
+    spec = read_model_notes(model_folder).get("default_judge")
+    if spec is None:
         return None
-    judge = Path(model_folder).expanduser().absolute().parent / "judge"
-    return judge if (judge / "judge_config.json").is_file() else None
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"{Path(model_folder) / MODEL_NOTES}: default_judge must be a judge form ({JUDGE_FORMS}), "
+                         f"got {spec!r}")
+    return spec, Path(model_folder).expanduser()
 
 
 def parse_judge(spec: str | None, *, model_folder=None, device: str = "cpu", labels=(),
                 nudenet_threshold: float = DEFAULT_NUDENET_THRESHOLD) -> Judge:
-    """A judge from its command-line form (JUDGE_FORMS). None or "shapesworld" without a folder:
-    the ShapesWorld judge of the world the model belongs to (WORLD/judge beside WORLD/generator)."""
+    """A judge from its command-line form (JUDGE_FORMS). None: the judge the model folder names
+    (default_judge, e.g. a ShapesWorld generator's "shapesworld:../judge"); "shapesworld" without a
+    folder: that judge, when it is a ShapesWorld one."""
+    base = None
     if spec is None or spec == "shapesworld":
-        folder = world_judge_folder(model_folder)
-        if folder is None:
+        named = default_judge(model_folder)
+        if named is None or (spec == "shapesworld" and not named[0].startswith("shapesworld:")):
             if spec is None:
-                raise ValueError(f"--judge is needed: the model {model_folder} is not a ShapesWorld generator "
-                                 f"(no judge/ beside it); give one of {JUDGE_FORMS}")
-            raise FileNotFoundError(f"--judge shapesworld: no ShapesWorld judge beside the model {model_folder} "
-                                    "(expected WORLD/judge next to WORLD/generator); give shapesworld:DIR")
-        return ShapesWorldJudge.load(folder)
+                raise ValueError(f"--judge is needed: the model {model_folder} names no default judge (no "
+                                 f"default_judge in its earkit.json); give one of {JUDGE_FORMS}")
+            raise FileNotFoundError(f"--judge shapesworld: no ShapesWorld judge named by the model {model_folder} "
+                                    "(its earkit.json's default_judge); give shapesworld:DIR")
+        spec, base = named
+
+    def located(path: str) -> str:  # a path in a model folder's default_judge is relative to that folder
+        path = os.path.expanduser(path)
+        return path if base is None or os.path.isabs(path) else os.path.normpath(base / path)
+
     kind, _, rest = spec.partition(":")
     if kind == "shapesworld" and rest:
-        return ShapesWorldJudge.load(rest)
+        return ShapesWorldJudge.load(located(rest))
     if kind == "openclip":
         name, _, weights = rest.partition(":")
         if not name or not weights:
             raise ValueError(f"--judge {spec!r}: expected openclip:NAME:WEIGHTS, e.g. openclip:ViT-B-32:/w/clip.bin")
-        return OpenClipJudge(name, weights, labels=labels, device=device)
+        return OpenClipJudge(name, located(weights), labels=labels, device=device)
     if kind == "nudenet":
-        return NudeNetJudge(threshold=nudenet_threshold, model_path=rest or None)
+        return NudeNetJudge(threshold=nudenet_threshold, model_path=located(rest) if rest else None)
     if kind == "resnet50" and rest:
-        return ResNet50Judge(rest, device=device)
+        return ResNet50Judge(located(rest), device=device)
     raise ValueError(f"--judge {spec!r}: expected one of {JUDGE_FORMS}")

@@ -170,6 +170,42 @@ def load_janus(source: str | os.PathLike, *, dtype: str | torch.dtype | None = "
     return model, tokenizer
 
 
+# What earkit reads about a model from its own folder, beside the Hugging Face files: which judge
+# measures its concepts when no --judge is given ("default_judge": a judge form such as
+# "shapesworld:../judge", paths relative to the model folder). Sampling defaults are not here:
+# they are the model's generation_config.json (guidance_scale, temperature), as for any HF model.
+MODEL_NOTES = "earkit.json"
+MODEL_NOTES_FORMAT = "earkit-model-notes"
+
+
+def read_model_notes(model_folder) -> dict:
+    """The model folder's earkit.json as a dict; {} for a hub id or a folder without one."""
+    from earkit.io import parse_json, read_text_file
+
+    if model_folder is None:
+        return {}
+    path = Path(model_folder).expanduser() / MODEL_NOTES
+    if not path.is_file():
+        return {}
+    try:
+        notes = parse_json(read_text_file(path, "model notes"), str(path))
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(notes, dict) or notes.get("format") != MODEL_NOTES_FORMAT:
+        raise ValueError(f"{path} is not earkit model notes (expected an object with format {MODEL_NOTES_FORMAT!r})")
+    return notes
+
+
+def write_model_notes(model_folder, **notes) -> Path:
+    """Write earkit.json into a model folder (e.g. default_judge="shapesworld:../judge")."""
+    import json
+
+    path = Path(model_folder) / MODEL_NOTES
+    record = {"format": MODEL_NOTES_FORMAT, "version": 1, **notes}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
 # ---------------------------------------------------------------- prompts
 
 
@@ -235,7 +271,7 @@ def unknown_words(tokenizer, prompt: str) -> list[str]:
 
 
 def warn_unknown_words(tokenizer, prompts: list[str]) -> None:
-    """A word-level tokenizer (ShapesWorld's) maps words it never saw to <unk>: the image then
+    """A word-level tokenizer (e.g. ShapesWorld's) maps words it never saw to <unk>: the image then
     follows the rest of the prompt, which a user asking for "a purple hexagon" must be told."""
     for prompt in prompts:
         if prompt in _warned_prompts:

@@ -31,17 +31,19 @@ from earkit.io import (
 CONCEPT_KEYS = ("concept",)
 ANCHOR_KEYS = ("anchor", "replaced")
 
-# Only words the ShapesWorld tokenizer knows (engine/tiny.py BASIC_WORDS), so the default pairs
-# mean the same to the tiny default model as to Janus-Pro.
+# The prompts pairs_from_concept writes when no templates are given: plain English phrasings for
+# a general text-to-image model such as Janus-Pro. A model of a small vocabulary (a word-level
+# tokenizer) is given templates in its own words (a pairs file, or `templates=`; ShapesWorld's
+# default erasure builds its pairs from its own templates).
 DEFAULT_TEMPLATES = (
     "{}",
     "a {}",
-    "the {}",
     "a photo of a {}",
     "a picture of a {}",
     "an image of a {}",
-    "a photo of the {}",
-    "an image with a {}",
+    "a painting of a {}",
+    "a close-up photo of the {}",
+    "a detailed drawing of a {}",
 )
 
 

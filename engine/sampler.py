@@ -60,6 +60,42 @@ def warn_once(message: str) -> None:
 # ---------------------------------------------------------------- arguments and the sampling rule
 
 
+# What a model whose generation_config.json sets neither is sampled with: Janus-Pro's guidance 5
+# (transformers' Janus `generate` falls back to 5 as well) and temperature 1 (the model's own
+# distribution). A model folder states its own in generation_config.json (`guidance_scale`,
+# `temperature`), as ShapesWorld's generator does.
+DEFAULT_GUIDANCE_SCALE, DEFAULT_TEMPERATURE = 5.0, 1.0
+
+
+def sampling_defaults(generation_config) -> tuple[float, float]:
+    """(guidance_scale, temperature) of a GenerationConfig (model.generation_config), each one it
+    leaves unset (or a None config) taken as Janus-Pro's 5 and 1."""
+    guidance = getattr(generation_config, "guidance_scale", None)
+    temperature = getattr(generation_config, "temperature", None)
+    return (DEFAULT_GUIDANCE_SCALE if guidance is None else float(guidance),
+            DEFAULT_TEMPERATURE if temperature is None else float(temperature))
+
+
+def source_sampling_defaults(model_source) -> tuple[float, float]:
+    """sampling_defaults of a model folder or hub id, read from its generation_config.json before
+    the weights load (what the model will have as model.generation_config); 5 and 1 without one.
+    A hub id is looked up in the local cache only: no network before the model itself loads."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(str(model_source), local_files_only=True)
+    except (OSError, ValueError):  # no generation_config.json (or a hub model not yet downloaded)
+        config = None
+    return sampling_defaults(config)
+
+
+def resolve_sampling(model, guidance_scale, temperature) -> tuple[float, float]:
+    """The guidance scale and temperature a call samples with: each one given, else the model's."""
+    guidance_default, temperature_default = sampling_defaults(getattr(model, "generation_config", None))
+    return (guidance_default if guidance_scale is None else guidance_scale,
+            temperature_default if temperature is None else temperature)
+
+
 def check_sampling_arguments(guidance_scale, temperature, top_k, top_p) -> None:
     """ValueError naming the argument for anything the sampler cannot honour."""
     if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 1:
@@ -258,8 +294,8 @@ def sample_chunk(model, tokenizer, prompts: list[str], *, guidance_scale, temper
 
 
 @torch.no_grad()
-def sample_image_tokens(model, tokenizer, prompts: list[str], *, guidance_scale: float = 5.0,
-                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+def sample_image_tokens(model, tokenizer, prompts: list[str], *, guidance_scale: float | None = None,
+                        temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                         seed: int = 0, cuda_graph: bool | str = "auto", batch_size: int | None = None,
                         progress: bool = True, return_logits: bool = False):
     """Sample Janus image tokens for each prompt with classifier-free guidance.
@@ -272,7 +308,8 @@ def sample_image_tokens(model, tokenizer, prompts: list[str], *, guidance_scale:
 
     guidance_scale: 1 = conditional only (no unconditional rows); > 1 = CFG with the
     unconditional rows of `unconditional` (BOS and <begin_of_image> kept, the rest pad).
-    temperature: 0 = greedy. top_k / top_p: None = off (the full CFG distribution, as the
+    temperature: 0 = greedy. Either one None: the model's generation_config, else 5 and 1
+    (sampling_defaults). top_k / top_p: None = off (the full CFG distribution, as the
     reference sampler draws). cuda_graph: "auto" (on for CUDA models that support it), True
     (warn when it cannot), False. batch_size: prompts per chunk (None = all at once).
     """
@@ -281,6 +318,7 @@ def sample_image_tokens(model, tokenizer, prompts: list[str], *, guidance_scale:
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is empty")
+    guidance_scale, temperature = resolve_sampling(model, guidance_scale, temperature)
     check_sampling_arguments(guidance_scale, temperature, top_k, top_p)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be None or an integer >= 1, got {batch_size!r}")
@@ -374,7 +412,8 @@ def check_samples_folder(out_dir, *, force: bool) -> None:
 
 
 def write_samples(model, tokenizer, prompts: list[str], out_dir: str | os.PathLike, *, images_per_prompt: int = 1,
-                  seed: int = 0, guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int | None = None,
+                  seed: int = 0, guidance_scale: float | None = None, temperature: float | None = None,
+                  top_k: int | None = None,
                   top_p: float | None = None, force: bool = False, batch_size: int | None = None,
                   progress: bool = True) -> list[Path]:
     """Sample images_per_prompt images per prompt and write them to out_dir.
@@ -383,7 +422,8 @@ def write_samples(model, tokenizer, prompts: list[str], out_dir: str | os.PathLi
     (prompts, seed, settings, which file is which). Refuses a non-empty out_dir unless force, which
     replaces an earlier samples folder but never one holding files earkit did not write there.
     Everything is written to a temporary folder beside out_dir and renamed into place at the end,
-    so a crash leaves no half-written output. Returns the written paths.
+    so a crash leaves no half-written output. Returns the written paths. guidance_scale /
+    temperature None: the model's generation_config, else 5 and 1 (sampling_defaults).
     """
     from earkit.io import write_folder_atomically
 
@@ -394,6 +434,7 @@ def write_samples(model, tokenizer, prompts: list[str], out_dir: str | os.PathLi
         raise ValueError("prompts is empty")
     if isinstance(images_per_prompt, bool) or not isinstance(images_per_prompt, int) or images_per_prompt < 1:
         raise ValueError(f"images_per_prompt must be an integer >= 1, got {images_per_prompt!r}")
+    guidance_scale, temperature = resolve_sampling(model, guidance_scale, temperature)
     check_sampling_arguments(guidance_scale, temperature, top_k, top_p)
     out_dir = Path(out_dir)
     check_samples_folder(out_dir, force=force)

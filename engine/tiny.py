@@ -1,5 +1,6 @@
-"""Janus models and tokenizers that earkit builds itself: tiny ones for tests and ShapesWorld,
-and the real Janus-Pro shapes with random weights for benchmarks (no download anywhere).
+"""Janus models and tokenizers that earkit builds itself: tiny ones for tests (and the pieces a
+small world such as ShapesWorld builds its generator from), and the real Janus-Pro shapes with
+random weights for benchmarks (no download anywhere). Nothing here is specific to one world.
 
 The models are the real transformers classes (JanusForConditionalGeneration) with smaller
 widths; the tokenizer is a word-level `tokenizers` model with Janus-Pro's special tokens, so

@@ -47,7 +47,7 @@ def run(args) -> None:
     check_model_source(args.model)
     from earkit.ecgvf.images import resolve_guidance, resolve_temperature
 
-    # Janus-Pro's guidance 5 and temperature 1, or a ShapesWorld generator's own sampling
+    # given, else the model's generation_config.json, else Janus-Pro's guidance 5 and temperature 1
     args.guidance_scale = resolve_guidance(args.guidance_scale, args.model)
     args.temperature = resolve_temperature(args.temperature, args.model)
     check_sampling_arguments(args.guidance_scale, args.temperature, args.top_k, args.top_p)

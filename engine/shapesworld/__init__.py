@@ -21,15 +21,12 @@ from pathlib import Path
 DEFAULT_WORLD = Path(__file__).resolve().parent / "weights"
 DEFAULT_CONCEPT, DEFAULT_ANCHOR = "circle", "square"
 EVAL_TEMPLATES = ("a {colour} {shape}", "a photo of a {colour} {shape}", "a picture of a {size} {colour} {shape}")
-# ShapesWorld's generator is sampled with light guidance at a middling temperature. Measured on a
-# build of the shipped recipe (60 prompts per shape, share drawn as asked): guidance 1 / temperature
-# 1 (the model's own distribution) 97.3%, 1.5 / 0.5 98.0%, 1.5 / 0.2 98.3%, 2 / 0.2 82%; at 1 /
-# 0.2, 79%: a low temperature with little guidance leaves many images empty, since where a shape
-# starts is spread over a few dozen positions and each of them alone is less likely than more
-# background. Guidance much above 2 extrapolates from the weak unconditional prediction (10% of
-# training rows) and tears shapes apart.
+# ShapesWorld's sampling: the generator folder's generation_config.json states it (why these
+# two: generator.py, set_sampling); the default erasure reads them here.
 GUIDANCE_SCALE = 1.5
 TEMPERATURE = 0.5
+# The judge a world's generator names as its own (its earkit.json), relative to the generator folder.
+DEFAULT_JUDGE = "shapesworld:../judge"
 PAIR_TEMPLATES = ("a {colour} {shape}", "a photo of a {colour} {shape}", "a {size} {colour} {shape}",
                   "a {colour} {shape} on a {background} background", "an image of a {colour} {shape}")
 

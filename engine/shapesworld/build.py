@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from . import render as world
-from . import default_world, generator_folder, load_judge
+from . import DEFAULT_JUDGE, default_world, generator_folder, load_judge
 from .erase import shape_rates
 
 
@@ -35,7 +35,7 @@ def build_world(out: str | Path, *, quick: bool = False, force: bool = False, pr
     def write_into(folder: Path) -> None:
         started = time.perf_counter()
         build_generator(folder / "generator", vq_config=vq_config, generator_config=generator_config,
-                        progress=progress)
+                        progress=progress, default_judge=DEFAULT_JUDGE)
         generator_seconds = time.perf_counter() - started
         vq = load_vq(folder / "generator")
         judge = train_judge(judge_config, progress=progress, roundtrip=lambda pixels: vq_roundtrip(vq, pixels))

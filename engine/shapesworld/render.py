@@ -127,6 +127,21 @@ def vocabulary() -> list[str]:
     return sorted(set(words_of(templates + list(SHAPES) + list(COLOURS) + list(BACKGROUNDS) + list(SIZES))))
 
 
+PROMPT_VOCABULARY = "prompt_vocabulary.json"  # in the generator folder: what the template pair backend reads
+
+
+def prompt_vocabulary() -> dict:
+    """The caption templates and the words for their slots, as prompt_vocabulary.json holds them in
+    the generator folder: prompts built from them use only words the generator's tokenizer knows."""
+    return {
+        "format": "earkit-prompt-vocabulary",
+        "version": 1,
+        "templates": list(CAPTION_TEMPLATES),
+        "slots": {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES),
+                  "background": list(BACKGROUNDS)},
+    }
+
+
 def make_dataset(n: int, seed: int, image_size: int = 64) -> tuple[np.ndarray, list[str], list[Scene]]:
     """n images (uint8, N x S x S x 3), one caption each, and their scenes; shapes and colours balanced."""
     rng = random.Random(seed)

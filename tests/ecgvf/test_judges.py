@@ -1,5 +1,7 @@
 """ECGVF judges: each one's verdict agrees with the model underneath it, and bad specs fail by name."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -26,8 +28,9 @@ def images():
 
 
 def test_shapesworld_judge_agrees_with_the_world_judge(tiny_world):
-    judge = parse_judge(None, model_folder=tiny_world / "generator")  # found beside the generator
-    assert isinstance(judge, ShapesWorldJudge)
+    judge = parse_judge(None, model_folder=tiny_world / "generator")  # named by the generator's earkit.json
+    assert isinstance(judge, ShapesWorldJudge) and judge.folder == str(tiny_world / "judge")
+    assert parse_judge("shapesworld", model_folder=tiny_world / "generator").folder == judge.folder
     verdicts = judge.world_judge.classify(images())
     scores, seen = judge.verdict(images(), "circle")
     assert seen.tolist() == [v["shape"] == "circle" for v in verdicts]
@@ -95,9 +98,36 @@ def test_nudenet_judge_counts_the_nine_exposed_labels():
         judge.verdict(images()[:1], "church")
 
 
+def test_a_model_folder_names_its_default_judge_by_data(tiny_clip, tmp_path):
+    """Not by layout: a judge/ folder beside a generator that names no judge is not taken."""
+    from earkit.engine.model import write_model_notes
+
+    config, weights = tiny_clip
+    model = tmp_path / "world" / "generator"
+    model.mkdir(parents=True)
+    (tmp_path / "world" / "judge").mkdir()
+    (tmp_path / "world" / "judge" / "judge_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="--judge is needed: the model .* names no default judge"):
+        parse_judge(None, model_folder=model)
+    # any judge form; a relative path in it is read against the model folder, not the working folder
+    relative = Path("..") / ".." / "clip"
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / weights.name).write_bytes(weights.read_bytes())
+    write_model_notes(model, default_judge=f"openclip:{config}:{relative / weights.name}")
+    judge = parse_judge(None, model_folder=model, labels=["circle"])
+    assert isinstance(judge, OpenClipJudge) and judge.weights == str(tmp_path / "clip" / weights.name)
+    with pytest.raises(FileNotFoundError, match="no ShapesWorld judge named by the model"):
+        parse_judge("shapesworld", model_folder=model)  # it names a judge, but not a ShapesWorld one
+    (model / "earkit.json").write_text('{"default_judge": "nudenet"}')
+    with pytest.raises(ValueError, match="not earkit model notes"):
+        parse_judge(None, model_folder=model)
+
+
 def test_judge_specs_fail_by_name(tmp_path):
     with pytest.raises(ValueError, match="--judge is needed"):
         parse_judge(None, model_folder=tmp_path)
+    with pytest.raises(ValueError, match="--judge is needed"):
+        parse_judge(None, model_folder="deepseek-community/Janus-Pro-7B")  # a hub id names none
     with pytest.raises(FileNotFoundError, match="no ShapesWorld judge"):
         parse_judge("shapesworld", model_folder=tmp_path)
     with pytest.raises(ValueError, match="expected one of"):

@@ -299,3 +299,52 @@ def test_write_samples_leaves_nothing_when_it_fails(janus, tmp_path, monkeypatch
         write_samples(model, tokenizer, PROMPTS, old, force=True, progress=False)
     assert [path.name for path in tmp_path.iterdir()] == ["old"]
     assert {path.name: path.read_bytes() for path in old.iterdir()} == before
+
+
+# ---------------------------------------------------------------- sampling defaults: the model's own
+
+
+@pytest.fixture
+def own_sampling(janus):
+    """The tiny Janus with guidance 1 and temperature 0 in its generation_config, as a model
+    folder's generation_config.json would set them; restored afterwards."""
+    import copy
+
+    model, tokenizer = janus
+    saved = copy.deepcopy(model.generation_config)
+    model.generation_config.do_sample, model.generation_config.guidance_scale = True, 1.0
+    model.generation_config.temperature = 0.0
+    yield model, tokenizer
+    model.generation_config = saved
+
+
+def test_the_sampler_takes_guidance_and_temperature_from_the_generation_config(own_sampling, tmp_path):
+    model, tokenizer = own_sampling
+    own = sample((model, tokenizer), PROMPTS, seed=4)
+    torch.testing.assert_close(own, sample((model, tokenizer), PROMPTS, guidance_scale=1.0, temperature=0.0, seed=9))
+    # explicit arguments win over the model's: the same draw as on a model without its own settings
+    given = sample((model, tokenizer), PROMPTS, guidance_scale=5.0, temperature=1.0, seed=4)
+    model.generation_config.guidance_scale = model.generation_config.temperature = None
+    torch.testing.assert_close(given, sample((model, tokenizer), PROMPTS, seed=4))
+    model.generation_config.guidance_scale, model.generation_config.temperature = 1.0, 0.0
+    write_samples(model, tokenizer, [SHORT], tmp_path / "own", progress=False)
+    write_samples(model, tokenizer, [SHORT], tmp_path / "given", temperature=0.7, progress=False)
+    settings = {name: json.loads((tmp_path / name / "prompts.json").read_text())["settings"] for name in ("own", "given")}
+    assert (settings["own"]["guidance_scale"], settings["own"]["temperature"]) == (1.0, 0.0)
+    assert (settings["given"]["guidance_scale"], settings["given"]["temperature"]) == (1.0, 0.7)
+
+
+def test_sampling_defaults_are_janus_pros_where_the_model_sets_none(tmp_path):
+    from transformers import GenerationConfig
+
+    from earkit.engine.tiny import save_tiny_janus
+
+    assert sampler.sampling_defaults(None) == sampler.sampling_defaults(GenerationConfig()) == (5.0, 1.0)
+    assert sampler.sampling_defaults(GenerationConfig(do_sample=True, temperature=0.3)) == (5.0, 0.3)
+    model, tokenizer = save_tiny_janus(tmp_path / "plain", ["red", "circle"])
+    assert sampler.source_sampling_defaults(tmp_path / "plain") == (5.0, 1.0)
+    model.generation_config.do_sample, model.generation_config.guidance_scale = True, 2.5
+    model.generation_config.temperature = 0.25
+    model.save_pretrained(tmp_path / "own")
+    assert sampler.source_sampling_defaults(tmp_path / "own") == (2.5, 0.25)
+    assert sampler.source_sampling_defaults(tmp_path / "missing") == (5.0, 1.0)

@@ -156,6 +156,14 @@ def test_built_folder_loads_and_samples(built):
     assert PatchCodes.load(built).size == len(world.BACKGROUNDS) + len(world.COLOURS) * 42
     model, tokenizer = load_janus(built, device="cpu")
     assert model.dtype == torch.float32
+    # ShapesWorld's sampling is the folder's own, and its prompt words are written beside it; a
+    # generator built alone (not in a world) names no default judge
+    from earkit.engine.shapesworld import GUIDANCE_SCALE, TEMPERATURE
+
+    assert (model.generation_config.guidance_scale, model.generation_config.temperature) == (GUIDANCE_SCALE,
+                                                                                             TEMPERATURE)
+    assert json.loads((built / "prompt_vocabulary.json").read_text()) == world.prompt_vocabulary()
+    assert not (built / "earkit.json").exists()
     tokens = sample_image_tokens(model, tokenizer, ["a red circle", "a blue star"], seed=1, progress=False)
     assert tokens.shape == (2, 64)
     images = decode_images(model, tokens)

@@ -43,6 +43,13 @@ def test_quick_build_runs_the_whole_pipeline_and_loads(tmp_path):
     assert tokenizer("a red circle")["input_ids"]
     judged = WorldJudge.load(built / "judge").classify(world.make_dataset(2, seed=1)[0])
     assert {j["shape"] for j in judged} <= set(world.SHAPES)
+    # the generator folder describes itself as data: sampling, default judge, prompt vocabulary
+    assert (model.generation_config.guidance_scale, model.generation_config.temperature) == (
+        shapesworld.GUIDANCE_SCALE, shapesworld.TEMPERATURE)
+    from earkit.ecgvf.judges import parse_judge
+
+    assert parse_judge(None, model_folder=built / "generator").folder == str(built / "judge")
+    assert json.loads((built / "generator" / "prompt_vocabulary.json").read_text()) == world.prompt_vocabulary()
 
     # a second build into the same folder needs --force, and refusing loses nothing
     again = earkit("world", "build", "--quick", "--out", str(built), cwd=tmp_path)
@@ -55,6 +62,38 @@ def test_the_default_world_ships_with_the_package():
     for path in ("generator/config.json", "generator/model.safetensors", "generator/tokenizer.json",
                  "judge/judge.safetensors", "judge/judge_config.json", "world.json"):
         assert (DEFAULT_WORLD / path).is_file(), f"the installed package lacks shapesworld/{path}"
+
+
+def test_the_shipped_generator_describes_itself_as_data():
+    """What the generic engine reads from the generator folder, as from any Hugging Face Janus folder:
+    its sampling (generation_config.json), its default judge (earkit.json), its prompt words."""
+    from earkit.ecgvf.judges import ShapesWorldJudge, parse_judge
+    from earkit.engine.sampler import source_sampling_defaults
+
+    generator = shapesworld.generator_folder()
+    assert source_sampling_defaults(generator) == (shapesworld.GUIDANCE_SCALE, shapesworld.TEMPERATURE)
+    judge = parse_judge(None, model_folder=generator)
+    assert isinstance(judge, ShapesWorldJudge) and judge.folder == str(shapesworld.judge_folder())
+    vocabulary = json.loads((generator / world.PROMPT_VOCABULARY).read_text())
+    assert vocabulary == world.prompt_vocabulary()
+    assert vocabulary["format"] == "earkit-prompt-vocabulary" and vocabulary["version"] == 1
+    assert set(vocabulary["slots"]) == {"shape", "colour", "size", "background"}
+    assert vocabulary["templates"] == list(world.CAPTION_TEMPLATES)
+
+
+def test_prompts_from_the_vocabulary_use_only_words_the_tokenizer_knows():
+    import string
+
+    from transformers import AutoTokenizer
+
+    vocabulary = world.prompt_vocabulary()
+    tokenizer = AutoTokenizer.from_pretrained(shapesworld.generator_folder())
+    for template in vocabulary["templates"]:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+        assert fields <= set(vocabulary["slots"]), template
+        for index in range(3):
+            prompt = template.format(**{slot: words[index % len(words)] for slot, words in vocabulary["slots"].items()})
+            assert tokenizer.unk_token_id not in tokenizer(prompt)["input_ids"], prompt
 
 
 def test_shipped_default_loads_with_the_real_classes():

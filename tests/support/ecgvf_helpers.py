@@ -20,16 +20,21 @@ TINY_CLIP_CONFIG = {
 
 
 def build_tiny_world(folder: Path) -> Path:
-    """WORLD/generator (a tiny random Janus over ShapesWorld's words) and WORLD/judge (a ShapesWorld
-    judge trained for 3 steps): the layout build_world writes, in seconds. Untrained: plumbing only."""
+    """WORLD/generator (a tiny random Janus over ShapesWorld's words, with the files build_world
+    writes beside the model: prompt_vocabulary.json, earkit.json naming WORLD/judge) and WORLD/judge
+    (a ShapesWorld judge trained for 3 steps), in seconds. Untrained: plumbing only. Its sampling
+    is Janus-Pro's 5 and 1 (no generation_config.json defaults)."""
     import torch
 
+    from earkit.engine.shapesworld import DEFAULT_JUDGE
     from earkit.engine.shapesworld import render as world
+    from earkit.engine.shapesworld.generator import write_model_files
     from earkit.engine.tiny import save_tiny_janus
     from earkit.engine.shapesworld.judge import JudgeConfig, train_judge
 
     torch.manual_seed(0)
     save_tiny_janus(folder / "generator", world.vocabulary() + list(world.SHAPES) + ["shape"])
+    write_model_files(folder / "generator", DEFAULT_JUDGE)
     train_judge(JudgeConfig(n_train_images=64, steps=3, batch_size=32, warmup_steps=1), progress=False).save(
         folder / "judge")
     return folder
