@@ -376,16 +376,16 @@ def decode_images(model, tokens: Tensor, *, batch_size: int = 8) -> list:
 
 
 def image_grid(rows: list[list]):
-    """One image from rows of equally sized PIL images (a row per prompt)."""
-    from PIL import Image
+    """One image from rows of equally sized PIL images (a row per prompt), white where a row is short."""
+    import torch
+    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+    from torchvision.utils import make_grid
 
-    width, height = rows[0][0].size
     columns = max(len(row) for row in rows)
-    grid = Image.new("RGB", (columns * width, len(rows) * height), "white")
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            grid.paste(image, (c * width, r * height))
-    return grid
+    blank = torch.full_like(pil_to_tensor(rows[0][0].convert("RGB")), 255)
+    tiles = [tile for row in rows for tile in [pil_to_tensor(image.convert("RGB")) for image in row]
+             + [blank] * (columns - len(row))]
+    return to_pil_image(make_grid(torch.stack(tiles), nrow=columns, padding=0))
 
 
 def legacy_samples_names(folder: Path) -> set[str] | None:

@@ -19,12 +19,14 @@ JANUS_SPECIAL_TOKENS = ["<|User|>", "<|Assistant|>", "<begin_of_image>", "<end_o
 BASIC_WORDS = ["a", "an", "the", "of", "in", "on", "with", "and", "photo", "picture", "image", ":", ".", ","]
 
 
+# earkit's one rule for splitting text into words: runs of word characters, and each punctuation
+# mark alone. The word-level tokenizers split this way, and so does ECGVF's prompt-pair check.
+WORD = re.compile(r"\w+|[^\w\s]")
+
+
 def words_of(texts) -> list[str]:
     """Lower-cased words and punctuation marks, as the word-level tokenizer splits them."""
-    found = []
-    for text in texts:
-        found.extend(re.findall(r"\w+|[^\w\s]", text.lower()))
-    return found
+    return [word for text in texts for word in WORD.findall(text.lower())]
 
 
 def word_tokenizer(vocabulary):

@@ -105,8 +105,12 @@ class EraseConfig:
         "help": "clip the gradient norm to this", "none": "no clipping"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute activations in the backward pass: less memory, more time"})
-    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale of the sampled training images"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the training images"})
+    # None: the model's own (its generation_config.json), as the sampler takes it anywhere else
+    guidance_scale: float | None = field(default=None, metadata={
+        "help": "CFG scale of the sampled training images", "default": "the model's generation_config.json, else 5"})
+    temperature: float | None = field(default=None, metadata={
+        "help": "sampling temperature of the training images",
+        "default": "the model's generation_config.json, else 1"})
     seed: int = field(default=0, metadata={"help": "the run's seed"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
     device: str | None = field(default=None, metadata={
@@ -139,15 +143,15 @@ class EraseConfig:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         if not isinstance(self.save_every, int) or self.save_every < 0:
             raise ValueError(f"save_every must be an integer >= 0, got {self.save_every!r}")
-        for name in ("eta", "lr", "weight_decay", "guidance_scale", "temperature", "preserve_weight"):
+        for name in ("eta", "lr", "weight_decay", "preserve_weight"):
             finite(name, getattr(self, name), allow_none=False)
         if self.preserve_weight < 0:
             raise ValueError(f"preserve_weight must be >= 0, got {self.preserve_weight}")
-        for name in ("token_threshold", "window_threshold", "grad_clip"):
+        for name in ("token_threshold", "window_threshold", "grad_clip", "guidance_scale", "temperature"):
             finite(name, getattr(self, name))
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.guidance_scale < 1:
+        if self.guidance_scale is not None and self.guidance_scale < 1:
             raise ValueError(f"guidance_scale must be >= 1, got {self.guidance_scale}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 (or None), got {self.grad_clip}")
@@ -155,7 +159,7 @@ class EraseConfig:
             raise ValueError("trainable must name at least one glob of parameter names")
         if self.pairs is None and (self.concept is None or self.anchor is None):
             raise ValueError("give either pairs (a file) or both concept and anchor")
-        if self.temperature < 0:
+        if self.temperature is not None and self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         resolve_dtype(self.dtype, torch.device("cpu"))  # ValueError naming dtype
         check_device(self.device)

@@ -15,6 +15,7 @@ import json
 import math
 import re
 
+from earkit.engine.tiny import WORD as TOKEN, words_of
 from earkit.io import UnreadableJSON, parse_json, unencodable
 
 # Rejection reasons, in the order the checks run (the summary counts each).
@@ -165,9 +166,6 @@ def extract_pair_list(reply) -> tuple[list, bool]:
 
 # ---------------------------------------------------------------- checking pairs
 
-TOKEN = re.compile(r"\w+|[^\w\s]")
-
-
 def concept_pattern(concept: str) -> re.Pattern:
     """The concept as whole words, any case, any whitespace between its words, plural tolerated
     (circle/circles, church/churches, city/cities); a possessive ("church's") matches too."""
@@ -188,7 +186,7 @@ def normalised(text: str) -> str:
 def _tokens(text: str) -> list[str]:
     # "an" before a vowel and "a" before a consonant are one word: swapping "apple" for "pear"
     # changes the article, not the sentence.
-    return ["a" if token == "an" else token for token in TOKEN.findall(text.casefold())]
+    return ["a" if token == "an" else token for token in words_of([text])]
 
 
 def similarity_without(concept_prompt: str, anchor_prompt: str, concept: str, anchor: str | None) -> float:
