@@ -55,7 +55,7 @@ def test_cpu_peak_extra_bytes_of_a_backward():
 
 def run(args, env_extra=None, timeout=180):
     # Not from the repository root: `python -m` puts the working directory first on sys.path, and
-    # there the source folder earkit/ would shadow the installed package.
+    # from the root that runs the checkout (its earkit/ folder) instead of the installed package.
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, *args], cwd=REPO / "tests", env=env, capture_output=True, text=True,
                           timeout=timeout)
