@@ -190,7 +190,7 @@ class OpenClipJudge(Judge):
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.model_name = model_name
-        self.weights = str(weights)
+        self.weights = str(Path(weights).expanduser())
         self.device = device
         self.labels: list[str] = []
         self.torch = torch
@@ -357,10 +357,7 @@ class ResNet50Judge(Judge):
         import torch
         from torchvision.models import resnet50
 
-        weights = Path(weights).expanduser()
-        if not weights.is_file():
-            raise FileNotFoundError(f"ResNet-50 weights file {weights} does not exist")
-        state = load_state_dict_file(weights)
+        state = load_state_dict_file(weights, "ResNet-50")
         model = resnet50(weights=None)
         try:
             model.load_state_dict(state)
@@ -368,7 +365,7 @@ class ResNet50Judge(Judge):
             raise ValueError(f"{weights} is not a torchvision ResNet-50 state dict: {str(error)[:300]}") from None
         self.model = model.eval().requires_grad_(False).to(device)
         self.device = device
-        self.weights = str(weights)
+        self.weights = str(Path(weights).expanduser())
         self.categories = [name.lower() for name in imagenet_categories()]
         self.transform = resnet50_transform()
         self.torch = torch
@@ -430,10 +427,7 @@ class InceptionFeatures:
         import torch
         from torchvision.models import inception_v3
 
-        weights = Path(weights).expanduser()
-        if not weights.is_file():
-            raise FileNotFoundError(f"Inception weights file {weights} does not exist")
-        state = load_state_dict_file(weights)
+        state = load_state_dict_file(weights, "Inception")
         model = inception_v3(weights=None, aux_logits=any(k.startswith("AuxLogits.") for k in state),
                              init_weights=False)
         try:
@@ -443,7 +437,7 @@ class InceptionFeatures:
         model.fc = torch.nn.Identity()  # the pooled 2048 features, not the 1000 logits
         self.model = model.eval().requires_grad_(False).to(device)
         self.device = device
-        self.weights = str(weights)
+        self.weights = str(Path(weights).expanduser())
         self.transform = inception_transform()
         self.torch = torch
 
@@ -461,9 +455,14 @@ class InceptionFeatures:
         return {"name": self.name, "weights": self.weights}
 
 
-def load_state_dict_file(path: Path) -> dict:
-    """A state dict from .safetensors or a torch file (a bare state dict, or one under "state_dict")."""
+def load_state_dict_file(path: str | os.PathLike, model_name: str) -> dict:
+    """A state dict from .safetensors or a torch file (a bare state dict, or one under "state_dict");
+    FileNotFoundError naming the model when there is no such file."""
     import torch
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_name} weights file {path} does not exist")
 
     try:
         if path.suffix == ".safetensors":

@@ -23,18 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._shared import (
-    backend_module,
-    check_backend,
-    check_common,
-    check_finite,
-    check_float_tensor,
-    check_ignore_index,
-    check_same_layout,
-    check_target,
-    check_target_values,
-    reduce_loss,
-)
+from ._shared import (backend_module, check_backend, check_common, check_finite, check_float_tensor,
+                      check_ignore_index, check_same_layout, check_target, check_target_values, reduce_loss)
 
 # ---------------------------------------------------------------- shared pieces of both ops
 

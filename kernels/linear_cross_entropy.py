@@ -40,18 +40,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._shared import (
-    backend_module,
-    check_backend,
-    check_common,
-    check_finite,
-    check_float_tensor,
-    check_ignore_index,
-    check_same_layout,
-    check_target,
-    check_target_values,
-    reduce_loss,
-)
+from ._shared import (backend_module, check_backend, check_common, check_finite, check_float_tensor,
+                      check_ignore_index, check_same_layout, check_target, check_target_values, reduce_loss)
 
 # Rows per chunk, from a memory budget: the chunk's fp32 logits (two buffers for the guided loss)
 # plus its half-precision gradient must fit in it. 112 MiB on a GPU gives 1152 rows at V = 16384
