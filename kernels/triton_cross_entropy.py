@@ -344,21 +344,32 @@ def _window_kernel(
 
 
 @triton.jit
+def _split_span(n_cols, cols_per_split):
+    """The columns [begin, end) that this program's split (grid axis 1) of its row covers."""
+    col_begin = tl.program_id(1) * cols_per_split
+    return col_begin, tl.minimum(col_begin + cols_per_split, n_cols)
+
+
+@triton.jit
+def _store_zeros(out_row, col_begin, col_end, BLOCK_V: tl.constexpr):
+    """A dropped row's gradient (a_i = 0): zeros, without reading its logits."""
+    for start in range(col_begin, col_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
+        tl.store(out_row + cols, zeros.to(out_row.dtype.element_ty), mask=cols < col_end)
+
+
+@triton.jit
 def _hard_backward_kernel(
     logits_ptr, logits_row_stride, target_ptr, lse_ptr, row_scale_ptr, out_ptr, out_row_stride,
     n_cols, cols_per_split, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    col_begin = split * cols_per_split
-    col_end = tl.minimum(col_begin + cols_per_split, n_cols)
+    col_begin, col_end = _split_span(n_cols, cols_per_split)
     scale = tl.load(row_scale_ptr + row)
     out_row = out_ptr + row * out_row_stride
     if scale == 0.0:
-        for start in range(col_begin, col_end, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
-            tl.store(out_row + cols, zeros.to(out_ptr.dtype.element_ty), mask=cols < col_end)
+        _store_zeros(out_row, col_begin, col_end, BLOCK_V)
     else:
         lse = tl.load(lse_ptr + row)
         target = tl.load(target_ptr + row)
@@ -377,16 +388,11 @@ def _guided_backward_kernel(
     n_cols, cols_per_split, eta, BLOCK_V: tl.constexpr, TARGET_ONLY: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    col_begin = split * cols_per_split
-    col_end = tl.minimum(col_begin + cols_per_split, n_cols)
+    col_begin, col_end = _split_span(n_cols, cols_per_split)
     scale = tl.load(row_scale_ptr + row)
     out_row = out_ptr + row * out_row_stride
     if scale == 0.0:
-        for start in range(col_begin, col_end, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
-            tl.store(out_row + cols, zeros.to(out_ptr.dtype.element_ty), mask=cols < col_end)
+        _store_zeros(out_row, col_begin, col_end, BLOCK_V)
     else:
         lse_student = tl.load(lse_student_ptr + row)
         lse_target = tl.load(lse_target_ptr + row)
