@@ -344,6 +344,13 @@ def _window_kernel(
 
 
 @triton.jit
+def _backward_row(row_scale_ptr, out_ptr, out_row_stride):
+    """This program's row (grid axis 0), its scale a_i / N (or a_i), and where its gradient goes."""
+    row = tl.program_id(0).to(tl.int64)
+    return row, tl.load(row_scale_ptr + row), out_ptr + row * out_row_stride
+
+
+@triton.jit
 def _split_span(n_cols, cols_per_split):
     """The columns [begin, end) that this program's split (grid axis 1) of its row covers."""
     col_begin = tl.program_id(1) * cols_per_split
@@ -364,10 +371,8 @@ def _hard_backward_kernel(
     logits_ptr, logits_row_stride, target_ptr, lse_ptr, row_scale_ptr, out_ptr, out_row_stride,
     n_cols, cols_per_split, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row, scale, out_row = _backward_row(row_scale_ptr, out_ptr, out_row_stride)
     col_begin, col_end = _split_span(n_cols, cols_per_split)
-    scale = tl.load(row_scale_ptr + row)
-    out_row = out_ptr + row * out_row_stride
     if scale == 0.0:
         _store_zeros(out_row, col_begin, col_end, BLOCK_V)
     else:
@@ -387,10 +392,8 @@ def _guided_backward_kernel(
     lse_student_ptr, lse_target_ptr, row_scale_ptr, out_ptr, out_row_stride,
     n_cols, cols_per_split, eta, BLOCK_V: tl.constexpr, TARGET_ONLY: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row, scale, out_row = _backward_row(row_scale_ptr, out_ptr, out_row_stride)
     col_begin, col_end = _split_span(n_cols, cols_per_split)
-    scale = tl.load(row_scale_ptr + row)
-    out_row = out_ptr + row * out_row_stride
     if scale == 0.0:
         _store_zeros(out_row, col_begin, col_end, BLOCK_V)
     else:
