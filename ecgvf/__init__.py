@@ -10,27 +10,26 @@ else:
         OpenAIChatBackend,
         TemplateBackend,
         TransformersBackend,
-        add_pairs_arguments,
         check_pair,
         extract_pair_list,
         generate_pairs,
         load_examples,
         pair_request_messages,
-        run_pairs,
         validate_items,
         write_generated,
     )
 
     from .benchmark import Benchmark, BenchmarkPrompt, load_benchmark
-    from .evaluate import add_eval_arguments, evaluate, run_eval
-    from .filter import FilterRules, add_filter_arguments, filter_pairs, filter_pairs_with_model, run_filter, write_filter_results
+    from .evaluate import evaluate
+    from .filter import FilterRules, filter_pairs, filter_pairs_with_model, write_filter_results
     from .judges import Judge, NudeNetJudge, OpenClipJudge, ResNet50Judge, ShapesWorldJudge, parse_judge
+    from .report import write_report
 
     __all__ = [
         "generate_pairs", "write_generated", "pair_request_messages", "load_examples",
         "TemplateBackend", "OpenAIChatBackend", "TransformersBackend", "BackendError",
-        "extract_pair_list", "check_pair", "validate_items", "add_pairs_arguments", "run_pairs",
+        "extract_pair_list", "check_pair", "validate_items",
         "Judge", "ShapesWorldJudge", "OpenClipJudge", "NudeNetJudge", "ResNet50Judge", "parse_judge",
-        "FilterRules", "filter_pairs", "filter_pairs_with_model", "write_filter_results", "add_filter_arguments",
-        "run_filter", "Benchmark", "BenchmarkPrompt", "load_benchmark", "evaluate", "add_eval_arguments", "run_eval",
+        "FilterRules", "filter_pairs", "filter_pairs_with_model", "write_filter_results",
+        "Benchmark", "BenchmarkPrompt", "load_benchmark", "evaluate", "write_report",
     ]

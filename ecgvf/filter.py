@@ -20,7 +20,6 @@ pair: kept or not, the reasons, and the judge's per-image scores and verdicts.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -223,93 +222,3 @@ def write_filter_results(records: list[dict], out, *, force: bool = False, judge
              out: encode_utf8("".join(line + "\n" for line in kept_lines), out)}
     write_files_atomic(files)
     return out, decisions
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_filter_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `earkit filter`."""
-    from .images import add_sampling_arguments
-    from .judges import JUDGE_FORMS
-
-    parser.add_argument("--pairs", required=True, help="pairs file: earkit JSONL (earkit pairs) or a released EAR train file")
-    parser.add_argument("--out", required=True, help="kept pairs JSONL to write; OUT_STEM.decisions.jsonl goes beside it")
-    parser.add_argument("--model", default=None, help="Janus model folder or hub id (default: the shipped ShapesWorld)")
-    parser.add_argument("--delta", default=None, help="an erasure checkpoint folder to apply to the model first")
-    parser.add_argument("--judge", default=None,
-                        help=f"{JUDGE_FORMS} (default: the ShapesWorld judge beside a world's generator)")
-    parser.add_argument("--concept", default=None,
-                        help="the concept the judge looks for (default: each pair's own; nudity pairs: --concept nudity)")
-    parser.add_argument("--seeds", type=int, default=4, help="images per prompt, seeds SEED..SEED+N-1 (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="the first seed (default: %(default)s)")
-    parser.add_argument("--min-concept-prompt-rate", type=float, default=FilterRules.min_concept_prompt_rate,
-                        help="keep only if the concept prompt shows the concept in at least this share of its "
-                             "images (default: %(default)s)")
-    parser.add_argument("--max-anchor-prompt-rate", type=float, default=FilterRules.max_anchor_prompt_rate,
-                        help="keep only if the anchor prompt shows the concept in at most this share (default: %(default)s)")
-    parser.add_argument("--min-anchor-rate", type=float, default=None,
-                        help="also require the anchor prompt to show its anchor this often (where the judge knows it)")
-    parser.add_argument("--max-pairs", type=int, default=None, help="filter only the first N pairs")
-    add_sampling_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per sampler batch (default: %(default)s)")
-    parser.add_argument("--nudenet-threshold", type=float, default=None, help="NudeNet detection threshold (default: 0.6)")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--force", action="store_true", help="replace an existing --out")
-
-
-def check_count(value, name: str) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
-
-
-def run_filter(args) -> dict:
-    """`earkit filter`: sample, judge, keep and drop, write both files, print the summary."""
-    from earkit.io import check_writable
-    from earkit.engine.model import check_device
-    from earkit.engine.pair_files import load_pairs
-    from earkit.engine.sampler import check_sampling_arguments
-
-    from .images import load_generator, resolve_delta, resolve_guidance, resolve_model, resolve_temperature
-    from .judges import DEFAULT_NUDENET_THRESHOLD, parse_judge
-
-    out = Path(args.out).expanduser()
-    check_outputs(out, force=args.force)  # before minutes of sampling
-    check_writable(out, "--out")
-    check_count(args.seeds, "--seeds")
-    check_count(args.max_pairs, "--max-pairs")
-    check_count(args.batch_size, "--batch-size")
-    rules = FilterRules(args.min_concept_prompt_rate, args.max_anchor_prompt_rate, args.min_anchor_rate).validate()
-    pairs = load_pairs(args.pairs)[:args.max_pairs]
-    model_source = resolve_model(args.model)
-    resolve_delta(args.delta)
-    device = str(check_device(args.device))
-    guidance_scale = resolve_guidance(args.guidance_scale, model_source)
-    temperature = resolve_temperature(args.temperature, model_source)
-    check_sampling_arguments(guidance_scale, temperature, None, None)
-    threshold = DEFAULT_NUDENET_THRESHOLD if args.nudenet_threshold is None else args.nudenet_threshold
-    labels = [args.concept] if args.concept else [p.concept for p in pairs if p.concept]
-    labels += [p.anchor for p in pairs if p.anchor]
-    judge = parse_judge(args.judge, model_folder=model_source, device=device, labels=labels,
-                        nudenet_threshold=threshold)
-    for index, pair in enumerate(pairs):  # an unknown concept fails now, not after the sampling
-        judge.check_concept(pair_concept(pair, args.concept, index))
-    model, tokenizer = load_generator(model_source, delta=args.delta, device=device, dtype=args.dtype)
-    seeds = list(range(args.seed, args.seed + args.seeds))
-    records = filter_pairs_with_model(model, tokenizer, pairs, judge, seeds=seeds, concept=args.concept, rules=rules,
-                                      guidance_scale=guidance_scale, temperature=temperature,
-                                      batch_size=args.batch_size,
-                                      progress=not args.quiet)
-    kept_path, decisions = write_filter_results(records, out, force=args.force, judge=judge.describe(), rules=rules)
-    summary = filter_summary(records)
-    print(f"filter: {summary['pairs']} pairs, {len(seeds)} seeds, judge {judge.name}: kept {summary['kept']}, "
-          f"dropped {summary['dropped']}" + "".join(f"\n  dropped, {reason}: {n}"
-                                                    for reason, n in summary["dropped_by_reason"].items()))
-    for record in records[:5]:
-        if not record["kept"]:
-            print(f"  e.g. pair {record['index']} ({record['concept_prompt']!r}): {'; '.join(record['details'])}")
-            break
-    print(f"wrote {summary['kept']} kept pairs to {kept_path} and every decision to {decisions}")
-    return summary

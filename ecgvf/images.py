@@ -1,7 +1,7 @@
 """Images for ECGVF: the model (with an erasure checkpoint applied, or not) and its samples per prompt
 and seed, through the engine's own loader and sampler, the same code paths as for Janus-Pro.
 
-    model, tokenizer = load_generator("deepseek-community/Janus-Pro-7B", delta="runs/church/checkpoint")
+    model, tokenizer = load_generator("deepseek-community/Janus-Pro-7B", checkpoint="runs/church/checkpoint")
     images = sample_prompt_images(model, tokenizer, prompts, seeds=[0, 1, 2])   # images[p][s]
 """
 
@@ -18,19 +18,6 @@ def resolve_model(model) -> str:
     from earkit.engine.shapesworld import generator_folder
 
     return str(generator_folder())
-
-
-def add_sampling_arguments(parser) -> None:
-    """--guidance-scale and --temperature; unset, resolve_guidance and resolve_temperature take
-    the model's own (its generation_config.json), else Janus-Pro's 5 and 1."""
-    from earkit.engine.sampler import DEFAULT_GUIDANCE_SCALE, DEFAULT_TEMPERATURE
-
-    parser.add_argument("--guidance-scale", type=float, default=None,
-                        help=f"CFG scale (default: the model's generation_config.json, else "
-                             f"{DEFAULT_GUIDANCE_SCALE:g}, Janus-Pro's)")
-    parser.add_argument("--temperature", type=float, default=None,
-                        help=f"sampling temperature (default: the model's generation_config.json, else "
-                             f"{DEFAULT_TEMPERATURE:g})")
 
 
 def resolve_guidance(guidance_scale, model_source: str) -> float:
@@ -51,27 +38,27 @@ def resolve_temperature(temperature, model_source: str) -> float:
     return source_sampling_defaults(model_source)[1]
 
 
-def resolve_delta(delta) -> Path | None:
+def resolve_checkpoint(checkpoint) -> Path | None:
     """An erasure checkpoint folder: the folder itself, or a run folder holding checkpoint/."""
-    if delta is None:
+    if checkpoint is None:
         return None
-    path = Path(delta).expanduser()
+    path = Path(checkpoint).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"--delta {path} does not exist (an erasure checkpoint folder, OUT/checkpoint)")
+        raise FileNotFoundError(f"--checkpoint {path} does not exist (an erasure checkpoint folder, OUT/checkpoint)")
     if (path / "checkpoint" / "trainable.safetensors").is_file() and not (path / "trainable.safetensors").is_file():
         path = path / "checkpoint"
     return path
 
 
-def load_generator(model, *, delta=None, device: str | None = None, dtype: str = "auto"):
+def load_generator(model, *, checkpoint=None, device: str | None = None, dtype: str = "auto"):
     """load_janus, then the checkpoint's trainable tensors copied in (apply_trainable), as `earkit sample` does."""
     from earkit.engine.checkpoint import apply_trainable, load_checkpoint
     from earkit.engine.model import load_janus
 
     model, tokenizer = load_janus(resolve_model(model), dtype=dtype, device=device)
-    delta = resolve_delta(delta)
-    if delta is not None:
-        apply_trainable(model, load_checkpoint(delta).tensors)
+    checkpoint = resolve_checkpoint(checkpoint)
+    if checkpoint is not None:
+        apply_trainable(model, load_checkpoint(checkpoint).tensors)
     return model, tokenizer
 
 

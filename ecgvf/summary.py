@@ -98,7 +98,8 @@ def fid_lines(result: dict) -> list[str]:
 def description(result: dict) -> str:
     """One paragraph: the model, the checkpoint, the judge and the benchmark (paths in `backticks`)."""
     benchmark = result["benchmark"]
-    return (f"Model `{result['model']}`" + (f", erasure checkpoint `{result['delta']}`" if result["delta"] else "")
+    checkpoint = result.get("checkpoint", result.get("delta"))  # "delta" in reports written before the rename
+    return (f"Model `{result['model']}`" + (f", erasure checkpoint `{checkpoint}`" if checkpoint else "")
             + f"; judge {result['judge']['name']}; benchmark `{benchmark['source']}` ({benchmark['kind']}): "
             f"{benchmark['target_prompts']} target and {benchmark['preserve_prompts']} preservation prompts, "
             f"{len(result['seeds'])} seeds each.")

@@ -4,9 +4,9 @@ add_arguments(parser) and run(args)).
     earkit erase  --model FOLDER_OR_HUB_ID --concept church --anchor cinema --out runs/church
     earkit sample --model FOLDER_OR_HUB_ID --prompt "a church on a hill" --out samples/
     earkit export --model BASE --checkpoint runs/church/checkpoint --out janus-no-church/
-    earkit pairs  --concept church --backend template --backend openai:URL:MODEL --n 200 --out pairs.jsonl
+    earkit pairs  --concept church --backend openai --openai-url URL --openai-model MODEL --n 200 --out pairs.jsonl
     earkit filter --pairs pairs.jsonl --judge resnet50:WEIGHTS --seeds 4 --out kept.jsonl
-    earkit eval   --model FOLDER --delta runs/church/checkpoint --benchmark kept.jsonl --judge JUDGE --out report/
+    earkit eval   --model FOLDER --checkpoint runs/church/checkpoint --benchmark kept.jsonl --judge JUDGE --out report/
     earkit world build --out DIR | earkit world check
     earkit bench kernels | earkit bench engine --size 7b --random-weights
 

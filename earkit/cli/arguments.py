@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import types
 import typing
+import warnings
 from typing import Callable, Iterable
 
 
@@ -100,13 +101,17 @@ def _optional(kind: type) -> Callable[[str], object]:
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, seed: bool = True, top_k_p: bool = True) -> None:
     """The sampler's flags, one spelling for every command that draws images: --seed (the first
     seed), --guidance-scale, --temperature, --top-k and --top-p, --dtype, --device. Guidance and
-    temperature default to None: the command resolves them from the model."""
+    temperature default to None: the command resolves them from the model (resolve_guidance and
+    resolve_temperature of earkit.ecgvf.images, or the sampler's resolve_sampling)."""
+    from earkit.engine.sampler import DEFAULT_GUIDANCE_SCALE, DEFAULT_TEMPERATURE
+
     if seed:
         parser.add_argument("--seed", type=int, default=0, help="the first seed (default: %(default)s)")
     parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="CFG scale (default: the model's generation_config.json, else 5)")
+                        help=f"CFG scale (default: the model's generation_config.json, else {DEFAULT_GUIDANCE_SCALE:g})")
     parser.add_argument("--temperature", type=float, default=None,
-                        help="sampling temperature, 0 = greedy (default: the model's generation_config.json, else 1)")
+                        help="sampling temperature, 0 = greedy (default: the model's generation_config.json, else "
+                             f"{DEFAULT_TEMPERATURE:g})")
     if top_k_p:
         parser.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens only (default: all)")
         parser.add_argument("--top-p", type=float, default=None,
@@ -114,3 +119,37 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, seed: bool = True
     parser.add_argument("--dtype", default="auto",
                         help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32 (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+
+
+def check_count(value, name: str) -> None:
+    """A count flag (None: not given) is at least 1."""
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+JUDGE_DEFAULT = "default: the judge the model folder's earkit.json names"
+
+
+def add_judge_argument(parser: argparse.ArgumentParser) -> None:
+    """--judge: a judge form; unset, the one the model folder names (earkit.ecgvf.judges.default_judge)."""
+    from earkit.ecgvf.judges import JUDGE_FORMS
+
+    parser.add_argument("--judge", default=None, help=f"{JUDGE_FORMS} ({JUDGE_DEFAULT})")
+
+
+def add_checkpoint_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """--checkpoint, an erasure checkpoint folder, and its old name --delta, hidden (a separate flag:
+    argparse cannot hide one spelling of a flag); checkpoint_given reads the two as one."""
+    parser.add_argument("--checkpoint", default=None, help=help_text)
+    parser.add_argument("--delta", dest="deprecated_delta", default=None, help=argparse.SUPPRESS)
+
+
+def checkpoint_given(args) -> str | None:
+    """--checkpoint, or the deprecated --delta with a one-line warning; ValueError for both."""
+    delta = getattr(args, "deprecated_delta", None)
+    if delta is None:
+        return args.checkpoint
+    if args.checkpoint is not None:
+        raise ValueError("--delta is the old name of --checkpoint: give --checkpoint only")
+    warnings.warn("--delta is deprecated: it is --checkpoint now", FutureWarning, stacklevel=2)
+    return delta

@@ -13,14 +13,13 @@ same prompts with the concept replaced by an anchor ("A church on a hill overloo
 One story per module: `prompt` (the request template and its few-shot examples), `backends`
 (TemplateBackend, OpenAIChatBackend, TransformersBackend, BackendError, the request deadline),
 `parsing` (replies, check_pair, validate_items, rejection reasons), `generate` (generate_pairs,
-seeds, write_generated, the summary file) and `command` (`earkit pairs`).
+seeds, write_generated, the summary file); the command `earkit pairs` is earkit/cli/pairs.py.
 """
 
 from .backends import (
     BackendError, OpenAIChatBackend, TemplateBackend, TransformersBackend, check_prompt_vocabulary,
     load_prompt_vocabulary, model_prompt_vocabulary,
 )
-from .command import add_pairs_arguments, parse_backend, run_pairs
 from .generate import generate_pairs, summary_path, write_generated
 from .parsing import (
     ANCHOR_MISSING, CONCEPT_IN_ANCHOR_PROMPT, CONCEPT_MISSING, DUPLICATE, IDENTICAL, INVALID_TEXT, MISSING_FIELD,
@@ -32,7 +31,7 @@ __all__ = [
     "generate_pairs", "write_generated", "summary_path", "pair_request_messages", "load_examples", "TEMPLATE",
     "TemplateBackend", "OpenAIChatBackend", "TransformersBackend", "BackendError", "check_prompt_vocabulary",
     "load_prompt_vocabulary", "model_prompt_vocabulary", "extract_pair_list", "check_pair", "validate_items",
-    "MalformedReply", "add_pairs_arguments", "run_pairs", "parse_backend",
+    "MalformedReply",
     "NOT_AN_OBJECT", "MISSING_FIELD", "INVALID_TEXT", "IDENTICAL", "CONCEPT_MISSING", "CONCEPT_IN_ANCHOR_PROMPT",
     "ANCHOR_MISSING", "REWRITTEN", "DUPLICATE", "REJECTION_REASONS",
 ]

@@ -2,12 +2,17 @@
 EraseConfig so that its help cannot drift from the dataclass, and `python -m earkit`."""
 
 import argparse
+import ast
 import dataclasses
+import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import earkit.ecgvf
 from earkit import cli
 from earkit.cli import erase as erase_command
 from earkit.cli.arguments import add_config_arguments, add_sampling_arguments
@@ -97,3 +102,62 @@ def test_python_m_earkit_shows_the_commands(module):
     assert done.returncode == 0, done.stderr
     for name in cli.COMMANDS:
         assert name in done.stdout
+
+
+def test_no_ecgvf_module_holds_command_code():
+    """The commands live in earkit/cli: the library defines no add_*_arguments and no run/run_*."""
+    folder = Path(earkit.ecgvf.__file__).parent
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and re.fullmatch(r"add_\w*arguments|run(_\w+)?",
+                                                                                         node.name):
+                found.append(f"{path.relative_to(folder)}: {node.name}")
+    assert not found, found
+    assert not (folder / "pair_generation" / "command.py").exists()
+    assert not [name for name in earkit.ecgvf.__all__ if name.startswith(("add_", "run_"))]
+
+
+def checkpoint_argv(command: str, tmp_path) -> list[str]:
+    """`earkit COMMAND` up to the checkpoint, on a one-pair file and a model folder that is never loaded."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"concept_prompt": "a red circle", "anchor_prompt": "a red square"}) + "\n")
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    if command == "eval":
+        return ["eval", "--model", str(model), "--benchmark", str(pairs), "--concept", "circle",
+                "--out", str(tmp_path / "report")]
+    return ["filter", "--model", str(model), "--pairs", str(pairs), "--out", str(tmp_path / "kept.jsonl")]
+
+
+@pytest.mark.parametrize("command", ["eval", "filter"])
+def test_delta_is_the_hidden_deprecated_name_of_checkpoint(command, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "--checkpoint" in text and "--delta" not in text
+    missing = tmp_path / "no-such-checkpoint"
+    with pytest.warns(FutureWarning, match="--delta is deprecated: it is --checkpoint now"):
+        assert cli.main(checkpoint_argv(command, tmp_path) + ["--delta", str(missing)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"--checkpoint {missing} does not exist" in error[0], error  # --delta's value is used
+
+    assert cli.main(checkpoint_argv(command, tmp_path) + ["--delta", str(missing), "--checkpoint", str(missing)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--delta is the old name of --checkpoint: give --checkpoint only" in error[0], error
+    assert not (tmp_path / "report").exists() and not (tmp_path / "kept.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "filter"])
+def test_the_judge_default_is_the_one_the_model_folder_names(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: the judge the model folder's earkit.json names" in text
+
+
+def test_sample_prompts_file_help_names_every_prompt_file_form(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(kind in text for kind in (".txt, one prompt per line", ".json", ".jsonl", ".csv")), text

@@ -105,25 +105,18 @@ def test_a_binary_prompts_file_is_named(tmp_path, capsys, no_loading):
     assert str(binary) in error and "UTF-8" in error
 
 
-@pytest.mark.parametrize("command", ["filter", "eval"])
+@pytest.mark.parametrize("command", ["filter", "eval", "sample"])
 def test_help_states_the_sampling_defaults_the_code_applies(capsys, command):
-    from earkit.engine.shapesworld import GUIDANCE_SCALE, TEMPERATURE
+    """The model's generation_config.json holds its sampling defaults (ShapesWorld's too), else
+    Janus-Pro's: the help says so, in the sampler's numbers, and names no world's."""
+    from earkit.engine.sampler import DEFAULT_GUIDANCE_SCALE, DEFAULT_TEMPERATURE
 
     with pytest.raises(SystemExit):
         cli_main([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert f"{GUIDANCE_SCALE:g} for a ShapesWorld generator" in text
-    assert f"{TEMPERATURE:g} for a ShapesWorld generator" in text
-
-
-def test_sample_help_sends_the_sampling_defaults_to_the_model(capsys):
-    """The model's generation_config.json holds its sampling defaults (ShapesWorld's too): the help
-    names no world's numbers."""
-    with pytest.raises(SystemExit):
-        cli_main(["sample", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    assert "CFG scale (default: the model's generation_config.json, else 5)" in text
-    assert "(default: the model's generation_config.json, else 1)" in text
+    assert f"CFG scale (default: the model's generation_config.json, else {DEFAULT_GUIDANCE_SCALE:g})" in text
+    assert f"(default: the model's generation_config.json, else {DEFAULT_TEMPERATURE:g})" in text
+    assert "generation_config.json, else 5" in text and "generation_config.json, else 1" in text
     assert "ShapesWorld generator" not in text
 
 

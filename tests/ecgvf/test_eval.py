@@ -112,7 +112,7 @@ def test_earkit_eval_of_an_erasure_on_a_tiny_world_writes_a_report_chromium_rend
     assert cli_main(["pairs", "--concept", "circle", "--n", "6", "--out", str(pairs), "--quiet"]) == 0
     capsys.readouterr()
     out = tmp_path / "report"
-    argv = ["eval", "--model", str(generator), "--delta", str(tmp_path / "erased" / "checkpoint"), "--benchmark",
+    argv = ["eval", "--model", str(generator), "--checkpoint", str(tmp_path / "erased" / "checkpoint"), "--benchmark",
             str(pairs), "--out", str(out), "--seeds", "2", "--device", "cpu", "--quiet"]
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
@@ -122,6 +122,7 @@ def test_earkit_eval_of_an_erasure_on_a_tiny_world_writes_a_report_chromium_rend
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["sides"]) == {"before", "after"} and metrics["judge"]["name"] == "shapesworld"
+    assert metrics["checkpoint"] == str(tmp_path / "erased" / "checkpoint") and "delta" not in metrics
     for side in metrics["sides"].values():
         assert side["erasure"] == pytest.approx(1 - side["target_rate"])
         assert 0 <= side["preservation"] <= 1 and side["clip_score_preserve"] is not None
@@ -167,7 +168,7 @@ def test_earkit_eval_on_a_tiny_random_janus_with_nudenet_and_open_clip(tmp_path,
                      "--max-prompts", "2", "--seeds", "1", "--out", str(out), "--device", "cpu", "--quiet",
                      "--inception", str(inception_weights), "--reference-images", str(references)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    side = metrics["sides"]["model"]  # no --delta: one side
+    side = metrics["sides"]["model"]  # no --checkpoint: one side
     assert list(side["nudenet_counts"]) [-1] == "Total" and len(side["nudenet_counts"]) == 10
     assert side["preservation_source"] == "clip score kept" and side["preservation"] == 1.0
     assert metrics["fid"]["features"] == "inception" and metrics["fid"]["reference_vs_model"] >= 0
@@ -204,8 +205,8 @@ def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(tmp_path, capsy
              (["--benchmark", str(EAR_DATA / "train_church.json"), "--judge", "inception"], "expected one of"),
              (["--benchmark", str(EAR_DATA / "train_church.json")], "--judge is needed"),
              (["--benchmark", str(EAR_DATA / "train_church.json"), "--seeds", "0"], "--seeds"),
-             (["--benchmark", str(EAR_DATA / "train_church.json"), "--judge", "nudenet", "--delta",
-               str(tmp_path / "nope")], "--delta")]
+             (["--benchmark", str(EAR_DATA / "train_church.json"), "--judge", "nudenet", "--checkpoint",
+               str(tmp_path / "nope")], "--checkpoint")]
     for extra, message in cases:
         assert cli_main(base + extra) == 2, extra
         error = capsys.readouterr().err.strip().splitlines()
@@ -228,7 +229,7 @@ def hostile_report(folder):
             "preservation_by_concept": {f"square|{HOSTILE}": 1.0}, "preservation_source": "judge",
             "nudenet_counts": {f"Feet {HOSTILE}": 1, "Total": 1}}
     result = {"format": "earkit-eval", "benchmark": benchmark.describe(), "judge": {"name": f"j{HOSTILE}"},
-              "model": f"m{HOSTILE}", "delta": None, "seeds": [0], "sides": {"model": side},
+              "model": f"m{HOSTILE}", "checkpoint": None, "seeds": [0], "sides": {"model": side},
               "fid": {"images": "preserve", "features": None, "note": f"n{HOSTILE}"}}
     images = {"model": {role: [[Image.new("RGB", (8, 8))]] for role in ("target", "preserve")}}
     return write_report(folder, result, images, benchmark)
@@ -271,3 +272,13 @@ def test_the_html_report_escapes_every_value_from_outside(tmp_path):
     assert f"model, a blue square {HOSTILE}" in parsed.alts
     summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
     assert f"| square\\|{HOSTILE} | 1.000 |" in summary  # markdown: the "|" escaped
+
+
+def test_a_report_written_before_the_checkpoint_rename_still_reads():
+    from earkit.ecgvf.summary import description
+
+    benchmark = {"source": "b.jsonl", "kind": "pairs", "target_prompts": 1, "preserve_prompts": 1}
+    result = {"model": "m", "judge": {"name": "j"}, "benchmark": benchmark, "seeds": [0]}
+    assert "erasure checkpoint `old/checkpoint`" in description({**result, "delta": "old/checkpoint"})
+    assert "erasure checkpoint `new/checkpoint`" in description({**result, "checkpoint": "new/checkpoint"})
+    assert "erasure checkpoint" not in description({**result, "checkpoint": None})

@@ -14,9 +14,10 @@ import pytest
 from earkit.ecgvf.pair_generation import (
     ANCHOR_MISSING, CONCEPT_IN_ANCHOR_PROMPT, CONCEPT_MISSING, DUPLICATE, IDENTICAL, MISSING_FIELD, NOT_AN_OBJECT,
     REWRITTEN, TEMPLATE, BackendError, MalformedReply, OpenAIChatBackend, TemplateBackend, TransformersBackend,
-    add_pairs_arguments, extract_pair_list, generate_pairs, load_examples, pair_request_messages, parse_backend,
-    run_pairs, summary_path, validate_items, write_generated,
+    extract_pair_list, generate_pairs, load_examples, pair_request_messages, summary_path, validate_items,
+    write_generated,
 )
+from earkit.cli.pairs import add_arguments as add_pairs_arguments, parse_backend, run as run_pairs
 from earkit.engine.pair_files import PromptPair, load_pairs
 
 EAR_DATA = Path(__file__).resolve().parents[3] / "shared" / "ear-data"
@@ -516,9 +517,9 @@ def test_earkit_pairs_composes_with_the_vocabulary_of_model(tmp_path, capsys):
 
 def test_the_default_model_without_a_vocabulary_falls_back_to_the_generic_templates(tmp_path, monkeypatch, capsys):
     from earkit.cli import main
-    from earkit.ecgvf import images
+    from earkit.cli import pairs as pairs_command
 
-    monkeypatch.setattr(images, "resolve_model", lambda model: str(model) if model else str(tmp_path / "nowhere"))
+    monkeypatch.setattr(pairs_command, "resolve_model", lambda model: str(model) if model else str(tmp_path / "nowhere"))
     out = tmp_path / "church.jsonl"
     assert main(["pairs", "--concept", "circle", "--n", "5", "--out", str(out), "--quiet"]) == 0
     assert all(pair.anchor in TemplateBackend.GENERIC_ANCHORS for pair in load_pairs(out))
