@@ -8,10 +8,11 @@ from hypothesis import strategies as st
 
 from earkit.kernels import guided_cross_entropy
 from earkit.kernels import testing as oracle
-from helpers import (DTYPES, EMPTY_IDS, GRAD_TOL, LOSS_TOL, REDUCTIONS, SHARED_MEMORY_LAYOUTS, assume_clear_of_gates,
-                     assert_zero_loss_without_rows, check_inplace_backward_on_rows_sharing_memory,
-                     check_inplace_backward_reuses_the_buffer, draw_gates, empty_cases, fuzz, rows_sharing_memory,
-                     threshold_in_gap)
+from helpers import (DTYPES, EMPTY_IDS, GRAD_TOL, LOSS_TOL, REDUCTIONS, SHARED_MEMORY_LAYOUTS, assert_gates_matter,
+                     assert_logits_op_close, assert_zero_loss_without_rows, assume_clear_of_gates,
+                     check_inplace_backward_on_rows_sharing_memory, check_inplace_backward_reuses_the_buffer,
+                     draw_gates, empty_cases, fuzz, gates_in_gaps, rows_sharing_memory, run_logits_op, threshold_in_gap,
+                     upstream_gradient)
 
 
 def expected_guided(student, concept, anchor, **options):
@@ -21,19 +22,12 @@ def expected_guided(student, concept, anchor, **options):
 
 
 def run_op(student, concept, anchor, grad_output=None, **kwargs):
-    leaf = student.detach().clone().requires_grad_()
-    loss = guided_cross_entropy(leaf, concept, anchor, **kwargs)
-    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
-    return loss.detach(), leaf.grad
+    return run_logits_op(lambda leaf: guided_cross_entropy(leaf, concept, anchor, **kwargs), student, grad_output)
 
 
 def check(student, concept, anchor, grad_output=None, **kwargs):
-    loss, grad = run_op(student, concept, anchor, grad_output, **kwargs)
-    want_loss, want_grad, _, _ = expected_guided(student, concept, anchor, grad_output=grad_output, **kwargs)
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
-    assert grad.dtype == student.dtype
-    torch.testing.assert_close(grad.double(), want_grad, **GRAD_TOL[student.dtype])
+    assert_logits_op_close(run_op(student, concept, anchor, grad_output, **kwargs),
+                           expected_guided(student, concept, anchor, grad_output=grad_output, **kwargs), student.dtype)
 
 
 def teacher_student(dtype, seed=0, batch=2, seq_len=11, n_classes=37):
@@ -47,23 +41,16 @@ def teacher_student(dtype, seed=0, batch=2, seq_len=11, n_classes=37):
 
 def windowed_case(dtype, seed=0, eta=1.0, **shape):
     student, concept, anchor = teacher_student(dtype, seed, **shape)
-    _, _, token_loss, _ = expected_guided(student, concept, anchor, eta=eta)
-    threshold = threshold_in_gap(token_loss, 0.3)
-    _, _, _, window_sums = expected_guided(student, concept, anchor, eta=eta, threshold=threshold, window=3,
-                                           window_threshold=1e9)
-    window_threshold = threshold_in_gap(window_sums, 0.4)
-    return (student, concept, anchor), dict(eta=eta, threshold=threshold, window=3, window_threshold=window_threshold)
+    gates = gates_in_gaps(lambda **options: expected_guided(student, concept, anchor, eta=eta, **options))
+    return (student, concept, anchor), dict(eta=eta, **gates)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference_with_threshold_and_windows(backend, dtype, reduction):
     tensors, options = windowed_case(dtype)
-    upstream = torch.randn(tensors[0].shape[:-1], generator=torch.Generator().manual_seed(5))
-    check(*tensors, upstream if reduction == "none" else None, reduction=reduction, **options)
-    _, _, token_loss, window_sums = expected_guided(*tensors, **options)
-    assert 0 < (token_loss <= options["threshold"]).sum() < token_loss.numel()
-    assert 0 < (window_sums <= options["window_threshold"]).sum() < window_sums.numel()
+    check(*tensors, upstream_gradient(reduction, tensors[0].shape[:-1], 5), reduction=reduction, **options)
+    assert_gates_matter(expected_guided(*tensors, **options), options)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 3.0])
@@ -238,11 +225,10 @@ def test_bf16_gradient_when_student_is_close_to_the_target(backend):
 
 
 def test_inplace_backward_reuses_the_student_buffer(backend):
-    tensors, options = windowed_case(torch.bfloat16, seed=2)
-    _, want_grad = run_op(*tensors, reduction="mean", **options)
+    (student, concept, anchor), options = windowed_case(torch.bfloat16, seed=2)
     check_inplace_backward_reuses_the_buffer(
-        lambda buffer: guided_cross_entropy(buffer, *tensors[1:], reduction="mean", inplace_backward=True, **options),
-        tensors[0], want_grad)
+        lambda logits, **inplace: guided_cross_entropy(logits, concept, anchor, reduction="mean", **inplace, **options),
+        student)
 
 
 @pytest.mark.parametrize("windowed", [False, True], ids=["rows", "windows"])

@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from earkit.kernels import LinearGuidedCrossEntropyLoss, guided_cross_entropy, linear_guided_cross_entropy
 from earkit.kernels import linear_cross_entropy, triton_linear_cross_entropy
 from earkit.kernels import testing as oracle
-from helpers import (DTYPES, EMPTY_IDS, REDUCTIONS, assert_compiled_module_matches, assert_head_op_close,
-                     assert_zero_loss_without_rows, assume_clear_of_gates, draw_gates, empty_cases, fuzz, run_head_op,
-                     threshold_in_gap, with_rounding_floors)
+from helpers import (DTYPES, EMPTY_IDS, REDUCTIONS, assert_compiled_module_matches, assert_gates_matter,
+                     assert_head_op_close, assert_zero_loss_without_rows, assume_clear_of_gates, draw_gates,
+                     empty_cases, fuzz, gates_in_gaps, head_without_rows, run_head_op, upstream_gradient,
+                     with_rounding_floors)
 
 
 def expected(h_student, h_concept, h_anchor, weight, bias=None, **options):
@@ -45,27 +46,15 @@ def teacher_student(dtype, seed=0, batch=2, seq_len=7, n_inner=12, n_classes=37)
 
 def windowed_case(dtype, seed=0, eta=1.0, **shape):
     tensors = teacher_student(dtype, seed, **shape)
-    _, _, token_loss, _ = expected(*tensors, eta=eta)
-    threshold = threshold_in_gap(token_loss, 0.3)
-    _, _, _, window_sums = expected(*tensors, eta=eta, threshold=threshold, window=3, window_threshold=1e9)
-    window_threshold = threshold_in_gap(window_sums, 0.4)
-    return tensors, dict(eta=eta, threshold=threshold, window=3, window_threshold=window_threshold)
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    monkeypatch.setattr(linear_cross_entropy, "force_chunk_rows", 4)
+    return tensors, dict(eta=eta, **gates_in_gaps(lambda **options: expected(*tensors, eta=eta, **options)))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference_with_threshold_and_windows(backend, small_chunks, dtype, reduction):
     tensors, options = windowed_case(dtype)
-    upstream = torch.randn(tensors[0].shape[:-1], generator=torch.Generator().manual_seed(5))
-    check(*tensors, upstream if reduction == "none" else None, reduction=reduction, **options)
-    _, _, token_loss, window_sums = expected(*tensors, **options)
-    assert 0 < (token_loss <= options["threshold"]).sum() < token_loss.numel()
-    assert 0 < (window_sums <= options["window_threshold"]).sum() < window_sums.numel()
+    check(*tensors, upstream_gradient(reduction, tensors[0].shape[:-1], 5), reduction=reduction, **options)
+    assert_gates_matter(expected(*tensors, **options), options)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 3.0])
@@ -84,8 +73,7 @@ def test_logits_engines(monkeypatch, small_chunks, engine, dtype, reduction):
     monkeypatch.setenv("EARKIT_BACKEND", "triton")
     monkeypatch.setenv("EARKIT_LINEAR_LOGITS", engine)
     tensors, options = windowed_case(dtype, eta=1.5)
-    upstream = torch.randn(tensors[0].shape[:-1], generator=torch.Generator().manual_seed(8))
-    check(*tensors, upstream if reduction == "none" else None, reduction=reduction, **options)
+    check(*tensors, upstream_gradient(reduction, tensors[0].shape[:-1], 8), reduction=reduction, **options)
 
 
 def test_triton_tiles_and_layouts(triton_layout, small_chunks, monkeypatch):
@@ -135,9 +123,7 @@ def test_everything_masked(backend):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape, options", empty_cases(12), ids=EMPTY_IDS)
 def test_no_rows_give_a_zero_loss_and_zero_gradients(backend, shape, options, reduction):
-    h_student = torch.randn(shape, requires_grad=True)
-    weight = torch.randn(37, 12, requires_grad=True)
-    bias = torch.randn(37, requires_grad=True)
+    h_student, weight, bias = head_without_rows(shape)
     loss = linear_guided_cross_entropy(h_student, torch.randn(shape), torch.randn(shape), weight, bias, threshold=0.1,
                                        reduction=reduction, **options)
     assert_zero_loss_without_rows(loss, reduction, h_student, weight, bias)

@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 from earkit.kernels import LinearMaskedCrossEntropyLoss, linear_masked_cross_entropy
 from earkit.kernels import linear_cross_entropy, triton_linear_cross_entropy
 from earkit.kernels import testing as oracle
-from helpers import (DTYPES, EMPTY_IDS, LOSS_TOL, REDUCTIONS, assert_compiled_module_matches, assert_head_op_close,
-                     assert_zero_loss_without_rows, assume_clear_of_gates, draw_gates, empty_cases, fuzz, run_head_op,
-                     threshold_in_gap, with_rounding_floors)
+from helpers import (DTYPES, EMPTY_IDS, LOSS_TOL, REDUCTIONS, assert_compiled_module_matches, assert_gates_matter,
+                     assert_head_op_close, assert_zero_loss_without_rows, assume_clear_of_gates, draw_gates,
+                     empty_cases, fuzz, gates_in_gaps, head_without_rows, run_head_op, upstream_gradient,
+                     with_rounding_floors)
 
 
 def expected(hidden, weight, target, bias=None, **options):
@@ -42,17 +43,8 @@ def head_case(dtype, seed=0, batch=2, seq_len=7, n_inner=12, n_classes=37):
     target = torch.randint(0, n_classes, (batch, seq_len), generator=generator)
     target[0, 2] = -100
     target[1, 5] = -100
-    _, _, token_loss, _ = expected(hidden, weight, target, bias)
-    threshold = threshold_in_gap(token_loss[target.reshape(-1) != -100], 0.3)
-    _, _, _, window_sums = expected(hidden, weight, target, bias, threshold=threshold, window=3, window_threshold=1e9)
-    window_threshold = threshold_in_gap(window_sums, 0.4)
-    return (hidden, weight, target, bias), dict(threshold=threshold, window=3, window_threshold=window_threshold)
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Chunks of a few rows, so every test crosses chunk boundaries (windowed: one sequence each)."""
-    monkeypatch.setattr(linear_cross_entropy, "force_chunk_rows", 4)
+    return (hidden, weight, target, bias), gates_in_gaps(
+        lambda **options: expected(hidden, weight, target, bias, **options), counted=target.reshape(-1) != -100)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -61,11 +53,8 @@ def test_matches_reference_with_threshold_and_windows(backend, small_chunks, dty
     # T = 7 is not a multiple of W = 3, V = 37 and H = 12 are not powers of two; "none" takes
     # the backward's recompute path for d weight and d bias.
     tensors, options = head_case(dtype)
-    upstream = torch.randn(tensors[2].shape, generator=torch.Generator().manual_seed(5))
-    check(*tensors, upstream if reduction == "none" else None, reduction=reduction, **options)
-    _, _, token_loss, window_sums = expected(*tensors, **options)
-    assert 0 < (token_loss <= options["threshold"]).sum() < token_loss.numel() - 2
-    assert 0 < (window_sums <= options["window_threshold"]).sum() < window_sums.numel()
+    check(*tensors, upstream_gradient(reduction, tensors[2].shape, 5), reduction=reduction, **options)
+    assert_gates_matter(expected(*tensors, **options), options, n_ignored=2)
 
 
 @pytest.mark.parametrize("engine", ["cublas", "triton"])
@@ -78,8 +67,7 @@ def test_logits_engines(monkeypatch, small_chunks, engine, dtype, reduction):
     monkeypatch.setenv("EARKIT_BACKEND", "triton")
     monkeypatch.setenv("EARKIT_LINEAR_LOGITS", engine)
     tensors, options = head_case(dtype, seed=4)
-    upstream = torch.randn(tensors[0].shape[:-1], generator=torch.Generator().manual_seed(8))
-    check(*tensors, upstream if reduction == "none" else None, reduction=reduction, **options)
+    check(*tensors, upstream_gradient(reduction, tensors[0].shape[:-1], 8), reduction=reduction, **options)
 
 
 def test_an_unknown_logits_engine_is_named(monkeypatch):
@@ -139,9 +127,7 @@ def test_everything_masked_and_all_ignored(backend):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape, options", empty_cases(12), ids=EMPTY_IDS)
 def test_no_rows_give_a_zero_loss_and_zero_gradients(backend, shape, options, reduction):
-    hidden = torch.randn(shape, requires_grad=True)
-    weight = torch.randn(37, 12, requires_grad=True)
-    bias = torch.randn(37, requires_grad=True)
+    hidden, weight, bias = head_without_rows(shape)
     target = torch.zeros(shape[:-1], dtype=torch.long)
     loss = linear_masked_cross_entropy(hidden, weight, target, bias, threshold=0.1, reduction=reduction, **options)
     assert_zero_loss_without_rows(loss, reduction, hidden, weight, bias)

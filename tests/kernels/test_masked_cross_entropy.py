@@ -9,10 +9,11 @@ from hypothesis import strategies as st
 
 from earkit.kernels import masked_cross_entropy
 from earkit.kernels import testing as oracle
-from helpers import (DTYPES, EMPTY_IDS, GRAD_TOL, LOSS_TOL, REDUCTIONS, SHARED_MEMORY_LAYOUTS, assume_clear_of_gates,
-                     assert_zero_loss_without_rows, check_inplace_backward_on_rows_sharing_memory,
-                     check_inplace_backward_reuses_the_buffer, draw_gates, empty_cases, fuzz, rows_sharing_memory,
-                     threshold_in_gap)
+from helpers import (DTYPES, EMPTY_IDS, GRAD_TOL, LOSS_TOL, REDUCTIONS, SHARED_MEMORY_LAYOUTS, assert_gates_matter,
+                     assert_logits_op_close, assert_zero_loss_without_rows, assume_clear_of_gates,
+                     check_inplace_backward_on_rows_sharing_memory, check_inplace_backward_reuses_the_buffer,
+                     draw_gates, empty_cases, fuzz, gates_in_gaps, rows_sharing_memory, run_logits_op,
+                     upstream_gradient)
 
 
 def expected_masked(logits, target, **options):
@@ -22,19 +23,12 @@ def expected_masked(logits, target, **options):
 
 
 def run_op(logits, target, grad_output=None, **kwargs):
-    leaf = logits.detach().clone().requires_grad_()
-    loss = masked_cross_entropy(leaf, target, **kwargs)
-    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
-    return loss.detach(), leaf.grad
+    return run_logits_op(lambda leaf: masked_cross_entropy(leaf, target, **kwargs), logits, grad_output)
 
 
 def check(logits, target, grad_output=None, **kwargs):
-    loss, grad = run_op(logits, target, grad_output, **kwargs)
-    want_loss, want_grad, _, _ = expected_masked(logits, target, grad_output=grad_output, **kwargs)
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
-    assert grad.dtype == logits.dtype
-    torch.testing.assert_close(grad.double(), want_grad, **GRAD_TOL[logits.dtype])
+    assert_logits_op_close(run_op(logits, target, grad_output, **kwargs),
+                           expected_masked(logits, target, grad_output=grad_output, **kwargs), logits.dtype)
 
 
 def windowed_case(dtype, seed=0, batch=2, seq_len=11, n_classes=37):
@@ -44,11 +38,8 @@ def windowed_case(dtype, seed=0, batch=2, seq_len=11, n_classes=37):
     target = torch.randint(0, n_classes, (batch, seq_len), generator=generator)
     target[0, 2] = -100
     target[1, 5] = -100
-    _, _, token_loss, _ = expected_masked(logits, target)
-    threshold = threshold_in_gap(token_loss[target.reshape(-1) != -100], 0.3)
-    _, _, _, window_sums = expected_masked(logits, target, threshold=threshold, window=3, window_threshold=1e9)
-    window_threshold = threshold_in_gap(window_sums, 0.4)
-    return logits, target, dict(threshold=threshold, window=3, window_threshold=window_threshold)
+    return logits, target, gates_in_gaps(lambda **options: expected_masked(logits, target, **options),
+                                         counted=target.reshape(-1) != -100)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -56,12 +47,9 @@ def windowed_case(dtype, seed=0, batch=2, seq_len=11, n_classes=37):
 def test_matches_reference_with_threshold_and_windows(backend, dtype, reduction):
     # T = 11 is not a multiple of W = 3, V = 37 is not a power of two, two rows are ignored.
     logits, target, options = windowed_case(dtype)
-    upstream = torch.randn(target.shape, generator=torch.Generator().manual_seed(5))
-    check(logits, target, upstream if reduction == "none" else None, reduction=reduction, **options)
+    check(logits, target, upstream_gradient(reduction, target.shape, 5), reduction=reduction, **options)
     # The thresholds were chosen to matter: some tokens and some windows are dropped, not all.
-    _, _, token_loss, window_sums = expected_masked(logits, target, **options)
-    assert 0 < (token_loss <= options["threshold"]).sum() < token_loss.numel() - 2
-    assert 0 < (window_sums <= options["window_threshold"]).sum() < window_sums.numel()
+    assert_gates_matter(expected_masked(logits, target, **options), options, n_ignored=2)
 
 
 def test_triton_layouts(triton_layout, monkeypatch):
@@ -142,10 +130,8 @@ def test_bf16_gradient_of_confident_target(backend, target_probability):
 
 def test_inplace_backward_reuses_the_logits_buffer(backend):
     logits, target, options = windowed_case(torch.bfloat16, seed=2)
-    _, want_grad = run_op(logits, target, reduction="mean", **options)
     check_inplace_backward_reuses_the_buffer(
-        lambda buffer: masked_cross_entropy(buffer, target, reduction="mean", inplace_backward=True, **options),
-        logits, want_grad)
+        lambda z, **inplace: masked_cross_entropy(z, target, reduction="mean", **inplace, **options), logits)
 
 
 @pytest.mark.parametrize("windowed", [False, True], ids=["rows", "windows"])

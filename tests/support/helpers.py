@@ -1,5 +1,7 @@
-"""Small pieces shared by the op tests: tolerances per dtype and threshold choice (the float64 oracles
-themselves are earkit.kernels.testing)."""
+"""Small pieces shared by the op tests: tolerances per dtype, threshold choice, running an op and
+comparing it with its float64 oracle's answer, and the checks every op's tests make alike (no rows,
+in-place backward, fuzzing). The oracles themselves are earkit.kernels.testing; each test file keeps
+its own op's calls and cases."""
 
 import torch
 
@@ -97,6 +99,50 @@ def empty_cases(last: int) -> list:
 EMPTY_IDS = ["B0-window", "B0-window-no-gate", "0T-window", "0", "B0"]
 
 
+# ---------------------------------------------------------------- an op on logits, and what every op's tests choose
+
+def run_logits_op(loss_of, logits, grad_output=None):
+    """loss_of(logits) on a fresh leaf, then backward with grad_output (ones by default): (loss, d logits)."""
+    leaf = logits.detach().clone().requires_grad_()
+    loss = loss_of(leaf)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), leaf.grad
+
+
+def assert_logits_op_close(got, want, dtype):
+    """run_logits_op's (loss, grad) against an oracle's (loss, grad, ...): an fp32 loss, a gradient in `dtype`."""
+    loss, grad = got
+    want_loss, want_grad = want[:2]
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.double(), want_grad, **GRAD_TOL[dtype])
+
+
+def upstream_gradient(reduction, shape, seed):
+    """For reduction "none", a seeded random gradient of the loss's `shape` to backpropagate; None
+    (ones) for a reduced loss."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) if reduction == "none" else None
+
+
+def gates_in_gaps(expected_of, counted=None) -> dict:
+    """A token threshold and a window gate (window 3) that each drop some tokens or windows but not
+    all: the 0.3 quantile of the token losses (those `counted`, default all) and the 0.4 quantile of
+    the window sums, halfway between two of them. expected_of(**options) is the oracle on the case."""
+    _, _, token_loss, _ = expected_of()
+    threshold = threshold_in_gap(token_loss if counted is None else token_loss[counted], 0.3)
+    _, _, _, window_sums = expected_of(threshold=threshold, window=3, window_threshold=1e9)
+    return dict(threshold=threshold, window=3, window_threshold=threshold_in_gap(window_sums, 0.4))
+
+
+def assert_gates_matter(want, options, n_ignored=0):
+    """The oracle's answer `want` under `options` has some tokens (of those not ignored) and some
+    windows dropped by the gates, not all."""
+    _, _, token_loss, window_sums = want
+    assert 0 < (token_loss <= options["threshold"]).sum() < token_loss.numel() - n_ignored
+    assert 0 < (window_sums <= options["window_threshold"]).sum() < window_sums.numel()
+
+
 # ---------------------------------------------------------------- a linear + loss op (hidden @ weight.T + bias)
 
 # A linear op's gradients are sums over V (d hidden) or N (d weight) of rounded terms, so an entry
@@ -144,6 +190,12 @@ def assert_head_op_close(got, want, dtype, train_head=True):
         assert all(g is None for g in grads[1:])
 
 
+def head_without_rows(shape, n_classes=37):
+    """Leaves for a linear op over no rows: hidden of `shape` (..., H) and a head of n_classes."""
+    return (torch.randn(shape, requires_grad=True), torch.randn(n_classes, shape[-1], requires_grad=True),
+            torch.randn(n_classes, requires_grad=True))
+
+
 def assert_compiled_module_matches(module, hidden, *rest):
     """torch.compile(module, fullgraph=True) gives the eager module's loss and gradients (of hidden,
     the module's weight and bias) on module(hidden, *rest)."""
@@ -177,14 +229,15 @@ def assert_zero_loss_without_rows(loss, reduction, leaf, *head):
         assert parameter.grad.shape == parameter.shape and not parameter.grad.any()
 
 
-def check_inplace_backward_reuses_the_buffer(loss_of, first, want_grad):
-    """loss_of(buffer) with inplace_backward writes its gradient into `buffer` (a non-leaf copy of
-    `first`, as a model's head output would be), and it is `want_grad` to the bit."""
+def check_inplace_backward_reuses_the_buffer(loss_of, first):
+    """loss_of(buffer, inplace_backward=True) writes its gradient into `buffer` (a non-leaf copy of
+    `first`, as a model's head output would be), and it is the gradient of loss_of(first) to the bit."""
+    _, want_grad = run_logits_op(loss_of, first)
     source = first.detach().clone().requires_grad_()
     buffer = source * 1
     seen = []
     buffer.register_hook(lambda grad: seen.append(grad))
-    loss_of(buffer).backward()
+    loss_of(buffer, inplace_backward=True).backward()
     assert seen[0].data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(source.grad, want_grad, rtol=0, atol=0)
 
