@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ecgvf_helpers import EAR_DATA, StubJudge, build_tiny_open_clip, build_tiny_world, rendered
+from ecgvf_helpers import EAR_DATA, StubJudge, build_tiny_open_clip, rendered, tiny_world_once
 from earkit.cli import main as cli_main
 from earkit.ecgvf.benchmark import Benchmark, BenchmarkPrompt
 from earkit.ecgvf.evaluate import fill_preservation_from_clip, measure_side
@@ -46,10 +46,7 @@ def open_in_chromium(html_file, profile, *extra) -> str:
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
 
 
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    torch.set_num_threads(1)
-    return build_tiny_world(tmp_path_factory.mktemp("world"))
+tiny_world = pytest.fixture(scope="module", name="tiny_world")(tiny_world_once)
 
 
 @pytest.fixture(scope="module")

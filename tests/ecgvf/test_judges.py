@@ -6,16 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from ecgvf_helpers import build_tiny_open_clip, build_tiny_world, rendered
+from ecgvf_helpers import build_tiny_open_clip, rendered, tiny_world_once
 from earkit.ecgvf.judges import (
     NUDENET_LABELS, NudeNetJudge, OpenClipJudge, ResNet50Judge, ShapesWorldJudge, parse_judge,
 )
 
 
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    torch.set_num_threads(1)
-    return build_tiny_world(tmp_path_factory.mktemp("world"))
+tiny_world = pytest.fixture(scope="module", name="tiny_world")(tiny_world_once)
 
 
 @pytest.fixture(scope="module")

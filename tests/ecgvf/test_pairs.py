@@ -6,11 +6,12 @@ import argparse
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
+from ecgvf_helpers import LocalServer
 from earkit.ecgvf.pair_generation import (
     ANCHOR_MISSING, CONCEPT_IN_ANCHOR_PROMPT, CONCEPT_MISSING, DUPLICATE, IDENTICAL, MISSING_FIELD, NOT_AN_OBJECT,
     REWRITTEN, TEMPLATE, BackendError, MalformedReply, OpenAIChatBackend, TemplateBackend, TransformersBackend,
@@ -116,7 +117,7 @@ def good_reply(seed: int) -> str:
     return "Here are the pairs:\n```json\n" + json.dumps(pairs, indent=1)[:-1] + ",]\n```\nEnjoy!"
 
 
-class StubChatServer:
+class StubChatServer(LocalServer):
     """An OpenAI-compatible /v1/chat/completions on 127.0.0.1 whose behaviour is the model name:
     good, malformed, slow (answers after `slow_seconds`), error500, notjson. It records each
     request and shuts itself down after `lifetime` seconds whatever happens."""
@@ -155,24 +156,18 @@ class StubChatServer:
                                        "finish_reason": "stop"}]}
                 self.send(200, json.dumps(answer).encode())
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.block_on_close = False  # never wait for a sleeping handler
+        super().__init__(Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.deadline = threading.Timer(lifetime, self.server.shutdown)
         self.deadline.daemon = True
 
     def __enter__(self):
-        self.thread.start()
         self.deadline.start()
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc):
         self.deadline.cancel()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        super().__exit__(*exc)
 
 
 def test_openai_backends_count_each_failure_and_keep_the_good_pairs(tmp_path):

@@ -12,10 +12,11 @@ import ssl
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
+from ecgvf_helpers import LocalServer
 from earkit.cli import main
 from earkit.ecgvf.benchmark import load_benchmark, load_prompt_file
 from earkit.ecgvf.pair_generation import (
@@ -42,7 +43,7 @@ def pairs_reply(seed: int, count: int = 2) -> str:
                        for index in range(count)])
 
 
-class Stub:
+class Stub(LocalServer):
     """An HTTP server on 127.0.0.1 whose POST answer is `respond(handler, body, index)` (index: the
     request's number), recording each request; plain http, or https with `tls` (cert, key)."""
 
@@ -69,9 +70,7 @@ class Stub:
                 stub.requests.append({"method": "GET", "path": self.path, "headers": dict(self.headers), "body": None})
                 send(self, 405, b'{"error": "GET"}')
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.block_on_close = False
+        super().__init__(Handler)
         scheme = "http"
         if tls:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -80,17 +79,10 @@ class Stub:
             scheme = "https"
         self.origin = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         self.url = self.origin + "/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
 
     def __exit__(self, *exc):
         self.stop.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        super().__exit__(*exc)
 
 
 def send(handler, status: int, body: bytes, headers=()):

@@ -4,13 +4,15 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from earkit.kernels import guided_cross_entropy
 from earkit.kernels import testing as oracle
-from helpers import (DTYPES, EMPTY_IDS, empty_cases, GRAD_TOL, LOSS_TOL, REDUCTIONS, SHARED_MEMORY_LAYOUTS, far_from,
-                     rows_sharing_memory, threshold_in_gap)
+from helpers import (DTYPES, EMPTY_IDS, GRAD_TOL, LOSS_TOL, REDUCTIONS, SHARED_MEMORY_LAYOUTS, assert_gates_matter,
+                     assert_logits_op_close, assert_zero_loss_without_rows, assume_clear_of_gates,
+                     check_inplace_backward_on_rows_sharing_memory, check_inplace_backward_reuses_the_buffer,
+                     draw_gates, empty_cases, fuzz, gates_in_gaps, rows_sharing_memory, run_logits_op, threshold_in_gap,
+                     upstream_gradient)
 
 
 def expected_guided(student, concept, anchor, **options):
@@ -20,19 +22,12 @@ def expected_guided(student, concept, anchor, **options):
 
 
 def run_op(student, concept, anchor, grad_output=None, **kwargs):
-    leaf = student.detach().clone().requires_grad_()
-    loss = guided_cross_entropy(leaf, concept, anchor, **kwargs)
-    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
-    return loss.detach(), leaf.grad
+    return run_logits_op(lambda leaf: guided_cross_entropy(leaf, concept, anchor, **kwargs), student, grad_output)
 
 
 def check(student, concept, anchor, grad_output=None, **kwargs):
-    loss, grad = run_op(student, concept, anchor, grad_output, **kwargs)
-    want_loss, want_grad, _, _ = expected_guided(student, concept, anchor, grad_output=grad_output, **kwargs)
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
-    assert grad.dtype == student.dtype
-    torch.testing.assert_close(grad.double(), want_grad, **GRAD_TOL[student.dtype])
+    assert_logits_op_close(run_op(student, concept, anchor, grad_output, **kwargs),
+                           expected_guided(student, concept, anchor, grad_output=grad_output, **kwargs), student.dtype)
 
 
 def teacher_student(dtype, seed=0, batch=2, seq_len=11, n_classes=37):
@@ -46,23 +41,16 @@ def teacher_student(dtype, seed=0, batch=2, seq_len=11, n_classes=37):
 
 def windowed_case(dtype, seed=0, eta=1.0, **shape):
     student, concept, anchor = teacher_student(dtype, seed, **shape)
-    _, _, token_loss, _ = expected_guided(student, concept, anchor, eta=eta)
-    threshold = threshold_in_gap(token_loss, 0.3)
-    _, _, _, window_sums = expected_guided(student, concept, anchor, eta=eta, threshold=threshold, window=3,
-                                           window_threshold=1e9)
-    window_threshold = threshold_in_gap(window_sums, 0.4)
-    return (student, concept, anchor), dict(eta=eta, threshold=threshold, window=3, window_threshold=window_threshold)
+    gates = gates_in_gaps(lambda **options: expected_guided(student, concept, anchor, eta=eta, **options))
+    return (student, concept, anchor), dict(eta=eta, **gates)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference_with_threshold_and_windows(backend, dtype, reduction):
     tensors, options = windowed_case(dtype)
-    upstream = torch.randn(tensors[0].shape[:-1], generator=torch.Generator().manual_seed(5))
-    check(*tensors, upstream if reduction == "none" else None, reduction=reduction, **options)
-    _, _, token_loss, window_sums = expected_guided(*tensors, **options)
-    assert 0 < (token_loss <= options["threshold"]).sum() < token_loss.numel()
-    assert 0 < (window_sums <= options["window_threshold"]).sum() < window_sums.numel()
+    check(*tensors, upstream_gradient(reduction, tensors[0].shape[:-1], 5), reduction=reduction, **options)
+    assert_gates_matter(expected_guided(*tensors, **options), options)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 3.0])
@@ -95,11 +83,7 @@ def test_no_rows_give_a_zero_loss_and_an_empty_gradient(backend, shape, options,
     student = torch.randn(shape, requires_grad=True)
     loss = guided_cross_entropy(student, torch.randn(shape), torch.randn(shape), threshold=0.1,
                                 reduction=reduction, **options)
-    assert loss.dtype == torch.float32
-    assert loss.shape == (shape[:-1] if reduction == "none" else ())
-    assert not loss.any()
-    loss.sum().backward()
-    assert student.grad.shape == shape
+    assert_zero_loss_without_rows(loss, reduction, student)
 
 
 def test_teacher_inputs_get_no_gradient(backend):
@@ -241,15 +225,10 @@ def test_bf16_gradient_when_student_is_close_to_the_target(backend):
 
 
 def test_inplace_backward_reuses_the_student_buffer(backend):
-    tensors, options = windowed_case(torch.bfloat16, seed=2)
-    _, want_grad = run_op(*tensors, reduction="mean", **options)
-    source = tensors[0].detach().clone().requires_grad_()
-    buffer = source * 1
-    seen = []
-    buffer.register_hook(lambda grad: seen.append(grad))
-    guided_cross_entropy(buffer, *tensors[1:], reduction="mean", inplace_backward=True, **options).backward()
-    assert seen[0].data_ptr() == buffer.data_ptr()
-    torch.testing.assert_close(source.grad, want_grad, rtol=0, atol=0)
+    (student, concept, anchor), options = windowed_case(torch.bfloat16, seed=2)
+    check_inplace_backward_reuses_the_buffer(
+        lambda logits, **inplace: guided_cross_entropy(logits, concept, anchor, reduction="mean", **inplace, **options),
+        student)
 
 
 @pytest.mark.parametrize("windowed", [False, True], ids=["rows", "windows"])
@@ -262,24 +241,9 @@ def test_inplace_backward_on_student_rows_sharing_memory(backend, layout, window
     source, make = rows_sharing_memory(layout, shape, generator)
     concept = make(source) + torch.randn(shape, generator=generator)
     anchor = concept + torch.randn(shape, generator=generator)
-    options = {}
-    if windowed:
-        _, _, _, window_sums = expected_guided(make(source), concept, anchor, window=3, window_threshold=1e9)
-        options = dict(window=3, window_threshold=threshold_in_gap(window_sums, 0.4))
-    want_loss, want_grad, _, _ = expected_guided(make(source), concept, anchor, **options)
-    source64 = source.double().requires_grad_()
-    (want_source_grad,) = torch.autograd.grad(make(source64), source64, want_grad)
-    leaf = source.clone().requires_grad_()
-    loss = guided_cross_entropy(make(leaf), concept, anchor, inplace_backward=True, **options)
-    loss.backward()
-    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
-    torch.testing.assert_close(leaf.grad.double(), want_source_grad, **GRAD_TOL[torch.float32])
-    student = make(source.clone()).requires_grad_()
-    guided_cross_entropy(student, concept, anchor, inplace_backward=True, **options).backward()
-    torch.testing.assert_close(student.grad.double(), want_grad, **GRAD_TOL[torch.float32])
-    plain = make(source.clone()).requires_grad_()  # the same layout without inplace_backward
-    guided_cross_entropy(plain, concept, anchor, **options).backward()
-    torch.testing.assert_close(student.grad, plain.grad, rtol=0, atol=0)
+    check_inplace_backward_on_rows_sharing_memory(
+        lambda student, **options: guided_cross_entropy(student, concept, anchor, **options),
+        lambda student, **options: expected_guided(student, concept, anchor, **options), source, make, windowed)
 
 
 def test_nan_logits_propagate_through_the_threshold(backend):
@@ -314,25 +278,13 @@ def test_bad_input_names_the_argument(backend, make_args, name):
         guided_cross_entropy(*args, **kwargs)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    data=st.data(),
-    backend_name=st.sampled_from(["reference", "native", "triton"]),
-    batch=st.integers(1, 3),
-    seq_len=st.integers(1, 9),
-    n_classes=st.integers(1, 40),
-    reduction=st.sampled_from(REDUCTIONS),
-)
+@fuzz(40, seq_len=st.integers(1, 9), n_classes=st.integers(1, 40))
 def test_fuzz_shapes_and_thresholds(data, backend_name, batch, seq_len, n_classes, reduction):
     student, concept, anchor = teacher_student(torch.float32, data.draw(st.integers(0, 2**16)), batch, seq_len,
                                                n_classes)
     eta = data.draw(st.floats(0.0, 3.0))
-    window = data.draw(st.none() | st.integers(1, seq_len + 2))
-    threshold = data.draw(st.none() | st.floats(-0.1, 2.0))
-    window_threshold = data.draw(st.none() | st.floats(-0.1, 5.0)) if window else None
-    options = dict(eta=eta, threshold=threshold, window=window, window_threshold=window_threshold, reduction=reduction)
-    _, _, token_loss, window_sums = expected_guided(student, concept, anchor, **options)
-    assume(far_from(token_loss, threshold) and far_from(window_sums, window_threshold))
+    options = dict(eta=eta, **draw_gates(data, seq_len, -0.1, 2.0, 5.0), reduction=reduction)
+    assume_clear_of_gates(expected_guided(student, concept, anchor, **options), options)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EARKIT_BACKEND", backend_name)
         check(student, concept, anchor, torch.randn(student.shape[:-1]) if reduction == "none" else None, **options)

@@ -5,53 +5,32 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from earkit.kernels import LinearGuidedCrossEntropyLoss, guided_cross_entropy, linear_guided_cross_entropy
 from earkit.kernels import linear_cross_entropy, triton_linear_cross_entropy
 from earkit.kernels import testing as oracle
-from helpers import (DTYPES, EMPTY_IDS, empty_cases, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, rounding_floors,
-                     threshold_in_gap)
-
-GRAD_SCALE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+from helpers import (DTYPES, EMPTY_IDS, REDUCTIONS, assert_compiled_module_matches, assert_gates_matter,
+                     assert_head_op_close, assert_zero_loss_without_rows, assume_clear_of_gates, draw_gates,
+                     empty_cases, fuzz, gates_in_gaps, head_without_rows, run_head_op, upstream_gradient,
+                     with_rounding_floors)
 
 
 def expected(h_student, h_concept, h_anchor, weight, bias=None, **options):
     """Loss, (gradient, rounding floor) of h_student, weight and bias, token losses and window sums (float64 oracle)."""
     want = oracle.linear_guided_cross_entropy(h_student, h_concept, h_anchor, weight, bias, **options)
-    floors = rounding_floors(want.row_scale, h_student, weight)[:len(want.grads)]
-    return want.loss, list(zip(want.grads, floors)), want.token_loss, want.window_sums
+    return with_rounding_floors(want, h_student, weight)
 
 
 def run_op(h_student, h_concept, h_anchor, weight, bias=None, grad_output=None, train_head=True, **kwargs):
-    h = h_student.detach().clone().requires_grad_()
-    w = weight.detach().clone().requires_grad_(train_head)
-    b = bias.detach().clone().requires_grad_(train_head) if bias is not None else None
-    loss = linear_guided_cross_entropy(h, h_concept, h_anchor, w, b, **kwargs)
-    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
-    return loss.detach(), [h.grad, w.grad] + ([b.grad] if b is not None else [])
-
-
-def assert_grad_close(got, want_and_floor, dtype):
-    want, floor = want_and_floor
-    assert got is not None and got.dtype == dtype
-    tol = max(GRAD_SCALE_TOL[dtype] * float(want.abs().max()), float(floor.max()))
-    torch.testing.assert_close(got.double(), want, rtol=GRAD_TOL[dtype]["rtol"], atol=tol)
+    return run_head_op(lambda h, w, b: linear_guided_cross_entropy(h, h_concept, h_anchor, w, b, **kwargs),
+                       h_student, weight, bias, grad_output, train_head)
 
 
 def check(h_student, h_concept, h_anchor, weight, bias=None, grad_output=None, train_head=True, **kwargs):
-    loss, grads = run_op(h_student, h_concept, h_anchor, weight, bias, grad_output, train_head, **kwargs)
-    want_loss, want_grads, _, _ = expected(h_student, h_concept, h_anchor, weight, bias, grad_output=grad_output,
-                                           **kwargs)
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
-    assert_grad_close(grads[0], want_grads[0], h_student.dtype)
-    if train_head:
-        for got, want in zip(grads[1:], want_grads[1:]):
-            assert_grad_close(got, want, h_student.dtype)
-    else:
-        assert all(g is None for g in grads[1:])
+    assert_head_op_close(run_op(h_student, h_concept, h_anchor, weight, bias, grad_output, train_head, **kwargs),
+                         expected(h_student, h_concept, h_anchor, weight, bias, grad_output=grad_output, **kwargs),
+                         h_student.dtype, train_head)
 
 
 def teacher_student(dtype, seed=0, batch=2, seq_len=7, n_inner=12, n_classes=37):
@@ -67,27 +46,15 @@ def teacher_student(dtype, seed=0, batch=2, seq_len=7, n_inner=12, n_classes=37)
 
 def windowed_case(dtype, seed=0, eta=1.0, **shape):
     tensors = teacher_student(dtype, seed, **shape)
-    _, _, token_loss, _ = expected(*tensors, eta=eta)
-    threshold = threshold_in_gap(token_loss, 0.3)
-    _, _, _, window_sums = expected(*tensors, eta=eta, threshold=threshold, window=3, window_threshold=1e9)
-    window_threshold = threshold_in_gap(window_sums, 0.4)
-    return tensors, dict(eta=eta, threshold=threshold, window=3, window_threshold=window_threshold)
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    monkeypatch.setattr(linear_cross_entropy, "force_chunk_rows", 4)
+    return tensors, dict(eta=eta, **gates_in_gaps(lambda **options: expected(*tensors, eta=eta, **options)))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference_with_threshold_and_windows(backend, small_chunks, dtype, reduction):
     tensors, options = windowed_case(dtype)
-    upstream = torch.randn(tensors[0].shape[:-1], generator=torch.Generator().manual_seed(5))
-    check(*tensors, upstream if reduction == "none" else None, reduction=reduction, **options)
-    _, _, token_loss, window_sums = expected(*tensors, **options)
-    assert 0 < (token_loss <= options["threshold"]).sum() < token_loss.numel()
-    assert 0 < (window_sums <= options["window_threshold"]).sum() < window_sums.numel()
+    check(*tensors, upstream_gradient(reduction, tensors[0].shape[:-1], 5), reduction=reduction, **options)
+    assert_gates_matter(expected(*tensors, **options), options)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 3.0])
@@ -106,8 +73,7 @@ def test_logits_engines(monkeypatch, small_chunks, engine, dtype, reduction):
     monkeypatch.setenv("EARKIT_BACKEND", "triton")
     monkeypatch.setenv("EARKIT_LINEAR_LOGITS", engine)
     tensors, options = windowed_case(dtype, eta=1.5)
-    upstream = torch.randn(tensors[0].shape[:-1], generator=torch.Generator().manual_seed(8))
-    check(*tensors, upstream if reduction == "none" else None, reduction=reduction, **options)
+    check(*tensors, upstream_gradient(reduction, tensors[0].shape[:-1], 8), reduction=reduction, **options)
 
 
 def test_triton_tiles_and_layouts(triton_layout, small_chunks, monkeypatch):
@@ -157,18 +123,10 @@ def test_everything_masked(backend):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape, options", empty_cases(12), ids=EMPTY_IDS)
 def test_no_rows_give_a_zero_loss_and_zero_gradients(backend, shape, options, reduction):
-    h_student = torch.randn(shape, requires_grad=True)
-    weight = torch.randn(37, 12, requires_grad=True)
-    bias = torch.randn(37, requires_grad=True)
+    h_student, weight, bias = head_without_rows(shape)
     loss = linear_guided_cross_entropy(h_student, torch.randn(shape), torch.randn(shape), weight, bias, threshold=0.1,
                                        reduction=reduction, **options)
-    assert loss.dtype == torch.float32
-    assert loss.shape == (shape[:-1] if reduction == "none" else ())
-    assert not loss.any()
-    loss.sum().backward()
-    assert h_student.grad.shape == shape
-    assert weight.grad.shape == weight.shape and not weight.grad.any()
-    assert bias.grad.shape == bias.shape and not bias.grad.any()
+    assert_zero_loss_without_rows(loss, reduction, h_student, weight, bias)
 
 
 def test_nan_propagates_through_the_threshold(backend):
@@ -185,19 +143,7 @@ def test_module_and_torch_compile_fullgraph():
     options.pop("eta")
     module = LinearGuidedCrossEntropyLoss(12, 37, eta=1.5, reduction="sum", **options)
     assert "eta=1.5" in repr(module)
-
-    def loss_and_grads(fn):
-        module.zero_grad()
-        h = h_s.clone().requires_grad_()
-        loss = fn(h, h_c, h_a)
-        loss.backward()
-        return loss.detach(), [h.grad, module.weight.grad, module.bias.grad]
-
-    want_loss, want_grads = loss_and_grads(module)
-    loss, grads = loss_and_grads(torch.compile(module, fullgraph=True))
-    torch.testing.assert_close(loss, want_loss)
-    for got, want in zip(grads, want_grads):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_compiled_module_matches(module, h_s, h_c, h_a)
 
 
 @pytest.mark.parametrize(
@@ -229,28 +175,14 @@ def test_bad_input_names_the_argument(backend, make_args, name):
         linear_guided_cross_entropy(*args, **kwargs)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    data=st.data(),
-    backend_name=st.sampled_from(["reference", "native", "triton"]),
-    batch=st.integers(1, 3),
-    seq_len=st.integers(1, 6),
-    n_inner=st.integers(1, 9),
-    n_classes=st.integers(1, 30),
-    reduction=st.sampled_from(REDUCTIONS),
-    chunk=st.integers(1, 8),
-)
+@fuzz(25, seq_len=st.integers(1, 6), n_inner=st.integers(1, 9), n_classes=st.integers(1, 30), chunk=st.integers(1, 8))
 def test_fuzz_shapes_thresholds_and_chunks(data, backend_name, batch, seq_len, n_inner, n_classes, reduction, chunk):
     h_s, h_c, h_a, weight, bias = teacher_student(torch.float32, data.draw(st.integers(0, 2**16)), batch, seq_len,
                                                   n_inner, n_classes)
     bias = data.draw(st.sampled_from([None, bias]))
     eta = data.draw(st.floats(0.0, 3.0))
-    window = data.draw(st.none() | st.integers(1, seq_len + 2))
-    threshold = data.draw(st.none() | st.floats(-0.1, 2.0))
-    window_threshold = data.draw(st.none() | st.floats(-0.1, 5.0)) if window else None
-    options = dict(eta=eta, threshold=threshold, window=window, window_threshold=window_threshold, reduction=reduction)
-    _, _, token_loss, window_sums = expected(h_s, h_c, h_a, weight, bias, **options)
-    assume(far_from(token_loss, threshold) and far_from(window_sums, window_threshold))
+    options = dict(eta=eta, **draw_gates(data, seq_len, -0.1, 2.0, 5.0), reduction=reduction)
+    assume_clear_of_gates(expected(h_s, h_c, h_a, weight, bias, **options), options)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EARKIT_BACKEND", backend_name)
         patch.setattr(linear_cross_entropy, "force_chunk_rows", chunk)

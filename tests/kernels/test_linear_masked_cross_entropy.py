@@ -6,54 +6,32 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from earkit.kernels import LinearMaskedCrossEntropyLoss, linear_masked_cross_entropy
 from earkit.kernels import linear_cross_entropy, triton_linear_cross_entropy
 from earkit.kernels import testing as oracle
-from helpers import (DTYPES, EMPTY_IDS, empty_cases, GRAD_TOL, LOSS_TOL, REDUCTIONS, far_from, rounding_floors,
-                     threshold_in_gap)
-
-# Gradients here are sums over V (d hidden) or N (d weight) of rounded terms, so an entry near
-# zero carries the rounding of much larger terms: compare against the largest entry.
-GRAD_SCALE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+from helpers import (DTYPES, EMPTY_IDS, LOSS_TOL, REDUCTIONS, assert_compiled_module_matches, assert_gates_matter,
+                     assert_head_op_close, assert_zero_loss_without_rows, assume_clear_of_gates, draw_gates,
+                     empty_cases, fuzz, gates_in_gaps, head_without_rows, run_head_op, upstream_gradient,
+                     with_rounding_floors)
 
 
 def expected(hidden, weight, target, bias=None, **options):
     """Loss, (gradient, rounding floor) of hidden, weight and bias, token losses and window sums (float64 oracle)."""
-    want = oracle.linear_masked_cross_entropy(hidden, weight, target, bias, **options)
-    floors = rounding_floors(want.row_scale, hidden, weight)[:len(want.grads)]
-    return want.loss, list(zip(want.grads, floors)), want.token_loss, want.window_sums
+    return with_rounding_floors(oracle.linear_masked_cross_entropy(hidden, weight, target, bias, **options), hidden,
+                                weight)
 
 
 def run_op(hidden, weight, target, bias=None, grad_output=None, train_head=True, **kwargs):
-    h = hidden.detach().clone().requires_grad_()
-    w = weight.detach().clone().requires_grad_(train_head)
-    b = bias.detach().clone().requires_grad_(train_head) if bias is not None else None
-    loss = linear_masked_cross_entropy(h, w, target, b, **kwargs)
-    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
-    return loss.detach(), [h.grad, w.grad] + ([b.grad] if b is not None else [])
-
-
-def assert_grad_close(got, want_and_floor, dtype):
-    want, floor = want_and_floor
-    assert got is not None and got.dtype == dtype
-    tol = max(GRAD_SCALE_TOL[dtype] * float(want.abs().max()), float(floor.max()))
-    torch.testing.assert_close(got.double(), want, rtol=GRAD_TOL[dtype]["rtol"], atol=tol)
+    return run_head_op(lambda h, w, b: linear_masked_cross_entropy(h, w, target, b, **kwargs), hidden, weight, bias,
+                       grad_output, train_head)
 
 
 def check(hidden, weight, target, bias=None, grad_output=None, train_head=True, **kwargs):
-    loss, grads = run_op(hidden, weight, target, bias, grad_output, train_head, **kwargs)
-    want_loss, want_grads, _, _ = expected(hidden, weight, target, bias, grad_output=grad_output, **kwargs)
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
-    assert_grad_close(grads[0], want_grads[0], hidden.dtype)
-    if train_head:
-        for got, want in zip(grads[1:], want_grads[1:]):
-            assert_grad_close(got, want, hidden.dtype)
-    else:
-        assert all(g is None for g in grads[1:])
+    assert_head_op_close(run_op(hidden, weight, target, bias, grad_output, train_head, **kwargs),
+                         expected(hidden, weight, target, bias, grad_output=grad_output, **kwargs), hidden.dtype,
+                         train_head)
 
 
 def head_case(dtype, seed=0, batch=2, seq_len=7, n_inner=12, n_classes=37):
@@ -65,17 +43,8 @@ def head_case(dtype, seed=0, batch=2, seq_len=7, n_inner=12, n_classes=37):
     target = torch.randint(0, n_classes, (batch, seq_len), generator=generator)
     target[0, 2] = -100
     target[1, 5] = -100
-    _, _, token_loss, _ = expected(hidden, weight, target, bias)
-    threshold = threshold_in_gap(token_loss[target.reshape(-1) != -100], 0.3)
-    _, _, _, window_sums = expected(hidden, weight, target, bias, threshold=threshold, window=3, window_threshold=1e9)
-    window_threshold = threshold_in_gap(window_sums, 0.4)
-    return (hidden, weight, target, bias), dict(threshold=threshold, window=3, window_threshold=window_threshold)
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Chunks of a few rows, so every test crosses chunk boundaries (windowed: one sequence each)."""
-    monkeypatch.setattr(linear_cross_entropy, "force_chunk_rows", 4)
+    return (hidden, weight, target, bias), gates_in_gaps(
+        lambda **options: expected(hidden, weight, target, bias, **options), counted=target.reshape(-1) != -100)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -84,11 +53,8 @@ def test_matches_reference_with_threshold_and_windows(backend, small_chunks, dty
     # T = 7 is not a multiple of W = 3, V = 37 and H = 12 are not powers of two; "none" takes
     # the backward's recompute path for d weight and d bias.
     tensors, options = head_case(dtype)
-    upstream = torch.randn(tensors[2].shape, generator=torch.Generator().manual_seed(5))
-    check(*tensors, upstream if reduction == "none" else None, reduction=reduction, **options)
-    _, _, token_loss, window_sums = expected(*tensors, **options)
-    assert 0 < (token_loss <= options["threshold"]).sum() < token_loss.numel() - 2
-    assert 0 < (window_sums <= options["window_threshold"]).sum() < window_sums.numel()
+    check(*tensors, upstream_gradient(reduction, tensors[2].shape, 5), reduction=reduction, **options)
+    assert_gates_matter(expected(*tensors, **options), options, n_ignored=2)
 
 
 @pytest.mark.parametrize("engine", ["cublas", "triton"])
@@ -101,8 +67,7 @@ def test_logits_engines(monkeypatch, small_chunks, engine, dtype, reduction):
     monkeypatch.setenv("EARKIT_BACKEND", "triton")
     monkeypatch.setenv("EARKIT_LINEAR_LOGITS", engine)
     tensors, options = head_case(dtype, seed=4)
-    upstream = torch.randn(tensors[0].shape[:-1], generator=torch.Generator().manual_seed(8))
-    check(*tensors, upstream if reduction == "none" else None, reduction=reduction, **options)
+    check(*tensors, upstream_gradient(reduction, tensors[0].shape[:-1], 8), reduction=reduction, **options)
 
 
 def test_an_unknown_logits_engine_is_named(monkeypatch):
@@ -162,18 +127,10 @@ def test_everything_masked_and_all_ignored(backend):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape, options", empty_cases(12), ids=EMPTY_IDS)
 def test_no_rows_give_a_zero_loss_and_zero_gradients(backend, shape, options, reduction):
-    hidden = torch.randn(shape, requires_grad=True)
-    weight = torch.randn(37, 12, requires_grad=True)
-    bias = torch.randn(37, requires_grad=True)
+    hidden, weight, bias = head_without_rows(shape)
     target = torch.zeros(shape[:-1], dtype=torch.long)
     loss = linear_masked_cross_entropy(hidden, weight, target, bias, threshold=0.1, reduction=reduction, **options)
-    assert loss.dtype == torch.float32
-    assert loss.shape == (shape[:-1] if reduction == "none" else ())
-    assert not loss.any()
-    loss.sum().backward()
-    assert hidden.grad.shape == shape
-    assert weight.grad.shape == weight.shape and not weight.grad.any()
-    assert bias.grad.shape == bias.shape and not bias.grad.any()
+    assert_zero_loss_without_rows(loss, reduction, hidden, weight, bias)
 
 
 def test_no_grad_needs_no_gradient_work(backend):
@@ -235,32 +192,10 @@ def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     (hidden, _, target, _), options = head_case(torch.float32, seed=6)
     module = LinearMaskedCrossEntropyLoss(12, 37, reduction="mean", **options)
-
-    def loss_and_grads(fn):
-        module.zero_grad()
-        h = hidden.clone().requires_grad_()
-        loss = fn(h, target)
-        loss.backward()
-        return loss.detach(), [h.grad, module.weight.grad, module.bias.grad]
-
-    want_loss, want_grads = loss_and_grads(module)
-    loss, grads = loss_and_grads(torch.compile(module, fullgraph=True))
-    torch.testing.assert_close(loss, want_loss)
-    for got, want in zip(grads, want_grads):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_compiled_module_matches(module, hidden, target)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    data=st.data(),
-    backend_name=st.sampled_from(["reference", "native", "triton"]),
-    batch=st.integers(1, 3),
-    seq_len=st.integers(1, 6),
-    n_inner=st.integers(1, 9),
-    n_classes=st.integers(1, 30),
-    reduction=st.sampled_from(REDUCTIONS),
-    chunk=st.integers(1, 8),
-)
+@fuzz(25, seq_len=st.integers(1, 6), n_inner=st.integers(1, 9), n_classes=st.integers(1, 30), chunk=st.integers(1, 8))
 def test_fuzz_shapes_thresholds_and_chunks(data, backend_name, batch, seq_len, n_inner, n_classes, reduction, chunk):
     generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     hidden = torch.randn(batch, seq_len, n_inner, generator=generator)
@@ -268,12 +203,8 @@ def test_fuzz_shapes_thresholds_and_chunks(data, backend_name, batch, seq_len, n
     bias = data.draw(st.sampled_from([None, torch.randn(n_classes, generator=generator)]))
     target = torch.randint(0, n_classes, (batch, seq_len), generator=generator)
     target[torch.rand(batch, seq_len, generator=generator) < 0.15] = -100
-    window = data.draw(st.none() | st.integers(1, seq_len + 2))
-    threshold = data.draw(st.none() | st.floats(-0.5, 4.0))
-    window_threshold = data.draw(st.none() | st.floats(-0.5, 10.0)) if window else None
-    options = dict(threshold=threshold, window=window, window_threshold=window_threshold, reduction=reduction)
-    _, _, token_loss, window_sums = expected(hidden, weight, target, bias, **options)
-    assume(far_from(token_loss, threshold) and far_from(window_sums, window_threshold))
+    options = dict(draw_gates(data, seq_len, -0.5, 4.0, 10.0), reduction=reduction)
+    assume_clear_of_gates(expected(hidden, weight, target, bias, **options), options)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EARKIT_BACKEND", backend_name)
         patch.setattr(linear_cross_entropy, "force_chunk_rows", chunk)

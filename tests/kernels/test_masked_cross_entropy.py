@@ -5,13 +5,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from earkit.kernels import masked_cross_entropy
 from earkit.kernels import testing as oracle
-from helpers import (DTYPES, EMPTY_IDS, empty_cases, GRAD_TOL, LOSS_TOL, REDUCTIONS, SHARED_MEMORY_LAYOUTS, far_from,
-                     rows_sharing_memory, threshold_in_gap)
+from helpers import (DTYPES, EMPTY_IDS, GRAD_TOL, LOSS_TOL, REDUCTIONS, SHARED_MEMORY_LAYOUTS, assert_gates_matter,
+                     assert_logits_op_close, assert_zero_loss_without_rows, assume_clear_of_gates,
+                     check_inplace_backward_on_rows_sharing_memory, check_inplace_backward_reuses_the_buffer,
+                     draw_gates, empty_cases, fuzz, gates_in_gaps, rows_sharing_memory, run_logits_op,
+                     upstream_gradient)
 
 
 def expected_masked(logits, target, **options):
@@ -21,19 +23,12 @@ def expected_masked(logits, target, **options):
 
 
 def run_op(logits, target, grad_output=None, **kwargs):
-    leaf = logits.detach().clone().requires_grad_()
-    loss = masked_cross_entropy(leaf, target, **kwargs)
-    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
-    return loss.detach(), leaf.grad
+    return run_logits_op(lambda leaf: masked_cross_entropy(leaf, target, **kwargs), logits, grad_output)
 
 
 def check(logits, target, grad_output=None, **kwargs):
-    loss, grad = run_op(logits, target, grad_output, **kwargs)
-    want_loss, want_grad, _, _ = expected_masked(logits, target, grad_output=grad_output, **kwargs)
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
-    assert grad.dtype == logits.dtype
-    torch.testing.assert_close(grad.double(), want_grad, **GRAD_TOL[logits.dtype])
+    assert_logits_op_close(run_op(logits, target, grad_output, **kwargs),
+                           expected_masked(logits, target, grad_output=grad_output, **kwargs), logits.dtype)
 
 
 def windowed_case(dtype, seed=0, batch=2, seq_len=11, n_classes=37):
@@ -43,11 +38,8 @@ def windowed_case(dtype, seed=0, batch=2, seq_len=11, n_classes=37):
     target = torch.randint(0, n_classes, (batch, seq_len), generator=generator)
     target[0, 2] = -100
     target[1, 5] = -100
-    _, _, token_loss, _ = expected_masked(logits, target)
-    threshold = threshold_in_gap(token_loss[target.reshape(-1) != -100], 0.3)
-    _, _, _, window_sums = expected_masked(logits, target, threshold=threshold, window=3, window_threshold=1e9)
-    window_threshold = threshold_in_gap(window_sums, 0.4)
-    return logits, target, dict(threshold=threshold, window=3, window_threshold=window_threshold)
+    return logits, target, gates_in_gaps(lambda **options: expected_masked(logits, target, **options),
+                                         counted=target.reshape(-1) != -100)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -55,12 +47,9 @@ def windowed_case(dtype, seed=0, batch=2, seq_len=11, n_classes=37):
 def test_matches_reference_with_threshold_and_windows(backend, dtype, reduction):
     # T = 11 is not a multiple of W = 3, V = 37 is not a power of two, two rows are ignored.
     logits, target, options = windowed_case(dtype)
-    upstream = torch.randn(target.shape, generator=torch.Generator().manual_seed(5))
-    check(logits, target, upstream if reduction == "none" else None, reduction=reduction, **options)
+    check(logits, target, upstream_gradient(reduction, target.shape, 5), reduction=reduction, **options)
     # The thresholds were chosen to matter: some tokens and some windows are dropped, not all.
-    _, _, token_loss, window_sums = expected_masked(logits, target, **options)
-    assert 0 < (token_loss <= options["threshold"]).sum() < token_loss.numel() - 2
-    assert 0 < (window_sums <= options["window_threshold"]).sum() < window_sums.numel()
+    assert_gates_matter(expected_masked(logits, target, **options), options, n_ignored=2)
 
 
 def test_triton_layouts(triton_layout, monkeypatch):
@@ -118,11 +107,7 @@ def test_no_rows_give_a_zero_loss_and_an_empty_gradient(backend, shape, options,
     logits = torch.randn(shape, requires_grad=True)
     target = torch.zeros(shape[:-1], dtype=torch.long)
     loss = masked_cross_entropy(logits, target, threshold=0.1, reduction=reduction, **options)
-    assert loss.dtype == torch.float32
-    assert loss.shape == (shape[:-1] if reduction == "none" else ())
-    assert not loss.any()
-    loss.sum().backward()
-    assert logits.grad.shape == shape
+    assert_zero_loss_without_rows(loss, reduction, logits)
 
 
 @pytest.mark.parametrize("target_probability", [0.9, 0.99, 0.999, 0.9999])
@@ -145,14 +130,8 @@ def test_bf16_gradient_of_confident_target(backend, target_probability):
 
 def test_inplace_backward_reuses_the_logits_buffer(backend):
     logits, target, options = windowed_case(torch.bfloat16, seed=2)
-    _, want_grad = run_op(logits, target, reduction="mean", **options)
-    source = logits.detach().clone().requires_grad_()
-    buffer = source * 1  # a non-leaf, as the output of a model's head would be
-    seen = []
-    buffer.register_hook(lambda grad: seen.append(grad))
-    masked_cross_entropy(buffer, target, reduction="mean", inplace_backward=True, **options).backward()
-    assert seen[0].data_ptr() == buffer.data_ptr()
-    torch.testing.assert_close(source.grad, want_grad, rtol=0, atol=0)
+    check_inplace_backward_reuses_the_buffer(
+        lambda z, **inplace: masked_cross_entropy(z, target, reduction="mean", **inplace, **options), logits)
 
 
 @pytest.mark.parametrize("windowed", [False, True], ids=["rows", "windows"])
@@ -165,26 +144,9 @@ def test_inplace_backward_on_rows_sharing_memory(backend, layout, windowed):
     shape = (2, 6, 37) if windowed else (9, 37)
     source, make = rows_sharing_memory(layout, shape, generator)
     target = torch.randint(0, 37, shape[:-1], generator=generator)
-    options = {}
-    if windowed:
-        _, _, _, window_sums = expected_masked(make(source), target, window=3, window_threshold=1e9)
-        options = dict(window=3, window_threshold=threshold_in_gap(window_sums, 0.4))
-    want_loss, want_grad, _, _ = expected_masked(make(source), target, **options)
-    source64 = source.double().requires_grad_()
-    (want_source_grad,) = torch.autograd.grad(make(source64), source64, want_grad)
-    # A view of a leaf (the gradient flows back through expand / as_strided) ...
-    leaf = source.clone().requires_grad_()
-    loss = masked_cross_entropy(make(leaf), target, inplace_backward=True, **options)
-    loss.backward()
-    torch.testing.assert_close(loss.double(), want_loss, **LOSS_TOL)
-    torch.testing.assert_close(leaf.grad.double(), want_source_grad, **GRAD_TOL[torch.float32])
-    # ... and a leaf that is itself the overlapping view.
-    logits = make(source.clone()).requires_grad_()
-    masked_cross_entropy(logits, target, inplace_backward=True, **options).backward()
-    torch.testing.assert_close(logits.grad.double(), want_grad, **GRAD_TOL[torch.float32])
-    plain = make(source.clone()).requires_grad_()  # the same layout without inplace_backward
-    masked_cross_entropy(plain, target, **options).backward()
-    torch.testing.assert_close(logits.grad, plain.grad, rtol=0, atol=0)
+    check_inplace_backward_on_rows_sharing_memory(
+        lambda logits, **options: masked_cross_entropy(logits, target, **options),
+        lambda logits, **options: expected_masked(logits, target, **options), source, make, windowed)
 
 
 def test_nan_logits_propagate_through_the_threshold(backend):
@@ -287,27 +249,15 @@ def test_bad_input_names_the_argument(backend, make_args, name):
         masked_cross_entropy(logits_arg, target_arg, **kwargs)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    data=st.data(),
-    backend_name=st.sampled_from(["reference", "native", "triton"]),
-    batch=st.integers(1, 3),
-    seq_len=st.integers(1, 9),
-    n_classes=st.integers(1, 40),
-    reduction=st.sampled_from(REDUCTIONS),
-)
+@fuzz(40, seq_len=st.integers(1, 9), n_classes=st.integers(1, 40))
 def test_fuzz_shapes_and_thresholds(data, backend_name, batch, seq_len, n_classes, reduction):
     seed = data.draw(st.integers(0, 2**16))
     generator = torch.Generator().manual_seed(seed)
     logits = 2 * torch.randn(batch, seq_len, n_classes, generator=generator)
     target = torch.randint(0, n_classes, (batch, seq_len), generator=generator)
     target[torch.rand(batch, seq_len, generator=generator) < 0.15] = -100
-    window = data.draw(st.none() | st.integers(1, seq_len + 2))
-    threshold = data.draw(st.none() | st.floats(-0.5, 4.0))
-    window_threshold = data.draw(st.none() | st.floats(-0.5, 10.0)) if window else None
-    options = dict(threshold=threshold, window=window, window_threshold=window_threshold, reduction=reduction)
-    _, _, token_loss, window_sums = expected_masked(logits, target, **options)
-    assume(far_from(token_loss, threshold) and far_from(window_sums, window_threshold))
+    options = dict(draw_gates(data, seq_len, -0.5, 4.0, 10.0), reduction=reduction)
+    assume_clear_of_gates(expected_masked(logits, target, **options), options)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EARKIT_BACKEND", backend_name)
         check(logits, target, torch.randn(target.shape, generator=generator) if reduction == "none" else None,

@@ -9,7 +9,8 @@ from earkit.kernels import (GuidedCrossEntropyLoss, MaskedCrossEntropyLoss, guid
 
 
 class TinyHead(nn.Module):
-    """hidden -> logits -> loss: the shape of an image-token head with its loss."""
+    """hidden -> logits -> loss: the shape of an image-token head with its loss, whose other inputs
+    (a target, or the concept and anchor logits) follow the hidden states."""
 
     def __init__(self, loss: nn.Module, hidden: int = 8, n_classes: int = 19):
         super().__init__()
@@ -17,19 +18,8 @@ class TinyHead(nn.Module):
         self.proj = nn.Linear(hidden, n_classes)
         self.loss = loss
 
-    def forward(self, hidden, target):
-        return self.loss(self.proj(hidden), target)
-
-
-class TinyGuidedHead(nn.Module):
-    def __init__(self, loss: nn.Module, hidden: int = 8, n_classes: int = 19):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = nn.Linear(hidden, n_classes)
-        self.loss = loss
-
-    def forward(self, hidden, concept, anchor):
-        return self.loss(self.proj(hidden), concept, anchor)
+    def forward(self, hidden, *loss_inputs):
+        return self.loss(self.proj(hidden), *loss_inputs)
 
 
 def inputs(batch=2, seq_len=10, hidden=8, n_classes=19):
@@ -64,7 +54,7 @@ def test_masked_module_drops_in_for_cross_entropy_loss(backend):
 def test_guided_module_is_the_functional_op(backend):
     h, _, concept, anchor = inputs()
     options = dict(threshold=0.2, window=4, window_threshold=0.5)
-    module = TinyGuidedHead(GuidedCrossEntropyLoss(eta=1.5, reduction="sum", **options))
+    module = TinyHead(GuidedCrossEntropyLoss(eta=1.5, reduction="sum", **options))
     loss = module(h, concept, anchor)
     torch.testing.assert_close(loss, guided_cross_entropy(module.proj(h), concept, anchor, eta=1.5, reduction="sum",
                                                           **options))
@@ -103,7 +93,7 @@ def test_torch_compile_fullgraph(op, inplace_backward):
     if op == "masked":
         model, args = TinyHead(MaskedCrossEntropyLoss(**options)), (h, target)
     else:
-        model, args = TinyGuidedHead(GuidedCrossEntropyLoss(**options)), (h, concept, anchor)
+        model, args = TinyHead(GuidedCrossEntropyLoss(**options)), (h, concept, anchor)
     want_loss, want_grads = loss_and_grads(model, *args)
     compiled = torch.compile(model, fullgraph=True)
     loss, grads = loss_and_grads(compiled, *args)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import threading
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,15 @@ def build_tiny_world(folder: Path) -> Path:
     train_judge(JudgeConfig(n_train_images=64, steps=3, batch_size=32, warmup_steps=1), progress=False).save(
         folder / "judge")
     return folder
+
+
+def tiny_world_once(tmp_path_factory):
+    """The body of a module-scoped `tiny_world` fixture (build_tiny_world, one thread):
+    `tiny_world = pytest.fixture(scope="module", name="tiny_world")(tiny_world_once)`."""
+    import torch
+
+    torch.set_num_threads(1)
+    return build_tiny_world(tmp_path_factory.mktemp("world"))
 
 
 def build_tiny_open_clip(folder: Path) -> tuple[Path, Path]:
@@ -94,3 +105,23 @@ class StubJudge:
 
     def describe(self):
         return {"name": self.name}
+
+
+class LocalServer:
+    """A ThreadingHTTPServer on 127.0.0.1 answering with `handler` from a daemon thread while a
+    `with` block runs; closing never waits for a handler still at work."""
+
+    def __init__(self, handler):
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.server.block_on_close = False  # never wait for a sleeping handler
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
