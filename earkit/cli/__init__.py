@@ -23,6 +23,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from earkit.cli.arguments import take_old_names
+
 USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 # The subcommands: name -> help; earkit.cli.NAME holds add_arguments(parser) and run(args).
@@ -100,6 +102,7 @@ def main(argv=None) -> int:
         return 0
     library_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
     try:
+        take_old_names(args)  # a flag's previous spelling (--delta, ...) sets the new one, with a warning
         with sized_threads(args):
             run(args)
     except USAGE_ERRORS as error:

@@ -138,18 +138,28 @@ def add_judge_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_checkpoint_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
-    """--checkpoint, an erasure checkpoint folder, and its old name --delta, hidden (a separate flag:
-    argparse cannot hide one spelling of a flag); checkpoint_given reads the two as one."""
+    """--checkpoint, an erasure checkpoint folder (its old name --delta still works, hidden)."""
     parser.add_argument("--checkpoint", default=None, help=help_text)
-    parser.add_argument("--delta", dest="deprecated_delta", default=None, help=argparse.SUPPRESS)
+    add_old_name(parser, "--delta", "--checkpoint")
 
 
-def checkpoint_given(args) -> str | None:
-    """--checkpoint, or the deprecated --delta with a one-line warning; ValueError for both."""
-    delta = getattr(args, "deprecated_delta", None)
-    if delta is None:
-        return args.checkpoint
-    if args.checkpoint is not None:
-        raise ValueError("--delta is the old name of --checkpoint: give --checkpoint only")
-    warnings.warn("--delta is deprecated: it is --checkpoint now", FutureWarning, stacklevel=2)
-    return delta
+def add_old_name(parser: argparse.ArgumentParser, old_flag: str, new_flag: str, **options) -> None:
+    """A flag's previous spelling, hidden from --help (a separate flag: argparse cannot hide one
+    spelling of a flag). take_old_names puts its value under the new flag, with a warning."""
+    dest = "old_" + old_flag.lstrip("-").replace("-", "_")
+    parser.add_argument(old_flag, dest=dest, default=None, help=argparse.SUPPRESS, **options)
+    parser.set_defaults(old_names=(*(parser.get_default("old_names") or ()), (old_flag, new_flag, dest)))
+
+
+def take_old_names(args) -> None:
+    """Each old spelling given (add_old_name) sets its new flag's value, with a one-line
+    FutureWarning; ValueError when both spellings are given."""
+    spelt = {token.split("=", 1)[0] for token in getattr(args, "argv", ()) if token.startswith("--")}
+    for old_flag, new_flag, dest in getattr(args, "old_names", ()):
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if new_flag in spelt or (new_flag == "--checkpoint" and args.checkpoint is not None):
+            raise ValueError(f"{old_flag} is the old name of {new_flag}: give {new_flag} only")
+        warnings.warn(f"{old_flag} is deprecated: it is {new_flag} now", FutureWarning, stacklevel=2)
+        setattr(args, new_flag.lstrip("-").replace("-", "_"), value)

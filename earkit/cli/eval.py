@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from earkit.cli.arguments import (
-    add_checkpoint_argument, add_judge_argument, add_sampling_arguments, check_count, checkpoint_given,
+    add_checkpoint_argument, add_judge_argument, add_sampling_arguments, check_count,
 )
 
 
@@ -61,7 +61,7 @@ def run(args) -> dict:
     from earkit.engine.sampler import check_sampling_arguments
     from earkit.io import write_folder_atomically
 
-    checkpoint = checkpoint_given(args)
+    checkpoint = args.checkpoint
     out = Path(args.out).expanduser()
     check_out_folder(out, args.force)  # before minutes of sampling
     for value, name in ((args.seeds, "--seeds"), (args.batch_size, "--batch-size"), (args.max_prompts, "--max-prompts")):

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from earkit.cli.arguments import (
-    add_checkpoint_argument, add_judge_argument, add_sampling_arguments, check_count, checkpoint_given,
+    add_checkpoint_argument, add_judge_argument, add_old_name, add_sampling_arguments, check_count,
 )
 from earkit.ecgvf.filter import FilterRules
 
@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "images (default: %(default)s)")
     parser.add_argument("--max-anchor-prompt-rate", type=float, default=FilterRules.max_anchor_prompt_rate,
                         help="keep only if the anchor prompt shows the concept in at most this share (default: %(default)s)")
+    add_old_name(parser, "--min-original-rate", "--min-concept-prompt-rate", type=float)
+    add_old_name(parser, "--max-replacement-rate", "--max-anchor-prompt-rate", type=float)
     parser.add_argument("--min-anchor-rate", type=float, default=None,
                         help="also require the anchor prompt to show its anchor this often (where the judge knows it)")
     parser.add_argument("--max-pairs", type=int, default=None, help="filter only the first N pairs")
@@ -47,7 +49,7 @@ def run(args) -> dict:
     from earkit.engine.sampler import check_sampling_arguments
     from earkit.io import check_writable
 
-    checkpoint = checkpoint_given(args)
+    checkpoint = args.checkpoint
     out = Path(args.out).expanduser()
     check_outputs(out, force=args.force)  # before minutes of sampling
     check_writable(out, "--out")

@@ -148,6 +148,22 @@ def test_delta_is_the_hidden_deprecated_name_of_checkpoint(command, tmp_path, ca
     assert not (tmp_path / "report").exists() and not (tmp_path / "kept.jsonl").exists()
 
 
+@pytest.mark.parametrize("old, new", [("--min-original-rate", "--min-concept-prompt-rate"),
+                                      ("--max-replacement-rate", "--max-anchor-prompt-rate")])
+def test_filter_takes_its_old_rate_flags_with_a_warning(old, new, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["filter", "--help"])
+    assert old not in capsys.readouterr().out
+    argv = ["filter", "--pairs", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "kept.jsonl")]
+    with pytest.warns(FutureWarning, match=f"{old} is deprecated: it is {new} now"):
+        assert cli.main(argv + [old, "1.5"]) == 2  # the value reaches the rules, which refuse a share above 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "1.5" in error[0], error
+    assert cli.main(argv + [old, "0.5", new, "0.5"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"{old} is the old name of {new}: give {new} only" in error[0], error
+
+
 @pytest.mark.parametrize("command", ["eval", "filter"])
 def test_the_judge_default_is_the_one_the_model_folder_names(command, capsys):
     with pytest.raises(SystemExit):
