@@ -70,10 +70,17 @@ DEFAULT_GUIDANCE_SCALE, DEFAULT_TEMPERATURE = 5.0, 1.0
 def sampling_defaults(generation_config) -> tuple[float, float]:
     """(guidance_scale, temperature) of a GenerationConfig (model.generation_config), each one it
     leaves unset (or a None config) taken as Janus-Pro's 5 and 1."""
-    guidance = getattr(generation_config, "guidance_scale", None)
-    temperature = getattr(generation_config, "temperature", None)
-    return (DEFAULT_GUIDANCE_SCALE if guidance is None else float(guidance),
-            DEFAULT_TEMPERATURE if temperature is None else float(temperature))
+    values = []
+    for name, default in (("guidance_scale", DEFAULT_GUIDANCE_SCALE), ("temperature", DEFAULT_TEMPERATURE)):
+        value = getattr(generation_config, name, None)
+        if value is None:
+            values.append(default)
+            continue
+        try:
+            values.append(float(value))
+        except (TypeError, ValueError):
+            raise ValueError(f"the model's generation_config.json: {name} must be a number, got {value!r}") from None
+    return values[0], values[1]
 
 
 def source_sampling_defaults(model_source) -> tuple[float, float]:

@@ -348,3 +348,12 @@ def test_sampling_defaults_are_janus_pros_where_the_model_sets_none(tmp_path):
     model.save_pretrained(tmp_path / "own")
     assert sampler.source_sampling_defaults(tmp_path / "own") == (2.5, 0.25)
     assert sampler.source_sampling_defaults(tmp_path / "missing") == (5.0, 1.0)
+
+
+def test_a_generation_config_value_that_is_not_a_number_is_named():
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match=r"generation_config.json: guidance_scale must be a number, got 'abc'"):
+        sampler.sampling_defaults(SimpleNamespace(guidance_scale="abc", temperature=None))
+    with pytest.raises(ValueError, match=r"generation_config.json: temperature must be a number, got \[1\]"):
+        sampler.sampling_defaults(SimpleNamespace(guidance_scale=None, temperature=[1]))
