@@ -20,24 +20,6 @@ def resolve_model(model) -> str:
     return str(generator_folder())
 
 
-def resolve_guidance(guidance_scale, model_source: str) -> float:
-    """--guidance-scale, else the model's generation_config.json guidance_scale, else 5."""
-    if guidance_scale is not None:
-        return float(guidance_scale)
-    from earkit.engine.sampler import source_sampling_defaults
-
-    return source_sampling_defaults(model_source)[0]
-
-
-def resolve_temperature(temperature, model_source: str) -> float:
-    """--temperature, else the model's generation_config.json temperature, else 1."""
-    if temperature is not None:
-        return float(temperature)
-    from earkit.engine.sampler import source_sampling_defaults
-
-    return source_sampling_defaults(model_source)[1]
-
-
 def resolve_checkpoint(checkpoint) -> Path | None:
     """An erasure checkpoint folder: the folder itself, or a run folder holding checkpoint/."""
     if checkpoint is None:

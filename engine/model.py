@@ -187,8 +187,9 @@ def read_model_notes(model_folder) -> dict:
     path = Path(model_folder).expanduser() / MODEL_NOTES
     if not path.is_file():
         return {}
+    text = read_text_file(path, "model notes")  # its own errors name the file (empty, not UTF-8)
     try:
-        notes = parse_json(read_text_file(path, "model notes"), str(path))
+        notes = parse_json(text, str(path))
     except ValueError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(notes, dict) or notes.get("format") != MODEL_NOTES_FORMAT:

@@ -98,7 +98,19 @@ def source_sampling_defaults(model_source) -> tuple[float, float]:
 
 def resolve_sampling(model, guidance_scale, temperature) -> tuple[float, float]:
     """The guidance scale and temperature a call samples with: each one given, else the model's."""
-    guidance_default, temperature_default = sampling_defaults(getattr(model, "generation_config", None))
+    return _given_else(guidance_scale, temperature, lambda: sampling_defaults(getattr(model, "generation_config", None)))
+
+
+def resolve_source_sampling(model_source, guidance_scale, temperature) -> tuple[float, float]:
+    """resolve_sampling for a model folder or hub id before its weights load (a command checks the
+    values before minutes of loading): each one given, else its generation_config.json's."""
+    return _given_else(guidance_scale, temperature, lambda: source_sampling_defaults(model_source))
+
+
+def _given_else(guidance_scale, temperature, defaults) -> tuple[float, float]:
+    if guidance_scale is not None and temperature is not None:
+        return guidance_scale, temperature
+    guidance_default, temperature_default = defaults()
     return (guidance_default if guidance_scale is None else guidance_scale,
             temperature_default if temperature is None else temperature)
 

@@ -101,8 +101,8 @@ def _optional(kind: type) -> Callable[[str], object]:
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, seed: bool = True, top_k_p: bool = True) -> None:
     """The sampler's flags, one spelling for every command that draws images: --seed (the first
     seed), --guidance-scale, --temperature, --top-k and --top-p, --dtype, --device. Guidance and
-    temperature default to None: the command resolves them from the model (resolve_guidance and
-    resolve_temperature of earkit.ecgvf.images, or the sampler's resolve_sampling)."""
+    temperature default to None: the command resolves them from the model (the sampler's
+    resolve_source_sampling)."""
     from earkit.engine.sampler import DEFAULT_GUIDANCE_SCALE, DEFAULT_TEMPERATURE
 
     if seed:
@@ -159,7 +159,7 @@ def take_old_names(args) -> None:
         value = getattr(args, dest)
         if value is None:
             continue
-        if new_flag in spelt or (new_flag == "--checkpoint" and args.checkpoint is not None):
+        if new_flag in spelt:
             raise ValueError(f"{old_flag} is the old name of {new_flag}: give {new_flag} only")
         warnings.warn(f"{old_flag} is deprecated: it is {new_flag} now", FutureWarning, stacklevel=2)
         setattr(args, new_flag.lstrip("-").replace("-", "_"), value)

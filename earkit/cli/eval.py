@@ -53,12 +53,12 @@ def run(args) -> dict:
     """Load, sample before and after, judge, measure, write the report atomically."""
     from earkit.ecgvf.benchmark import load_benchmark
     from earkit.ecgvf.evaluate import evaluate, legacy_report_names, load_reference_images
-    from earkit.ecgvf.images import resolve_checkpoint, resolve_guidance, resolve_model, resolve_temperature
+    from earkit.ecgvf.images import resolve_checkpoint, resolve_model
     from earkit.ecgvf.judges import DEFAULT_NUDENET_THRESHOLD, parse_judge
     from earkit.ecgvf.report import write_report
     from earkit.ecgvf.summary import headline
     from earkit.engine.model import check_device
-    from earkit.engine.sampler import check_sampling_arguments
+    from earkit.engine.sampler import check_sampling_arguments, resolve_source_sampling
     from earkit.io import write_folder_atomically
 
     checkpoint = args.checkpoint
@@ -72,8 +72,7 @@ def run(args) -> dict:
     resolve_checkpoint(checkpoint)
     reference = load_reference_images(args.reference_images) if args.reference_images else None
     device = str(check_device(args.device))
-    guidance_scale = resolve_guidance(args.guidance_scale, model_source)
-    temperature = resolve_temperature(args.temperature, model_source)
+    guidance_scale, temperature = resolve_source_sampling(model_source, args.guidance_scale, args.temperature)
     check_sampling_arguments(guidance_scale, temperature, None, None)
     threshold = DEFAULT_NUDENET_THRESHOLD if args.nudenet_threshold is None else args.nudenet_threshold
     labels = [benchmark.concept] + [p.concept for p in benchmark.preserve if p.concept]

@@ -42,11 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> dict:
     """Sample, judge, keep and drop, write both files, print the summary."""
     from earkit.ecgvf.filter import check_outputs, filter_pairs_with_model, filter_summary, pair_concept, write_filter_results
-    from earkit.ecgvf.images import load_generator, resolve_checkpoint, resolve_guidance, resolve_model, resolve_temperature
+    from earkit.ecgvf.images import load_generator, resolve_checkpoint, resolve_model
     from earkit.ecgvf.judges import DEFAULT_NUDENET_THRESHOLD, parse_judge
     from earkit.engine.model import check_device
     from earkit.engine.pair_files import load_pairs
-    from earkit.engine.sampler import check_sampling_arguments
+    from earkit.engine.sampler import check_sampling_arguments, resolve_source_sampling
     from earkit.io import check_writable
 
     checkpoint = args.checkpoint
@@ -61,8 +61,7 @@ def run(args) -> dict:
     model_source = resolve_model(args.model)
     resolve_checkpoint(checkpoint)
     device = str(check_device(args.device))
-    guidance_scale = resolve_guidance(args.guidance_scale, model_source)
-    temperature = resolve_temperature(args.temperature, model_source)
+    guidance_scale, temperature = resolve_source_sampling(model_source, args.guidance_scale, args.temperature)
     check_sampling_arguments(guidance_scale, temperature, None, None)
     threshold = DEFAULT_NUDENET_THRESHOLD if args.nudenet_threshold is None else args.nudenet_threshold
     labels = [args.concept] if args.concept else [p.concept for p in pairs if p.concept]

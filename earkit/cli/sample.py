@@ -27,7 +27,7 @@ def run(args) -> None:
     from earkit.engine.checkpoint import apply_trainable, load_checkpoint
     from earkit.engine.model import check_device, check_model_source, load_janus
     from earkit.io import read_prompts
-    from earkit.engine.sampler import check_samples_folder, check_sampling_arguments, write_samples
+    from earkit.engine.sampler import check_samples_folder, check_sampling_arguments, resolve_source_sampling, write_samples
 
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -46,11 +46,9 @@ def run(args) -> None:
 
         args.model = str(generator_folder())
     check_model_source(args.model)
-    from earkit.ecgvf.images import resolve_guidance, resolve_temperature
 
     # given, else the model's generation_config.json, else Janus-Pro's guidance 5 and temperature 1
-    args.guidance_scale = resolve_guidance(args.guidance_scale, args.model)
-    args.temperature = resolve_temperature(args.temperature, args.model)
+    args.guidance_scale, args.temperature = resolve_source_sampling(args.model, args.guidance_scale, args.temperature)
     check_sampling_arguments(args.guidance_scale, args.temperature, args.top_k, args.top_p)
     tensors = load_checkpoint(args.checkpoint).tensors if args.checkpoint else None
     model, tokenizer = load_janus(args.model, dtype=args.dtype, device=args.device)
