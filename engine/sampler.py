@@ -15,9 +15,13 @@ model.py (`encode_prompts`, `unconditional`, `positions`), so the logits it samp
 `image_logits(model, image_hidden_states(model, prompts, tokens))` to fp32 rounding, and a prompt
 gives the same logits whatever longer prompts share its batch (tests/engine/test_sampler.py checks both).
 
-Randomness: one torch.Generator seeded by `seed`, on the model's device, shared by all rows and
-chunks in order. A given call (same prompts, order, batch_size, device) is reproducible; the same
-prompt in a different batch draws different random numbers (its logits are the same).
+Randomness: every image has a seed of its own. Row i is drawn by a torch.Generator seeded with
+seeds[i], on the model's device: it draws the row's T uniforms once, and token t is the first
+whose cumulative probability (float64) exceeds u_t (inverse-CDF sampling, one uniform a token).
+So an image depends on its prompt, its seed and the settings, not on which other rows share its
+batch, on batch_size, or on which process of a torchrun job drew it (up to the fp rounding of its
+logits, which a batch of other prompts may change in the last bit; a job that shards whole
+batches, as engine/drawing.py does, sees none of that).
 
 CUDA graphs: the single-token decode step (language model + generation head) reads its inputs
 from static buffers and the StaticCache advances its own device-side write index, so after two
@@ -127,6 +131,30 @@ def check_sampling_arguments(guidance_scale, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
 
 
+# torch.Generator.manual_seed takes any integer in [-2**63, 2**64)
+SEED_RANGE = (-(2 ** 63), 2 ** 64)
+
+
+def check_image_seeds(seeds, rows: int) -> list[int]:
+    """One integer seed per row, each one torch.Generator.manual_seed takes: ValueError otherwise."""
+    seeds = list(seeds)
+    if len(seeds) != rows:
+        raise ValueError(f"seeds must give one seed per prompt: {rows} prompts, {len(seeds)} seeds")
+    for value in seeds:
+        if isinstance(value, bool) or not isinstance(value, int) or not SEED_RANGE[0] <= value < SEED_RANGE[1]:
+            raise ValueError(f"seeds must be integers in [-2**63, 2**64), got {value!r}")
+    return seeds
+
+
+def derived_seed(*parts) -> int:
+    """A seed in [0, 2**63) from a tuple of integers (a run's seed, a step, a row...): distinct
+    tuples give unrelated seeds, where sums and products of them would collide."""
+    import hashlib
+
+    digest = hashlib.sha256(repr(tuple(int(part) for part in parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def keep_top_k(logits: Tensor, top_k: int) -> Tensor:
     """-inf everywhere but the k largest logits of each row (ties at the k-th value are kept)."""
     if top_k >= logits.shape[-1]:
@@ -148,10 +176,31 @@ def keep_top_p(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def row_uniforms(seeds: list[int], count: int, device) -> Tensor:
+    """(rows, count) float64 uniforms in [0, 1): row i from a torch.Generator seeded with seeds[i]
+    on `device`, so a row's numbers are its own whatever rows it is batched with."""
+    rows = [torch.rand(count, dtype=torch.float64, device=device,
+                       generator=torch.Generator(device=device).manual_seed(seed)) for seed in seeds]
+    return torch.stack(rows) if rows else torch.empty(0, count, dtype=torch.float64, device=device)
+
+
+def inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """The token of each row whose cumulative probability first exceeds uniform * total: a draw
+    from the row's distribution given one uniform a row. Zero-probability tokens (top-k / top-p)
+    are never chosen: the cumulative sum does not rise over them."""
+    cumulative = probs.double().cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    chosen = torch.searchsorted(cumulative, uniforms[:, None] * total, right=True)
+    # u * total can round up to total itself: the last token of non-zero probability then
+    last_possible = (cumulative < total).sum(dim=-1, keepdim=True)
+    return torch.minimum(chosen, last_possible).squeeze(-1)
+
+
 def pick_tokens(logits: Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator) -> Tensor:
+                uniforms: Tensor | None) -> Tensor:
     """One token per row from fp32 logits (rows, V): argmax at temperature 0, else a draw from
-    softmax(logits / temperature), optionally restricted to the top-k / top-p tokens."""
+    softmax(logits / temperature), optionally restricted to the top-k / top-p tokens, with the
+    row's uniform (rows,) in [0, 1)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -159,8 +208,7 @@ def pick_tokens(logits: Tensor, *, temperature: float, top_k: int | None, top_p:
         logits = keep_top_k(logits, top_k)
     if top_p is not None:
         logits = keep_top_p(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return inverse_cdf(torch.softmax(logits, dim=-1), uniforms)
 
 
 def guided(logits: Tensor, prompts: int, guidance_scale: float) -> Tensor:
@@ -282,7 +330,7 @@ def eval_mode(model):
 # ---------------------------------------------------------------- sampling
 
 
-def sample_chunk(model, tokenizer, prompts: list[str], *, guidance_scale, temperature, top_k, top_p, generator,
+def sample_chunk(model, tokenizer, prompts: list[str], *, guidance_scale, temperature, top_k, top_p, seeds,
                  use_graph, progress_bar, logits_out: Tensor | None) -> Tensor:
     """Image tokens (len(prompts), T) for one chunk of prompts; fills logits_out (B, T, V) if given."""
     from transformers import StaticCache
@@ -299,6 +347,7 @@ def sample_chunk(model, tokenizer, prompts: list[str], *, guidance_scale, temper
     step = DecodeStep(model, cache, batch, image_tokens, use_graph=use_graph)
     tokens = torch.empty(count, image_tokens, dtype=torch.long, device=device)
     copies = batch.input_ids.shape[0] // count  # 2 with CFG: both rows of a prompt get its token
+    uniforms = row_uniforms(seeds, image_tokens, device) if temperature != 0 else None
 
     logits = step.prefill(batch)
     for index in range(image_tokens):
@@ -307,7 +356,7 @@ def sample_chunk(model, tokenizer, prompts: list[str], *, guidance_scale, temper
         if logits_out is not None:
             logits_out[:, index] = logits[:count]  # copies (and upcasts): the graph reuses `logits`
         tokens[:, index] = pick_tokens(guided(logits, count, guidance_scale), temperature=temperature, top_k=top_k,
-                                       top_p=top_p, generator=generator)
+                                       top_p=top_p, uniforms=None if uniforms is None else uniforms[:, index])
         progress_bar.update(1)
     return tokens
 
@@ -315,7 +364,7 @@ def sample_chunk(model, tokenizer, prompts: list[str], *, guidance_scale, temper
 @torch.no_grad()
 def sample_image_tokens(model, tokenizer, prompts: list[str], *, guidance_scale: float | None = None,
                         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                        seed: int = 0, cuda_graph: bool | str = "auto", batch_size: int | None = None,
+                        seed: int = 0, seeds=None, cuda_graph: bool | str = "auto", batch_size: int | None = None,
                         progress: bool = True, return_logits: bool = False):
     """Sample Janus image tokens for each prompt with classifier-free guidance.
 
@@ -329,7 +378,8 @@ def sample_image_tokens(model, tokenizer, prompts: list[str], *, guidance_scale:
     unconditional rows of `unconditional` (BOS and <begin_of_image> kept, the rest pad).
     temperature: 0 = greedy. Either one None: the model's generation_config, else 5 and 1
     (sampling_defaults). top_k / top_p: None = off (the full CFG distribution, as the
-    reference sampler draws). cuda_graph: "auto" (on for CUDA models that support it), True
+    reference sampler draws). seeds: one integer per prompt, the seed of its image (None: prompt
+    i gets seed + i). cuda_graph: "auto" (on for CUDA models that support it), True
     (warn when it cannot), False. batch_size: prompts per chunk (None = all at once).
     """
     if isinstance(prompts, str):
@@ -341,6 +391,7 @@ def sample_image_tokens(model, tokenizer, prompts: list[str], *, guidance_scale:
     check_sampling_arguments(guidance_scale, temperature, top_k, top_p)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be None or an integer >= 1, got {batch_size!r}")
+    seeds = check_image_seeds(seeds if seeds is not None else [seed + i for i in range(len(prompts))], len(prompts))
     if cuda_graph not in ("auto", True, False):
         raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
     blocker = cuda_graph_blocker(model) if cuda_graph is not False else None
@@ -353,7 +404,6 @@ def sample_image_tokens(model, tokenizer, prompts: list[str], *, guidance_scale:
     from tqdm.auto import tqdm
 
     device = model.device
-    generator = torch.Generator(device=device).manual_seed(seed)
     chunk = batch_size or len(prompts)
     image_tokens = image_token_count(model)
     logits = None
@@ -367,7 +417,7 @@ def sample_image_tokens(model, tokenizer, prompts: list[str], *, guidance_scale:
             part = prompts[start:start + chunk]
             tokens.append(sample_chunk(
                 model, tokenizer, part, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-                top_p=top_p, generator=generator, use_graph=use_graph, progress_bar=bar,
+                top_p=top_p, seeds=seeds[start:start + len(part)], use_graph=use_graph, progress_bar=bar,
                 logits_out=logits[start:start + len(part)] if logits is not None else None))
     tokens = torch.cat(tokens)
     return (tokens, logits) if return_logits else tokens

@@ -93,10 +93,7 @@ def test_guidance_one_is_conditional_only(janus):
 
 
 def test_padding_invariance(janus):
-    """A prompt gives the same logits, hence the same greedy image, alone and beside a longer one.
-
-    (Sampled tokens are not compared: one generator serves all rows, so a row's random numbers
-    depend on its batch.)"""
+    """A prompt gives the same logits, hence the same greedy image, alone and beside a longer one."""
     alone_tokens, alone_logits = sample(janus, [SHORT], temperature=0, return_logits=True)
     batch_tokens, batch_logits = sample(janus, [LONG, SHORT], temperature=0, return_logits=True)
     assert torch.equal(alone_tokens[0], batch_tokens[1])
@@ -134,6 +131,45 @@ def test_seeds(janus):
     first = sample(janus, PROMPTS, seed=7)
     assert torch.equal(first, sample(janus, PROMPTS, seed=7))
     assert not torch.equal(first, sample(janus, PROMPTS, seed=8))
+
+
+def test_an_image_depends_on_its_seed_not_on_its_batch(janus):
+    """Each row draws from its own generator: a prompt sampled alone with seed s gives the tokens
+    it gets beside other prompts, in any order and chunking, when its seed is s there."""
+    alone = sample(janus, [SHORT], seeds=[11])[0]
+    beside = sample(janus, [LONG, SHORT, "a photo"], seeds=[3, 11, 4])
+    assert torch.equal(beside[1], alone)
+    chunked = sample(janus, ["a photo", SHORT, LONG], seeds=[4, 11, 3], batch_size=2)
+    assert torch.equal(chunked[1], alone) and torch.equal(chunked[2], beside[0])
+    # seed=s without seeds gives prompt i the seed s + i
+    assert torch.equal(sample(janus, [LONG, SHORT], seed=10)[1], alone)
+    # the same prompt with two seeds: two images
+    twice = sample(janus, [SHORT, SHORT], seeds=[11, 12])
+    assert torch.equal(twice[0], alone) and not torch.equal(twice[0], twice[1])
+
+
+def test_inverse_cdf_draws_by_probability():
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]])
+    picks = [int(sampler.inverse_cdf(probs, torch.tensor([u], dtype=torch.float64))) for u in
+             (0.0, 0.2499, 0.25, 0.9999999, 1.0 - 2 ** -53)]
+    assert picks == [1, 1, 3, 3, 3]  # zero-probability tokens never, the last one included
+    uniforms = sampler.row_uniforms(list(range(4000)), 1, "cpu")[:, 0]
+    counts = torch.bincount(sampler.inverse_cdf(probs.expand(4000, 5), uniforms), minlength=5)
+    assert counts[[0, 2, 4]].sum() == 0 and abs(int(counts[3]) / 4000 - 0.75) < 0.03
+
+
+@pytest.mark.parametrize("seeds, message", [
+    ([1], "one seed per prompt"), ([1, 2.5], "integers"), ([1, True], "integers"), ([1, 2 ** 64], "integers"),
+])
+def test_bad_seeds_are_named(janus, seeds, message):
+    with pytest.raises(ValueError, match=message):
+        sample(janus, PROMPTS, seeds=seeds)
+
+
+def test_derived_seeds_are_distinct_and_stable():
+    seeds = {sampler.derived_seed(run, step, row) for run in range(3) for step in range(50) for row in range(8)}
+    assert len(seeds) == 3 * 50 * 8 and all(0 <= seed < 2 ** 63 for seed in seeds)
+    assert sampler.derived_seed(1, 2, 3) == sampler.derived_seed(1, 2, 3) != sampler.derived_seed(1, 3, 2)
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy(janus):
