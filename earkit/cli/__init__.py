@@ -40,6 +40,10 @@ COMMANDS = {
 }
 
 
+# The commands that share their work over the ranks of a torchrun job (engine/distributed.py).
+SHARDED_COMMANDS = ("sample", "filter", "eval", "erase")
+
+
 def command_module(name: str):
     """earkit.cli.NAME, the module of one subcommand."""
     return importlib.import_module(f"{__name__}.{name}")
@@ -92,6 +96,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def group_device(args):
+    """The device that decides the process group's backend (NCCL for GPUs, gloo for CPUs)."""
+    if args.command == "erase" and args.model is None and args.device is None:
+        return "cpu"  # the ShapesWorld default erasure runs on the CPU
+    return getattr(args, "device", None)
+
+
+def joins_process_group(args) -> bool:
+    """Whether this command shares its work over the ranks of a torchrun job. `erase --concepts`
+    does not: each rank runs whole erasures of its own concepts, with no collective."""
+    return args.command in SHARDED_COMMANDS and not getattr(args, "concepts", None)
+
+
+def run_command(args, run) -> None:
+    """run(args) in this process's place in a torchrun job (a lone process: as it is): the
+    process group up first, each rank on its own GPU, output printed by rank 0 only."""
+    import contextlib
+    import io
+
+    from earkit.engine import distributed
+
+    launched = distributed.launch_environment()
+    if launched.sharded and args.command not in SHARDED_COMMANDS:
+        raise ValueError(f"earkit {args.command} runs in one process; launch it without torchrun "
+                         f"(WORLD_SIZE={launched.world_size} here). Under torchrun: {', '.join(SHARDED_COMMANDS)}")
+    if not launched.sharded or not joins_process_group(args):
+        run(args)
+        return
+    distributed.start(group_device(args))
+    if getattr(args, "device", None) is not None or distributed.uses_cuda(group_device(args)):
+        args.device = distributed.rank_device(args.device)
+    quiet = contextlib.nullcontext() if launched.main else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        run(args)
+    distributed.stop()  # not on an error: a broken group's teardown may wait on the lost rank
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -100,14 +141,19 @@ def main(argv=None) -> int:
     if args.command == "bench":
         run(args)  # the benchmarks report their own errors
         return 0
+    from earkit.engine.distributed import PeerLost
+
     library_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
     try:
         take_old_names(args)  # a flag's previous spelling (--delta, ...) sets the new one, with a warning
         with sized_threads(args):
-            run(args)
+            run_command(args, run)
     except USAGE_ERRORS as error:
         print(f"earkit {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except PeerLost as error:  # another rank of a torchrun job died or hung: end, do not wait forever
+        print(f"earkit {args.command}: error: {error}", file=sys.stderr)
+        return 1
     finally:
         warnings.formatwarning = library_format  # main() is also called in-process (tests, notebooks)
     return 0
