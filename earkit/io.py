@@ -436,10 +436,13 @@ def files_under(folder: Path) -> list[str]:
     return sorted(found)
 
 
-def write_manifest(folder: Path, kind: str) -> None:
-    """Record every file earkit wrote into `folder`, so that a later --force can tell them from
-    files somebody else put there (which it must never delete)."""
-    files = [name for name in files_under(folder) if name != MANIFEST_FILE]
+def write_manifest(folder: Path, kind: str, files: list[str] | None = None) -> None:
+    """Record every file earkit wrote into `folder` (all there is, or `files` where others may
+    have put files of their own beside them), so that a later --force can tell them from files
+    somebody else put there (which it must never delete)."""
+    if files is None:
+        files = [name for name in files_under(folder) if name != MANIFEST_FILE]
+    files = sorted(files)
     record = {"format": MANIFEST_FORMAT, "kind": kind, "files": files}
     (folder / MANIFEST_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 

@@ -22,12 +22,15 @@ Without --checkpoint only the given model is measured (one side, "model").
     result, images = evaluate(benchmark, judge, model_source="WORLD/generator", checkpoint="runs/circle/checkpoint",
                               seeds=[0, 1])
     write_report(folder, result, images, benchmark)   # into an existing folder: metrics.json, summary.md, ...
+
+metrics.json holds what was measured and nothing of how long it took or on how many processes
+(timing.json holds that): the same benchmark, model, seeds and settings give the same bytes,
+on one process or on every rank of a torchrun job.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -138,41 +141,75 @@ def fid_block(images_by_side: dict, judge, clip, reference=None, inception=None)
     return result
 
 
+def side_stores(images_folder, side_names, *, model_source, checkpoint, guidance_scale, temperature, batch_size,
+                dtype, device) -> dict:
+    """{side: ImageStore} in images_folder/SIDE, each check()ed (the settings must match what it
+    holds): before any model loads. Empty without images_folder."""
+    from earkit.engine.drawing import ImageStore, drawing_identity
+    from earkit.engine.model import check_device, resolve_dtype
+
+    if images_folder is None:
+        return {}
+    device = check_device(device)
+    stores = {}
+    for name in side_names:
+        identity = drawing_identity(model=model_source, checkpoint=checkpoint if name == "after" else None,
+                                    guidance_scale=guidance_scale, temperature=temperature, batch_size=batch_size,
+                                    dtype=resolve_dtype(dtype, device), device=device)
+        stores[name] = ImageStore(Path(images_folder).expanduser() / name, identity, what=f"--images folder ({name})")
+        stores[name].check()
+    return stores
+
+
 def evaluate(benchmark, judge, *, model_source, checkpoint=None, seeds, clip=None, device=None, dtype="auto",
-             guidance_scale: float = 5.0, temperature: float = 1.0, batch_size: int | None = 16, reference_images=None, inception=None,
-             progress: bool = True) -> tuple[dict, dict]:
-    """(metrics, images): the metrics dict the report is made of, and images[side][role][p][s]."""
+             guidance_scale: float = 5.0, temperature: float = 1.0, batch_size: int | None = 16, reference_images=None,
+             inception=None, progress: bool = True, images_folder=None) -> tuple[dict | None, dict | None]:
+    """(metrics, images): the metrics dict the report is made of, and images[side][role][p][s].
+
+    Under torchrun every rank draws its share of the images and rank 0 alone judges and measures
+    them, in the order one process would: the metrics are the same bytes at any world size. The
+    other ranks return (None, None). images_folder: keep every drawn image in
+    images_folder/SIDE as it is drawn; a rerun draws only what is missing there."""
+    from earkit.engine import distributed
+
     from .images import load_generator, resolve_checkpoint, sample_prompt_images
 
-    started = time.perf_counter()
     judge.check_concept(benchmark.concept)  # fails before the model loads
+    side_names = ["before", "after"] if checkpoint is not None else ["model"]
+    resolved_checkpoint = resolve_checkpoint(checkpoint)
+    main = distributed.current().main
+    stores = side_stores(images_folder if main else None, side_names, model_source=model_source,
+                         checkpoint=resolved_checkpoint, guidance_scale=guidance_scale, temperature=temperature,
+                         batch_size=batch_size, dtype=dtype, device=device)
     model, tokenizer = load_generator(model_source, device=device, dtype=dtype)
     prompts = [p.prompt for p in benchmark.target] + [p.prompt for p in benchmark.preserve]
-    side_names = ["before", "after"] if checkpoint is not None else ["model"]
     images = {}
     for name in side_names:
         if name == "after":
             from earkit.engine.checkpoint import apply_trainable, load_checkpoint
 
-            apply_trainable(model, load_checkpoint(resolve_checkpoint(checkpoint)).tensors)
+            apply_trainable(model, load_checkpoint(resolved_checkpoint).tensors)
         drawn = sample_prompt_images(model, tokenizer, prompts, seeds, guidance_scale=guidance_scale, temperature=temperature,
-                                     batch_size=batch_size, progress=progress, desc=f"eval: sampling ({name})")
-        images[name] = {"target": drawn[:len(benchmark.target)], "preserve": drawn[len(benchmark.target):]}
+                                     batch_size=batch_size, progress=progress, desc=f"eval: sampling ({name})",
+                                     store=stores.get(name))
+        if drawn is not None:
+            images[name] = {"target": drawn[:len(benchmark.target)], "preserve": drawn[len(benchmark.target):]}
+    if not main:
+        return None, None
     sides = {name: measure_side(images[name], benchmark, judge, clip=clip, seeds=seeds) for name in side_names}
     fill_preservation_from_clip(sides)
     result = {
         "format": REPORT_FORMAT, "benchmark": benchmark.describe(), "judge": judge.describe(),
         "clip": clip.describe() if clip is not None else None, "model": str(model_source),
-        "checkpoint": str(resolve_checkpoint(checkpoint)) if checkpoint is not None else None, "seeds": list(seeds),
+        "checkpoint": str(resolved_checkpoint) if checkpoint is not None else None, "seeds": list(seeds),
         "settings": {"guidance_scale": guidance_scale, "temperature": temperature, "batch_size": batch_size, "dtype": dtype,
                      "device": str(model.device)},
         "sides": sides, "fid": fid_block(images, judge, clip, reference_images, inception),
     }
-    result["seconds"] = time.perf_counter() - started
     return result, images
 
 
-REPORT_NAMES = {"metrics.json", "summary.md", "report.html", "images", "charts"}
+REPORT_NAMES = {"metrics.json", "timing.json", "summary.md", "report.html", "images", "charts"}
 
 
 def legacy_report_names(folder: Path) -> set[str] | None:

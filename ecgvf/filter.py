@@ -145,10 +145,12 @@ def pair_anchor(pair) -> str:
 
 
 def filter_pairs_with_model(model, tokenizer, pairs, judge, *, seeds, concept: str | None = None,
-                            rules: FilterRules | None = None, guidance_scale: float = 5.0, temperature: float = 1.0, batch_size: int | None = 16,
-                            progress: bool = True) -> list[dict]:
-    """Sample both prompts of every pair with each seed (one sampler call per seed over all the
-    prompts), then filter_pairs. Concepts are checked against the judge before any sampling."""
+                            rules: FilterRules | None = None, guidance_scale: float = 5.0, temperature: float = 1.0,
+                            batch_size: int | None = 16, progress: bool = True, store=None) -> list[dict] | None:
+    """Sample both prompts of every pair with each seed (each image with its own seed), then
+    filter_pairs. Concepts are checked against the judge before any sampling. Under torchrun
+    every rank draws its share and rank 0 judges them all, in one process's order (the other
+    ranks return None). store: an engine.drawing.ImageStore keeping the images as they come."""
     from .images import sample_prompt_images
 
     pairs = list(pairs)
@@ -158,7 +160,9 @@ def filter_pairs_with_model(model, tokenizer, pairs, judge, *, seeds, concept: s
         judge.check_concept(pair_concept(pair, concept, index))
     prompts = [pair.concept_prompt for pair in pairs] + [pair.anchor_prompt for pair in pairs]
     images = sample_prompt_images(model, tokenizer, prompts, seeds, guidance_scale=guidance_scale, temperature=temperature,
-                                  batch_size=batch_size, progress=progress, desc="filter: sampling")
+                                  batch_size=batch_size, progress=progress, desc="filter: sampling", store=store)
+    if images is None:
+        return None
     return filter_pairs(pairs, judge, images[:len(pairs)], images[len(pairs):], concept=concept, rules=rules,
                         seeds=seeds)
 

@@ -2,12 +2,11 @@
 and seed, through the engine's own loader and sampler, the same code paths as for Janus-Pro.
 
     model, tokenizer = load_generator("deepseek-community/Janus-Pro-7B", checkpoint="runs/church/checkpoint")
-    images = sample_prompt_images(model, tokenizer, prompts, seeds=[0, 1, 2])   # images[p][s]
+    images = sample_prompt_images(model, tokenizer, prompts, seeds=[0, 1, 2])   # images[p][s], rank 0
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 
@@ -58,22 +57,24 @@ def check_seeds(seeds) -> list[int]:
 
 def sample_prompt_images(model, tokenizer, prompts, seeds, *, guidance_scale: float | None = None,
                          temperature: float | None = None, batch_size: int | None = 16, progress: bool = True,
-                         desc: str = "images") -> list[list]:
-    """images[p][s]: PIL images, one per prompt and seed. Each seed is one sampler call over all
-    the prompts (the sampler's generator is seeded once per call), so the images of a prompt
-    depend on the prompt list and batch_size as well as the seed: keep both fixed to compare models.
+                         desc: str = "images", store=None) -> list[list] | None:
+    """images[p][s]: PIL images, one per prompt and seed, each drawn with its own seed (an image
+    depends on its prompt and seed, not on the other prompts), through engine.drawing: under
+    torchrun every rank draws its share of the batches and rank 0 gets them all (the other ranks
+    get None). A store (engine.drawing.ImageStore, check()ed) keeps every image as it is drawn and
+    spares a rerun the ones already there. A prompt given twice is drawn once.
     guidance_scale / temperature None: the model's generation_config, else 5 and 1."""
-    from tqdm.auto import tqdm
-
-    from earkit.engine.sampler import decode_images, sample_image_tokens
+    from earkit.engine.drawing import draw_images, prompt_seed_jobs
 
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts to sample")
     seeds = check_seeds(seeds)
-    per_seed = []
-    for seed in tqdm(seeds, desc=desc, unit="seed", disable=not progress, file=sys.stderr):
-        tokens = sample_image_tokens(model, tokenizer, prompts, guidance_scale=guidance_scale, temperature=temperature,
-                                     seed=seed, batch_size=batch_size, progress=False)
-        per_seed.append(decode_images(model, tokens))
-    return [[per_seed[s][p] for s in range(len(seeds))] for p in range(len(prompts))]
+    distinct = list(dict.fromkeys(prompts))
+    jobs = prompt_seed_jobs(distinct, seeds)
+    flat = draw_images(model, tokenizer, jobs, guidance_scale=guidance_scale, temperature=temperature,
+                       batch_size=batch_size or len(jobs), store=store, progress=progress, desc=desc)
+    if flat is None:
+        return None
+    by_job = {(job.prompt, job.seed): image for job, image in zip(jobs, flat)}
+    return [[by_job[prompt, seed] for seed in seeds] for prompt in prompts]

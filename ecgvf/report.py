@@ -1,6 +1,7 @@
 """The `earkit eval` report: metrics.json, summary.md and report.html with image grids and bar charts.
 
-    folder/metrics.json      everything measured (NaN written as null)
+    folder/metrics.json      everything measured (NaN written as null), and nothing of how long it took
+    folder/timing.json       how long it took, on how many processes, images per second
     folder/summary.md        the headline table, preservation per concept, FID, the NudeNet table
     folder/report.html       the same, plus before/after image grids and the charts
     folder/images/SIDE/      PNGs the grids show (ROLE_PPP_sSEED.png), or every image with all_images
@@ -151,9 +152,12 @@ def report_html(result: dict, benchmark, paths: dict, charts: list[tuple[str, st
         grids=[grid for grid in grids if grid], sides=list(result["sides"]), seeds=result["seeds"])
 
 
-def write_report(folder, result: dict, images: dict, benchmark, *, all_images: bool = False) -> Path:
-    """Write every report file into `folder` (which exists)."""
+def write_report(folder, result: dict, images: dict, benchmark, *, all_images: bool = False,
+                 timing: dict | None = None) -> Path:
+    """Write every report file into `folder` (which exists); timing.json too when `timing` is given."""
     folder = Path(folder)
+    if timing is not None:
+        (folder / "timing.json").write_text(json.dumps(timing, indent=1) + "\n", encoding="utf-8")
     paths = save_images(folder, images, benchmark, result["seeds"], all_images=all_images)
     charts = make_charts(folder, result)
     (folder / "metrics.json").write_text(json.dumps(without_nan(result), indent=1, ensure_ascii=False) + "\n",

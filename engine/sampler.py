@@ -457,44 +457,107 @@ def image_grid(rows: list[list]):
     return to_pil_image(make_grid(torch.stack(tiles), nrow=columns, padding=0))
 
 
+SAMPLES_RECORD_NAMES = {"grid.png", "prompts.json"}
+
+
+def is_partial_image(name: str) -> bool:
+    """A killed image write's temporary file (engine.drawing.write_whole): .NAME.partial-PID."""
+    stem, _, pid = name.rpartition(".partial-")
+    return name.startswith(".") and bool(stem) and pid.isdigit()
+
+
 def legacy_samples_names(folder: Path) -> set[str] | None:
-    """A samples folder written before manifests existed: its prompts.json lists its images."""
+    """The names a samples folder without a finished manifest may hold: one being drawn (its
+    images.json lists the files it will hold), or one written before manifests existed (its
+    prompts.json lists its images)."""
     from earkit.io import parse_json
 
+    from .drawing import STORE_RECORD
+
     try:
-        record = parse_json((folder / "prompts.json").read_text(encoding="utf-8"), "prompts.json")
-        names = {image["file"] for image in record["images"]}
+        record = parse_json((folder / STORE_RECORD).read_text(encoding="utf-8"), STORE_RECORD)
+        names = set(record["files"])
     except (OSError, ValueError, KeyError, TypeError):
+        names = None
+    if names is None:
+        try:
+            record = parse_json((folder / "prompts.json").read_text(encoding="utf-8"), "prompts.json")
+            names = {image["file"] for image in record["images"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if "rng" not in record:
+            return None
+    if not all(isinstance(name, str) for name in names):
         return None
-    if not all(isinstance(name, str) for name in names) or "rng" not in record:
-        return None
-    return names | {"grid.png", "prompts.json"}
+    partial = {entry.name for entry in folder.iterdir() if is_partial_image(entry.name)}
+    return names | partial | SAMPLES_RECORD_NAMES | {STORE_RECORD}
 
 
-def check_samples_folder(out_dir, *, force: bool) -> None:
-    """FileExistsError unless out_dir is free, or (with force) an earlier samples folder holding
-    only what earkit wrote; PermissionError when nothing can be written there. Before any sampling."""
+def samples_identity(identity: dict, prompts: list[str], images_per_prompt: int, seed: int) -> dict:
+    """What a samples folder's images were drawn with: the drawing identity, plus the prompts
+    (their digest: file names number them), images per prompt and the first seed."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
+    return {**identity, "prompts_sha256": digest[:16], "prompts": len(prompts), "images_per_prompt": images_per_prompt,
+            "seed": seed}
+
+
+def check_samples_folder(out_dir, *, force: bool, identity: dict | None = None) -> str:
+    """What writing samples into out_dir will do, checked before any sampling: "new" (free or
+    empty), "continue" (it holds images drawn with this identity: draw only what is missing),
+    or "replace" (force, and everything in it is an earlier samples folder's). FileExistsError
+    for a folder of other files (force never deletes a file earkit did not write), ValueError
+    naming the first setting that differs from the images there (without force);
+    PermissionError when nothing can be written there."""
     from earkit.io import check_replaceable, check_writable
 
-    check_replaceable(out_dir, force=force, kind="samples", what="samples folder", legacy=legacy_samples_names)
+    from .drawing import ImageStore, STORE_RECORD
+
+    out_dir = Path(out_dir).expanduser()
     check_writable(out_dir, "samples folder")
+    if not out_dir.exists() or (out_dir.is_dir() and not out_dir.is_symlink() and not any(out_dir.iterdir())):
+        return "new"
+    if identity is not None and not force and (out_dir / STORE_RECORD).is_file():
+        try:
+            ImageStore(out_dir, identity, what="samples folder").check()
+        except ValueError as error:
+            raise ValueError(f"{error} (or pass --force to start over)") from None
+        return "continue"
+    check_replaceable(out_dir, force=force, kind="samples", what="samples folder", legacy=legacy_samples_names)
+    return "replace"
+
+
+def clear_samples_folder(out_dir: Path) -> None:
+    """Empty an earlier samples folder (check_samples_folder said "replace": all of it is earkit's)."""
+    import shutil
+
+    for entry in out_dir.iterdir():
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 def write_samples(model, tokenizer, prompts: list[str], out_dir: str | os.PathLike, *, images_per_prompt: int = 1,
                   seed: int = 0, guidance_scale: float | None = None, temperature: float | None = None,
-                  top_k: int | None = None,
-                  top_p: float | None = None, force: bool = False, batch_size: int | None = None,
-                  progress: bool = True) -> list[Path]:
+                  top_k: int | None = None, top_p: float | None = None, force: bool = False, batch_size: int = 16,
+                  progress: bool = True, identity: dict | None = None) -> list[Path] | None:
     """Sample images_per_prompt images per prompt and write them to out_dir.
 
-    Files: {prompt_index:03d}_{image_index:02d}.png, grid.png (a row per prompt) and prompts.json
-    (prompts, seed, settings, which file is which). Refuses a non-empty out_dir unless force, which
-    replaces an earlier samples folder but never one holding files earkit did not write there.
-    Everything is written to a temporary folder beside out_dir and renamed into place at the end,
-    so a crash leaves no half-written output. Returns the written paths. guidance_scale /
-    temperature None: the model's generation_config, else 5 and 1 (sampling_defaults).
+    Files: {prompt_index:03d}_{image_index:02d}.png (image i of every prompt is drawn with seed
+    seed + i), images.json (what they are drawn with), then grid.png (a row per prompt),
+    prompts.json (prompts, seeds, settings, which file is which) and the manifest of earkit's
+    files. Images are written as they are drawn, each whole: a rerun of a killed run with the
+    same prompts and settings draws only the images that are missing; other settings are refused
+    by name. force starts over, in an earlier samples folder only (never one holding files earkit
+    did not write). Under torchrun every rank draws its share of the batches and rank 0 writes
+    (the other ranks return None). Returns the written paths. guidance_scale / temperature None:
+    the model's generation_config, else 5 and 1 (sampling_defaults). identity: what
+    engine.drawing.drawing_identity gives for this model and checkpoint (a command passes the
+    one it checked before loading); None: taken from the model (no checkpoint).
     """
-    from earkit.io import write_folder_atomically
+    from earkit.io import write_files_atomic, write_manifest
+
+    from . import distributed
+    from .drawing import STORE_RECORD, ImageStore, Job, draw_images, drawing_identity
 
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -503,38 +566,52 @@ def write_samples(model, tokenizer, prompts: list[str], out_dir: str | os.PathLi
         raise ValueError("prompts is empty")
     if isinstance(images_per_prompt, bool) or not isinstance(images_per_prompt, int) or images_per_prompt < 1:
         raise ValueError(f"images_per_prompt must be an integer >= 1, got {images_per_prompt!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     guidance_scale, temperature = resolve_sampling(model, guidance_scale, temperature)
     check_sampling_arguments(guidance_scale, temperature, top_k, top_p)
+    check_image_seeds([seed, seed + images_per_prompt - 1], 2)
     out_dir = Path(out_dir)
-    check_samples_folder(out_dir, force=force)
+    if identity is None:
+        identity = drawing_identity(model=getattr(model, "name_or_path", None) or None, guidance_scale=guidance_scale,
+                                    temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size,
+                                    dtype=model.dtype, device=model.device)
+    identity = samples_identity(identity, prompts, images_per_prompt, seed)
+    jobs = [Job(prompt, seed + i, f"{p:03d}_{i:02d}.png") for p, prompt in enumerate(prompts)
+            for i in range(images_per_prompt)]
+    names = [job.name for job in jobs]
+    main = distributed.current().main
+    store = ImageStore(out_dir, identity, what="samples folder", extra={"files": names})
+    if main:
+        if check_samples_folder(out_dir, force=force, identity=identity) == "replace":
+            clear_samples_folder(out_dir)
+    images = draw_images(model, tokenizer, jobs, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                         top_p=top_p, batch_size=batch_size, store=store, progress=progress, desc="sampling")
+    if not main:
+        return None
 
-    # Prompt-major rows: prompt i's images are rows i * n .. i * n + n - 1.
-    rows = [prompt for prompt in prompts for _ in range(images_per_prompt)]
-    tokens = sample_image_tokens(model, tokenizer, rows, guidance_scale=guidance_scale, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size, progress=progress)
-    images = decode_images(model, tokens)
-    names = [f"{p:03d}_{i:02d}.png" for p in range(len(prompts)) for i in range(images_per_prompt)]
+    record = {
+        "format": "earkit-samples",
+        "prompts": prompts,
+        "seed": seed,
+        "model": identity.get("model"),
+        "checkpoint": identity.get("checkpoint"),
+        "settings": {"images_per_prompt": images_per_prompt, "guidance_scale": guidance_scale,
+                     "temperature": temperature, "top_k": top_k, "top_p": top_p, "batch_size": batch_size,
+                     "image_tokens": image_token_count(model)},
+        "rng": "each image its own torch.Generator, seeded with its seed: seed + its index among its prompt's images",
+        "images": [{"file": job.name, "prompt_index": index // images_per_prompt,
+                    "image_index": index % images_per_prompt, "seed": job.seed, "prompt": job.prompt}
+                   for index, job in enumerate(jobs)],
+    }
+    import io
 
-    def write_into(folder: Path) -> None:
-        for name, image in zip(names, images):
-            image.save(folder / name)
-        image_grid([images[p * images_per_prompt:(p + 1) * images_per_prompt]
-                    for p in range(len(prompts))]).save(folder / "grid.png")
-        record = {
-            "format": "earkit-samples",
-            "prompts": prompts,
-            "seed": seed,
-            "model": getattr(model, "name_or_path", None) or None,
-            "settings": {"images_per_prompt": images_per_prompt, "guidance_scale": guidance_scale,
-                         "temperature": temperature, "top_k": top_k, "top_p": top_p, "batch_size": batch_size,
-                         "image_tokens": tokens.shape[1]},
-            "rng": "one torch.Generator seeded by seed, shared by all rows in file order",
-            "images": [{"file": name, "prompt_index": index // images_per_prompt,
-                        "image_index": index % images_per_prompt, "prompt": rows[index]}
-                       for index, name in enumerate(names)],
-        }
-        (folder / "prompts.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-    write_folder_atomically(out_dir, write_into, force=force, kind="samples", what="samples folder",
-                            legacy=legacy_samples_names)
+    grid = io.BytesIO()
+    image_grid([images[p * images_per_prompt:(p + 1) * images_per_prompt] for p in range(len(prompts))]).save(
+        grid, format="PNG")
+    write_files_atomic({out_dir / "grid.png": grid.getvalue(),
+                        out_dir / "prompts.json": (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode(
+                            "utf-8", "surrogatepass")})
+    # last: a folder with its manifest is a finished one; it names earkit's files only
+    write_manifest(out_dir, "samples", names + ["grid.png", "prompts.json", STORE_RECORD])
     return [out_dir / name for name in names] + [out_dir / "grid.png", out_dir / "prompts.json"]

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from earkit.cli.arguments import (
@@ -32,7 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompts", type=int, default=None, help="at most N target and N preservation prompts")
     parser.add_argument("--seeds", type=int, default=2, help="images per prompt, seeds SEED..SEED+N-1 (default: %(default)s)")
     add_sampling_arguments(parser, top_k_p=False)
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per sampler batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per sampler batch (default: %(default)s)")
+    parser.add_argument("--images", default=None,
+                        help="a folder to keep every drawn image in as it is drawn (IMAGES/before, IMAGES/after): a "
+                             "rerun of a killed eval draws only what is missing; other settings are refused by name")
     parser.add_argument("--nudenet-threshold", type=float, default=None, help="NudeNet detection threshold (default: 0.6)")
     parser.add_argument("--all-images", action="store_true", help="write every image to the report, not only the grids'")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -47,6 +51,15 @@ def check_out_folder(out: Path, force: bool) -> None:
 
     check_replaceable(out, force=force, kind="report", what="report folder", legacy=legacy_report_names)
     check_writable(out, "report folder")
+
+
+def run_timing(started: float, *, images_drawn: int) -> dict:
+    """timing.json: the wall time from the start of sampling and how many processes shared it."""
+    from earkit.engine import distributed
+
+    seconds = time.perf_counter() - started
+    return {"seconds": round(seconds, 3), "ranks": distributed.current().world_size, "images": images_drawn,
+            "images_per_second": round(images_drawn / seconds, 3) if seconds > 0 else None}
 
 
 def run(args) -> dict:
@@ -89,12 +102,16 @@ def run(args) -> dict:
 
         inception = InceptionFeatures(args.inception, device=device)
     seeds = list(range(args.seed, args.seed + args.seeds))
+    started = time.perf_counter()
     result, images = evaluate(benchmark, judge, model_source=model_source, checkpoint=checkpoint, seeds=seeds,
                               clip=clip, device=device, dtype=args.dtype, guidance_scale=guidance_scale,
                               temperature=temperature, batch_size=args.batch_size, reference_images=reference,
-                              inception=inception, progress=not args.quiet)
+                              inception=inception, progress=not args.quiet, images_folder=args.images)
+    if result is None:  # a rank other than 0 of a torchrun job: it drew its share, rank 0 writes
+        return None
+    timing = run_timing(started, images_drawn=len(seeds) * len(benchmark.target + benchmark.preserve) * len(images))
     write_folder_atomically(out, lambda partial: write_report(partial, result, images, benchmark,
-                                                              all_images=args.all_images),
+                                                              all_images=args.all_images, timing=timing),
                             force=args.force, kind="report", what="report folder", legacy=legacy_report_names)
     print(headline(result))
     print(f"wrote {out / 'metrics.json'}, {out / 'summary.md'} and {out / 'report.html'}")

@@ -33,7 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-anchor-rate", type=float, default=None,
                         help="also require the anchor prompt to show its anchor this often (where the judge knows it)")
     parser.add_argument("--max-pairs", type=int, default=None, help="filter only the first N pairs")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per sampler batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per sampler batch (default: %(default)s)")
+    parser.add_argument("--images", default=None,
+                        help="a folder to keep every drawn image in as it is drawn: a rerun of a killed filter "
+                             "draws only what is missing; other settings are refused by name")
     parser.add_argument("--nudenet-threshold", type=float, default=None, help="NudeNet detection threshold (default: 0.6)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -44,7 +47,9 @@ def run(args) -> dict:
     from earkit.ecgvf.filter import check_outputs, filter_pairs_with_model, filter_summary, pair_concept, write_filter_results
     from earkit.ecgvf.images import load_generator, resolve_checkpoint, resolve_model
     from earkit.ecgvf.judges import DEFAULT_NUDENET_THRESHOLD, parse_judge
-    from earkit.engine.model import check_device
+    from earkit.engine import distributed
+    from earkit.engine.drawing import ImageStore, drawing_identity
+    from earkit.engine.model import check_device, resolve_dtype
     from earkit.engine.pair_files import load_pairs
     from earkit.engine.sampler import check_sampling_arguments, resolve_source_sampling
     from earkit.io import check_writable
@@ -70,11 +75,20 @@ def run(args) -> dict:
                         nudenet_threshold=threshold)
     for index, pair in enumerate(pairs):  # an unknown concept fails now, not after the sampling
         judge.check_concept(pair_concept(pair, args.concept, index))
+    store = None
+    if args.images is not None and distributed.current().main:  # only rank 0 reads and writes it
+        identity = drawing_identity(model=model_source, checkpoint=resolve_checkpoint(checkpoint),
+                                    guidance_scale=guidance_scale, temperature=temperature, batch_size=args.batch_size,
+                                    dtype=resolve_dtype(args.dtype, check_device(device)), device=device)
+        store = ImageStore(args.images, identity, what="--images folder")
+        store.check()  # other settings than the images there were drawn with: refused before loading
     model, tokenizer = load_generator(model_source, checkpoint=checkpoint, device=device, dtype=args.dtype)
     seeds = list(range(args.seed, args.seed + args.seeds))
     records = filter_pairs_with_model(model, tokenizer, pairs, judge, seeds=seeds, concept=args.concept, rules=rules,
                                       guidance_scale=guidance_scale, temperature=temperature,
-                                      batch_size=args.batch_size, progress=not args.quiet)
+                                      batch_size=args.batch_size, progress=not args.quiet, store=store)
+    if records is None:  # a rank other than 0 of a torchrun job: it drew its share, rank 0 writes
+        return None
     kept_path, decisions = write_filter_results(records, out, force=args.force, judge=judge.describe(), rules=rules)
     summary = filter_summary(records)
     print(f"filter: {summary['pairs']} pairs, {len(seeds)} seeds, judge {judge.name}: kept {summary['kept']}, "

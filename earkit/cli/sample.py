@@ -13,10 +13,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
     parser.add_argument("--prompts-file", help="a prompt file: .txt, one prompt per line, or prompt records in "
                                                ".json, .jsonl or .csv (a prompt field or column)")
-    parser.add_argument("--out", required=True, help="folder for the PNGs, grid.png and prompts.json")
+    parser.add_argument("--out", required=True, help="folder for the PNGs, grid.png and prompts.json; images are "
+                                                     "written as they are drawn, and a rerun with the same prompts "
+                                                     "and settings draws only the missing ones")
     parser.add_argument("--images-per-prompt", type=int, default=1,
                         help="images per prompt (default: %(default)s)")
     add_sampling_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per sampler batch (default: %(default)s)")
     parser.add_argument("--force", action="store_true",
                         help="replace an earlier samples folder (never one holding files earkit did not write)")
 
@@ -24,10 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> None:
     from pathlib import Path
 
+    from earkit.cli.arguments import check_count
+    from earkit.engine import distributed
     from earkit.engine.checkpoint import apply_trainable, load_checkpoint
-    from earkit.engine.model import check_device, check_model_source, load_janus
+    from earkit.engine.drawing import drawing_identity
+    from earkit.engine.model import check_device, check_model_source, load_janus, resolve_dtype
+    from earkit.engine.sampler import (
+        check_samples_folder, check_sampling_arguments, resolve_source_sampling, samples_identity, write_samples,
+    )
+    from earkit.ecgvf.images import resolve_checkpoint
     from earkit.io import read_prompts
-    from earkit.engine.sampler import check_samples_folder, check_sampling_arguments, resolve_source_sampling, write_samples
 
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -38,23 +47,34 @@ def run(args) -> None:
         raise ValueError("--prompt must not be empty")
     if args.images_per_prompt < 1:
         raise ValueError(f"--images-per-prompt must be at least 1, got {args.images_per_prompt}")
+    check_count(args.batch_size, "--batch-size")
     # Everything that can be wrong is found before minutes of loading weights, and before --out is made.
-    check_samples_folder(Path(args.out), force=args.force)
-    check_device(args.device)
+    device = check_device(args.device)
     if args.model is None:
         from earkit.engine.shapesworld import generator_folder
 
         args.model = str(generator_folder())
     check_model_source(args.model)
+    checkpoint = resolve_checkpoint(args.checkpoint)
 
     # given, else the model's generation_config.json, else Janus-Pro's guidance 5 and temperature 1
     args.guidance_scale, args.temperature = resolve_source_sampling(args.model, args.guidance_scale, args.temperature)
     check_sampling_arguments(args.guidance_scale, args.temperature, args.top_k, args.top_p)
-    tensors = load_checkpoint(args.checkpoint).tensors if args.checkpoint else None
+    identity = drawing_identity(model=args.model, checkpoint=checkpoint, guidance_scale=args.guidance_scale,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                batch_size=args.batch_size, dtype=resolve_dtype(args.dtype, device), device=device)
+    if distributed.current().main:  # only rank 0 reads and writes --out
+        state = check_samples_folder(Path(args.out), force=args.force,
+                                     identity=samples_identity(identity, prompts, args.images_per_prompt, args.seed))
+        if state == "continue":
+            print(f"continuing the samples in {args.out}: drawing only the images that are missing")
+    tensors = load_checkpoint(checkpoint).tensors if checkpoint is not None else None
     model, tokenizer = load_janus(args.model, dtype=args.dtype, device=args.device)
     if tensors is not None:
         apply_trainable(model, tensors)
     written = write_samples(model, tokenizer, prompts, args.out, images_per_prompt=args.images_per_prompt,
                             seed=args.seed, guidance_scale=args.guidance_scale, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, force=args.force)
-    print(f"wrote {len(written)} files to {args.out}")
+                            top_k=args.top_k, top_p=args.top_p, force=args.force, batch_size=args.batch_size,
+                            identity=identity)
+    if written is not None:
+        print(f"wrote {len(written)} files to {args.out}")

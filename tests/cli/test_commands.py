@@ -6,7 +6,7 @@ from earkit.cli import main as cli_main
 from earkit.engine.tiny import save_tiny_janus
 
 
-def test_sample_writes_pngs_grid_and_prompts_and_refuses_to_overwrite(tmp_path, capsys):
+def test_sample_writes_pngs_grid_and_prompts_and_continues_only_the_same_run(tmp_path, capsys):
     model = tmp_path / "model"
     save_tiny_janus(model, ["red", "circle", "blue", "square"])
     out = tmp_path / "samples"
@@ -15,14 +15,20 @@ def test_sample_writes_pngs_grid_and_prompts_and_refuses_to_overwrite(tmp_path, 
     assert cli_main(argv) == 0
     names = sorted(p.name for p in out.iterdir())
     # .earkit-files.json lists what earkit wrote, so that --force never deletes anything else
+    # images.json: what the images were drawn with, so that a rerun continues only the same run
     assert names == [".earkit-files.json", "000_00.png", "000_01.png", "001_00.png", "001_01.png", "grid.png",
-                     "prompts.json"]
+                     "images.json", "prompts.json"]
     assert json.loads((out / "prompts.json").read_text())["prompts"] == ["a red circle", "a blue square"]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()
-    assert cli_main(argv) == 2
+    assert cli_main(argv) == 0  # the same run again: every image is there, nothing changes
+    assert "continuing" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert cli_main(argv + ["--seed", "3"]) == 2  # another run: refused, naming what differs
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and str(out) in error[0]
-    assert cli_main(argv + ["--force"]) == 0
+    assert len(error) == 1 and str(out) in error[0] and "seed 0" in error[0] and "seed 3" in error[0]
+    assert cli_main(argv + ["--seed", "3", "--force"]) == 0
+    assert json.loads((out / "prompts.json").read_text())["seed"] == 3
 
 
 def test_sample_settings_default_to_janus_pro_or_to_the_shapesworld_generator(tmp_path):

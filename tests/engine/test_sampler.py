@@ -286,10 +286,12 @@ def test_write_samples(janus, tmp_path):
     out = tmp_path / "samples"
     written = write_samples(model, tokenizer, PROMPTS, out, images_per_prompt=2, seed=9, progress=False)
     names = sorted(path.name for path in out.iterdir() if path.name != ".earkit-files.json")
-    assert names == ["000_00.png", "000_01.png", "001_00.png", "001_01.png", "grid.png", "prompts.json"]
+    assert names == ["000_00.png", "000_01.png", "001_00.png", "001_01.png", "grid.png", "images.json",
+                     "prompts.json"]
     manifest = json.loads((out / ".earkit-files.json").read_text())
     assert manifest["kind"] == "samples" and manifest["files"] == names
-    assert sorted(path.name for path in written) == names and all(path.parent == out for path in written)
+    assert sorted(path.name for path in written) == sorted(set(names) - {"images.json"})
+    assert all(path.parent == out for path in written)
     from PIL import Image
 
     size = model.config.vision_config.image_size
@@ -298,14 +300,26 @@ def test_write_samples(janus, tmp_path):
     record = json.loads((out / "prompts.json").read_text())
     assert record["prompts"] == PROMPTS and record["seed"] == 9
     assert record["settings"]["guidance_scale"] == 5.0 and record["settings"]["images_per_prompt"] == 2
-    assert [image["file"] for image in record["images"]][:2] == ["000_00.png", "000_01.png"]
+    assert [(image["file"], image["seed"]) for image in record["images"]][:2] == [("000_00.png", 9), ("000_01.png", 10)]
     assert list(tmp_path.iterdir()) == [out], "no temporary folders left beside the output"
 
-    with pytest.raises(FileExistsError, match="samples"):
-        write_samples(model, tokenizer, PROMPTS, out, progress=False)
+    # image i of a prompt is the image its seed (9 + i) gives that prompt alone
+    alone = decode_images(model, sample(janus, [LONG], seeds=[10]))[0]
+    with Image.open(out / "001_01.png") as image:
+        assert image.tobytes() == alone.tobytes()
+
+    # the same run again: everything is there, nothing is drawn, nothing changes
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    write_samples(model, tokenizer, PROMPTS, out, images_per_prompt=2, seed=9, progress=False)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    # other settings are refused by name, without --force
+    with pytest.raises(ValueError, match="seed 9.*seed 0.*--force"):
+        write_samples(model, tokenizer, PROMPTS, out, images_per_prompt=2, progress=False)
+    with pytest.raises(ValueError, match="temperature"):
+        write_samples(model, tokenizer, PROMPTS, out, images_per_prompt=2, seed=9, temperature=0.5, progress=False)
     write_samples(model, tokenizer, [SHORT], out, force=True, progress=False)
     assert sorted(path.name for path in out.iterdir()) == [".earkit-files.json", "000_00.png", "grid.png",
-                                                           "prompts.json"]
+                                                           "images.json", "prompts.json"]
     assert list(tmp_path.iterdir()) == [out]
 
     empty = tmp_path / "empty"
@@ -314,27 +328,47 @@ def test_write_samples(janus, tmp_path):
     assert (empty / "000_00.png").is_file()
 
 
-def test_write_samples_leaves_nothing_when_it_fails(janus, tmp_path, monkeypatch):
+def test_a_killed_sample_run_continues_where_it_stopped(janus, tmp_path, monkeypatch):
+    """Images are written as they are drawn: a run that dies after its first batch leaves them (and
+    its images.json); the rerun draws only the rest and ends with the files of an unbroken run."""
     model, tokenizer = janus
+    prompts = [SHORT, LONG, "a photo", SHORT + " a photo"]
+    whole = tmp_path / "whole"
+    write_samples(model, tokenizer, prompts, whole, images_per_prompt=2, batch_size=3, progress=False)
 
-    def broken_decode(model, tokens, **kwargs):
-        raise RuntimeError("decoder exploded")
+    out = tmp_path / "out"
+    calls = []
+    real_decode = sampler.decode_images
 
-    monkeypatch.setattr(sampler, "decode_images", broken_decode)
-    with pytest.raises(RuntimeError, match="decoder exploded"):
-        write_samples(model, tokenizer, PROMPTS, tmp_path / "out", progress=False)
-    assert list(tmp_path.iterdir()) == []
+    def decode_then_die(model, tokens, **kwargs):
+        calls.append(tokens.shape[0])
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_decode(model, tokens, **kwargs)
 
-    # replacing an earlier samples folder under force: a failure keeps the old folder as it was
-    monkeypatch.undo()
-    old = tmp_path / "old"
-    write_samples(model, tokenizer, PROMPTS[:1], old, progress=False)
-    before = {path.name: path.read_bytes() for path in old.iterdir()}
-    monkeypatch.setattr(sampler, "decode_images", broken_decode)
-    with pytest.raises(RuntimeError, match="decoder exploded"):
-        write_samples(model, tokenizer, PROMPTS, old, force=True, progress=False)
-    assert [path.name for path in tmp_path.iterdir()] == ["old"]
-    assert {path.name: path.read_bytes() for path in old.iterdir()} == before
+    monkeypatch.setattr(sampler, "decode_images", decode_then_die)
+    with pytest.raises(RuntimeError, match="killed"):
+        write_samples(model, tokenizer, prompts, out, images_per_prompt=2, batch_size=3, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["000_00.png", "000_01.png", "001_00.png", "images.json"]
+    with pytest.raises(ValueError, match="images_per_prompt 2.*images_per_prompt 1"):
+        write_samples(model, tokenizer, prompts, out, batch_size=3, progress=False)  # not the same run
+
+    calls.clear()
+    monkeypatch.setattr(sampler, "decode_images", lambda model, tokens, **kwargs: (
+        calls.append(tokens.shape[0]), real_decode(model, tokens, **kwargs))[1])
+    write_samples(model, tokenizer, prompts, out, images_per_prompt=2, batch_size=3, progress=False)
+    assert calls == [3, 2], "only the two batches not yet drawn"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in whole.iterdir()}
+
+
+def test_write_samples_force_leaves_no_foreign_file_behind(janus, tmp_path):
+    model, tokenizer = janus
+    out = tmp_path / "out"
+    write_samples(model, tokenizer, PROMPTS, out, progress=False)
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.md"):
+        write_samples(model, tokenizer, PROMPTS, out, seed=3, force=True, progress=False)
+    assert (out / "notes.md").read_text() == "mine"
 
 
 # ---------------------------------------------------------------- sampling defaults: the model's own
