@@ -303,10 +303,12 @@ def test_write_samples(janus, tmp_path):
     assert [(image["file"], image["seed"]) for image in record["images"]][:2] == [("000_00.png", 9), ("000_01.png", 10)]
     assert list(tmp_path.iterdir()) == [out], "no temporary folders left beside the output"
 
-    # image i of a prompt is the image its seed (9 + i) gives that prompt alone
+    # image i of a prompt is the image its seed (9 + i) gives that prompt alone (the decoder, run
+    # on a batch of four or of one, may round a pixel apart)
     alone = decode_images(model, sample(janus, [LONG], seeds=[10]))[0]
     with Image.open(out / "001_01.png") as image:
-        assert image.tobytes() == alone.tobytes()
+        difference = (torch.tensor(list(image.tobytes())) - torch.tensor(list(alone.tobytes()))).abs()
+    assert difference.max() <= 1 and (difference == 0).float().mean() > 0.99
 
     # the same run again: everything is there, nothing is drawn, nothing changes
     before = {path.name: path.read_bytes() for path in out.iterdir()}
