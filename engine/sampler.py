@@ -8,7 +8,7 @@ transformers: traps"). This sampler is one loop:
               into a StaticCache sized prompt + T; the state at <begin_of_image> scores token 0
     step t    feed image token t - 1 (all rows get the token their prompt drew), score token t
     sample    CFG logits = uncond + scale * (cond - uncond) in fp32, then temperature, optional
-              top-k / top-p, and torch.multinomial (or argmax at temperature 0)
+              top-k / top-p, and a draw with the row's own uniform (or argmax at temperature 0)
 
 It uses the same prompt template, left padding and position ids as the teacher-forced pass in
 model.py (`encode_prompts`, `unconditional`, `positions`), so the logits it samples from equal
