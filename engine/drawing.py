@@ -167,16 +167,20 @@ def batches_of(jobs: list[Job], batch_size: int) -> list[list[Job]]:
 
 def draw_images(model, tokenizer, jobs: list[Job], *, guidance_scale=None, temperature=None, top_k=None, top_p=None,
                 batch_size: int = 16, store: ImageStore | None = None, progress: bool = True,
-                desc: str = "drawing") -> list | None:
+                desc: str = "drawing", keep: bool = True) -> list | None:
     """Every job's image (PIL, in job order) on rank 0, None on the other ranks; each rank draws
     its share of the batches (module docstring). The store, when given, must have been check()ed;
-    rank 0 opens it. guidance_scale / temperature None: the model's generation_config."""
+    rank 0 opens it. keep=False (with a store): the images go to the store only and None is
+    returned, so that 30,000 images never sit in memory at once. guidance_scale / temperature
+    None: the model's generation_config."""
     from tqdm.auto import tqdm
 
     from .sampler import decode_images, sample_image_tokens
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not keep and store is None:
+        raise ValueError("keep=False needs a store: the images would go nowhere")
     names = [job.name for job in jobs]
     if store is not None and len(set(names)) != len(names):
         raise ValueError("two jobs share a file name: each image of a store needs its own")
@@ -213,9 +217,10 @@ def draw_images(model, tokenizer, jobs: list[Job], *, guidance_scale=None, tempe
                 for job, image in zip(batches[index], batch_images):
                     if store is not None:
                         store.save(job.name, image)
-                drawn[index] = batch_images
+                if keep:
+                    drawn[index] = batch_images
                 bar.update(len(batch_images))
-    if not ranks.main:
+    if not ranks.main or not keep:
         return None
     result = []
     for index, batch in enumerate(batches):

@@ -458,6 +458,7 @@ def image_grid(rows: list[list]):
 
 
 SAMPLES_RECORD_NAMES = {"grid.png", "prompts.json"}
+GRID_PROMPTS = 32  # grid.png shows the first 32 prompts' images: one row each
 
 
 def is_partial_image(name: str) -> bool:
@@ -543,7 +544,8 @@ def write_samples(model, tokenizer, prompts: list[str], out_dir: str | os.PathLi
     """Sample images_per_prompt images per prompt and write them to out_dir.
 
     Files: {prompt_index:03d}_{image_index:02d}.png (image i of every prompt is drawn with seed
-    seed + i), images.json (what they are drawn with), then grid.png (a row per prompt),
+    seed + i), images.json (what they are drawn with), then grid.png (a row per prompt, for the
+    first GRID_PROMPTS prompts),
     prompts.json (prompts, seeds, settings, which file is which) and the manifest of earkit's
     files. Images are written as they are drawn, each whole: a rerun of a killed run with the
     same prompts and settings draws only the images that are missing; other settings are refused
@@ -585,10 +587,11 @@ def write_samples(model, tokenizer, prompts: list[str], out_dir: str | os.PathLi
     if main:
         if check_samples_folder(out_dir, force=force, identity=identity) == "replace":
             clear_samples_folder(out_dir)
-    images = draw_images(model, tokenizer, jobs, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-                         top_p=top_p, batch_size=batch_size, store=store, progress=progress, desc="sampling")
+    draw_images(model, tokenizer, jobs, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                top_p=top_p, batch_size=batch_size, store=store, progress=progress, desc="sampling", keep=False)
     if not main:
         return None
+    shown = prompts[:GRID_PROMPTS]  # the grid's rows; the images themselves are read back from the folder
 
     record = {
         "format": "earkit-samples",
@@ -607,8 +610,8 @@ def write_samples(model, tokenizer, prompts: list[str], out_dir: str | os.PathLi
     import io
 
     grid = io.BytesIO()
-    image_grid([images[p * images_per_prompt:(p + 1) * images_per_prompt] for p in range(len(prompts))]).save(
-        grid, format="PNG")
+    image_grid([[store.load(names[p * images_per_prompt + i]) for i in range(images_per_prompt)]
+                for p in range(len(shown))]).save(grid, format="PNG")
     write_files_atomic({out_dir / "grid.png": grid.getvalue(),
                         out_dir / "prompts.json": (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode(
                             "utf-8", "surrogatepass")})

@@ -429,3 +429,17 @@ def test_a_generation_config_value_that_is_not_a_number_is_named():
         sampler.sampling_defaults(SimpleNamespace(guidance_scale="abc", temperature=None))
     with pytest.raises(ValueError, match=r"generation_config.json: temperature must be a number, got \[1\]"):
         sampler.sampling_defaults(SimpleNamespace(guidance_scale=None, temperature=[1]))
+
+
+def test_the_grid_shows_the_first_prompts_only(janus, tmp_path, monkeypatch):
+    """A samples folder of thousands of prompts gets a grid of its first GRID_PROMPTS, and its
+    images are read back from the folder, not all held in memory."""
+    from PIL import Image
+
+    model, tokenizer = janus
+    monkeypatch.setattr(sampler, "GRID_PROMPTS", 2)
+    write_samples(model, tokenizer, [SHORT, LONG, "a photo"], tmp_path / "out", images_per_prompt=2, progress=False)
+    size = model.config.vision_config.image_size
+    with Image.open(tmp_path / "out" / "grid.png") as grid:
+        assert grid.size == (2 * size, 2 * size)
+    assert (tmp_path / "out" / "002_01.png").is_file()
