@@ -77,6 +77,11 @@ def run(args) -> dict:
     checkpoint = args.checkpoint
     out = Path(args.out).expanduser()
     check_out_folder(out, args.force)  # before minutes of sampling
+    if args.images is not None:
+        images = Path(args.images).expanduser().resolve()
+        if images == out.resolve() or out.resolve() in images.parents:
+            raise ValueError(f"--images {args.images} is inside the report folder --out {args.out}, which is written "
+                             "whole at the end (and replaced by --force): keep the images elsewhere")
     for value, name in ((args.seeds, "--seeds"), (args.batch_size, "--batch-size"), (args.max_prompts, "--max-prompts")):
         check_count(value, name)
     benchmark = load_benchmark(args.benchmark, concept=args.concept, preserve=args.preserve,

@@ -115,3 +115,10 @@ def test_one_process_commands_refuse_torchrun(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "5")
     assert cli_main(["sample", "--prompt", "a red circle", "--out", str(tmp_path / "s")]) == 2
     assert "RANK=5" in capsys.readouterr().err
+
+
+def test_eval_keeps_its_images_out_of_the_report_folder(tmp_path, capsys):
+    out = tmp_path / "report"
+    for images in (out, out / "images"):
+        assert cli_main(["eval", "--benchmark", "x.jsonl", "--out", str(out), "--images", str(images)]) == 2
+        assert "inside the report folder" in capsys.readouterr().err
