@@ -11,7 +11,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="Janus model folder or hub id (default: the shipped ShapesWorld)")
     parser.add_argument("--checkpoint", help="an erasure checkpoint folder to apply to the model")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
-    parser.add_argument("--prompts-file", help="a prompt file: .txt, one prompt per line, or prompt records in "
+    parser.add_argument("--prompts-file", "--prompts", dest="prompts_file", help="a prompt file: .txt, one prompt per line, or prompt records in "
                                                ".json, .jsonl or .csv (a prompt field or column)")
     parser.add_argument("--out", required=True, help="folder for the PNGs, grid.png and prompts.json; images are "
                                                      "written as they are drawn, and a rerun with the same prompts "
