@@ -86,18 +86,59 @@ def test_two_ranks_train_to_the_one_process_weights(tmp_path):
     assert 0.2 < min(metrics(tmp_path / "two")["kept_fractions"]) < 0.8
 
 
-def test_the_shapesworld_default_with_a_batch_smaller_than_the_world(tmp_path, capsys):
+def test_the_shapesworld_default_resumed_on_two_ranks_with_a_batch_smaller_than_the_world(tmp_path, capsys):
     # One pair a step over two ranks: rank 1 has no rows, adds zero gradients and still takes
     # every step; the preservation term (ShapesWorld's default) is shared out the same way, and
-    # rank 0 alone measures before and after.
-    argv = ["erase", "--steps", "2", "--batch-size", "1", "--eval-images", "2", "--optimizer", "adamw"]
-    done = torchrun(tmp_path, argv + ["--out", str(tmp_path / "two")])
-    assert cli_main(argv + ["--out", str(tmp_path / "one")]) == 0
+    # rank 0 alone measures before and after. The first step ran in one process: its checkpoint,
+    # read on rank 0 and handed to rank 1, continues at another world size.
+    argv = ["erase", "--batch-size", "1", "--eval-images", "2", "--optimizer", "adamw"]
+    assert cli_main(argv + ["--steps", "1", "--out", str(tmp_path / "two")]) == 0
+    done = torchrun(tmp_path, ["erase", "--resume", "--steps", "3", "--eval-images", "2",
+                               "--out", str(tmp_path / "two")])
+    assert cli_main(argv + ["--steps", "3", "--out", str(tmp_path / "one")]) == 0
     assert_same_run(tmp_path / "two", tmp_path / "one")
     assert done.stdout.count("ShapesWorld: erased 'circle'") == 1 and "| circle (erased) |" in done.stdout
     evaluation = json.loads((tmp_path / "two" / "evaluation.json").read_text())
     assert evaluation["before"] == json.loads((tmp_path / "one" / "evaluation.json").read_text())["before"]
-    assert len(metrics(tmp_path / "two")["preserve_losses"]) == 2
+    assert len(metrics(tmp_path / "two")["preserve_losses"]) == 3
+
+
+AGREEMENT = """
+from earkit.engine import distributed
+from earkit.engine.trainer import all_agree, main_decides
+rank = distributed.start("cpu").rank
+def pairs_missing_on_rank_1():
+    if rank == 1:
+        raise FileNotFoundError("pairs file p.jsonl does not exist")
+    return rank
+def output_folder_taken():
+    assert rank == 0, "ran on another rank"
+    raise FileExistsError("output folder out exists")
+for check, what in ((pairs_missing_on_rank_1, all_agree), (output_folder_taken, main_decides)):
+    try:
+        what(check, "a check")
+    except (FileNotFoundError, FileExistsError) as error:
+        print(f"{type(error).__name__}: {error}")
+print("values", main_decides(lambda: {"step": 3}, "rank 0's value"), all_agree(lambda: rank, "each its own"))
+distributed.stop()
+"""
+
+
+def test_a_check_that_fails_on_one_rank_fails_on_every_rank_alike(tmp_path):
+    port = free_port()
+    command = [sys.executable, "-c", AGREEMENT]
+    ranks = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=child_environment(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                                                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for rank in range(2)]
+    outputs = [process.communicate(timeout=120) for process in ranks]
+    for rank, (process, (stdout, stderr)) in enumerate(zip(ranks, outputs)):
+        assert process.returncode == 0, stderr[-3000:]
+        lines = stdout.splitlines()
+        pairs_line = ("FileNotFoundError: " + ("" if rank == 1 else "rank 1 of 2: ")
+                      + "pairs file p.jsonl does not exist")
+        folder_line = "FileExistsError: " + ("" if rank == 0 else "rank 0 of 2: ") + "output folder out exists"
+        assert lines == [pairs_line, folder_line, f"values {{'step': 3}} {rank}"], lines
 
 
 def launch_ranks(argv, out_port, world_size=2, **extra):
