@@ -9,6 +9,12 @@
 
 Both return (loss, weight): the scalar to backpropagate and the per-token weights a_i (detached),
 whose mean is the kept-token fraction the progress bar shows.
+
+The loss is a mean over the batch's kept tokens, sum_i a_i l_i / max(1, sum_i a_i), and a_i
+depends on its own row alone (the threshold per token, the gate per window of a row). So a batch
+split over the ranks of a torchrun job gives the whole batch's loss as a sum: each rank scales
+its own mean by shard_scale(its kept weight sum, the whole batch's), and SumOf carries the sums
+the ranks add up to report the whole batch's mean and kept fraction.
 """
 
 from __future__ import annotations
@@ -85,3 +91,38 @@ def hidden_mse(student_hidden: Tensor, teacher: TeacherStates, *, eta: float, to
         weight = weight.reshape(token_loss.shape)
     loss = (weight * token_loss).sum() / weight.sum().clamp_min(1.0)
     return loss, weight
+
+
+# ---------------------------------------------------------------- a batch split over ranks
+
+
+@dataclass
+class SumOf:
+    """A mean loss as the sums behind it, which ranks can add: loss_sum = sum a_i l_i,
+    weight_sum = sum a_i (the kept weights), count = the tokens it covers."""
+
+    loss_sum: float = 0.0
+    weight_sum: float = 0.0
+    count: float = 0.0
+
+    @classmethod
+    def of(cls, loss: Tensor, weight: Tensor) -> "SumOf":
+        """The sums of one objective's (loss, weight), its loss being reduction="mean"."""
+        weight_sum = float(weight.detach().double().sum())
+        return cls(float(loss.detach()) * max(1.0, weight_sum), weight_sum, float(weight.numel()))
+
+    def __add__(self, other: "SumOf") -> "SumOf":
+        return SumOf(self.loss_sum + other.loss_sum, self.weight_sum + other.weight_sum, self.count + other.count)
+
+    def mean(self) -> float:
+        """The objective's reduction="mean" over everything summed: sum a_i l_i / max(1, sum a_i)."""
+        return self.loss_sum / max(1.0, self.weight_sum)
+
+    def kept_fraction(self) -> float:
+        return self.weight_sum / self.count if self.count else 0.0
+
+
+def shard_scale(local_weight_sum: float, total_weight_sum: float) -> float:
+    """What one rank multiplies its mean loss by so the ranks' losses (and gradients) add up to
+    the whole batch's mean: max(1, local) / max(1, total), 1 when the rank holds the whole batch."""
+    return max(1.0, float(local_weight_sum)) / max(1.0, float(total_weight_sum))

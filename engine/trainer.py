@@ -17,10 +17,19 @@ as the target (a pair whose concept and anchor are one prompt: (1 + eta) z - eta
 the same threshold and gate, so it only acts on tokens that have drifted past them.
 The teacher is not a second model: only the trainable tensors are kept twice, and swapped.
 
-Everything that decides a step (the pair order, the sampling seed) is a function of the run's
-seed and the step number, and checkpoints hold the trainable tensors, the optimizer state and
-the step, so a killed run resumed with `resume=True` ends bit-for-bit where an uninterrupted
-one would.
+Everything that decides a step (the pair order, each image's seed) is a function of the run's
+seed, the step number and the image's row in the step's batch, and checkpoints hold the trainable
+tensors, the optimizer state and the step, so a killed run resumed with `resume=True` ends
+bit-for-bit where an uninterrupted one would.
+
+Under torchrun (engine/distributed.py: a process group is up) the rows of each step are shared
+out: every rank takes a contiguous slice (shard_rows), samples and scores its own rows, and the
+ranks add up what the one-process loss divides by (the kept weight sums) before they scale their
+losses, and their gradients (one flattened all-reduce) before the identical clip and optimizer
+step on every rank. A run therefore trains to the same weights at any world size (to float
+rounding), and a row's image does not depend on which rank drew it (its seed is
+derived_seed(seed, step, stream, row)). Rank 0 alone writes the checkpoint and metrics.json and
+shows progress; a resume reads the checkpoint on rank 0 and hands it to the others.
 """
 
 from __future__ import annotations
@@ -39,13 +48,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import objectives
+from . import distributed, objectives
 from earkit.io import check_writable, first_line, foreign_files, some_of
 from .checkpoint import OPTIMIZER_FILE, STATE_FILE, apply_trainable, legacy_checkpoint_names, load_checkpoint, save_checkpoint
-from .model import check_device, check_model_source, encode_prompts, image_hidden_states, load_janus, resolve_dtype
+from .model import (check_device, check_model_source, encode_prompts, image_hidden_states, image_token_count,
+                    load_janus, resolve_dtype)
 from earkit.io import write_text_atomic
 from .pair_files import PromptPair, load_pairs, load_prompts, pairs_from_concept
-from .sampler import sample_image_tokens
+from .sampler import derived_seed, sample_image_tokens
 
 OPTIMIZERS = ("adamw8bit", "paged-adamw8bit", "adamw")
 # Fields a resumed run may change: where it runs and how often it saves, how long it runs (more
@@ -287,9 +297,24 @@ def batch_for_step(pairs: list, step: int, batch_size: int, seed: int) -> list:
     return [pairs[i] for i in order[index * batch_size:(index + 1) * batch_size]]
 
 
-def sampling_seed(seed: int, step: int, stream: int = 0) -> int:
-    """Stream 0 samples the concept prompts, stream 1 the preserve prompts."""
-    return seed * 1_000_003 + step + stream * 500_009
+# The sampling streams of a step: its concept prompts' images, and its preserve prompts'.
+CONCEPT_STREAM, PRESERVE_STREAM = 0, 1
+
+
+def image_seeds(seed: int, step: int, stream: int, rows) -> list[int]:
+    """The seed of each image row of a step: a function of (run seed, step, stream, row) alone,
+    `row` counting the step's whole batch (every rank's rows, prompt-major), so an image is the
+    same whichever rank draws it."""
+    return [derived_seed(seed, step, stream, row) for row in rows]
+
+
+def shard_rows(count: int, ranks: distributed.Ranks | None = None) -> range:
+    """This rank's contiguous slice of a step's `count` rows, split as evenly as possible (the
+    first count % world_size ranks take one more); empty on a rank beyond a small batch."""
+    ranks = distributed.current() if ranks is None else ranks
+    base, extra = divmod(count, ranks.world_size)
+    start = ranks.rank * base + min(ranks.rank, extra)
+    return range(start, start + base + (1 if ranks.rank < extra else 0))
 
 
 def windows(n_tokens: int, window: int, mode: str) -> list[tuple[int, int]]:
@@ -313,14 +338,15 @@ class TeacherTargets:
 
 
 def teacher_pass(model, tokenizer, teacher: FrozenTeacher, prompts: list[str], anchor_prompts: list[str] | None,
-                 seed: int, config: EraseConfig) -> TeacherTargets:
-    """Steps 1-2: the teacher's image tokens under `prompts`, and its states over them under
-    `prompts` and under `anchor_prompts` (None: `prompts` again, whose states then serve as both)."""
+                 seeds: list[int], config: EraseConfig) -> TeacherTargets:
+    """Steps 1-2: the teacher's image tokens under `prompts` (row i drawn with seeds[i]), and its
+    states over them under `prompts` and under `anchor_prompts` (None: `prompts` again, whose
+    states then serve as both)."""
     device = next(model.parameters()).device
     batch = encode_prompts(tokenizer, prompts, device)
     with teacher.active(), torch.no_grad():
         tokens = sample_image_tokens(model, tokenizer, prompts, guidance_scale=config.guidance_scale,
-                                     temperature=config.temperature, seed=seed, progress=False)
+                                     temperature=config.temperature, seeds=seeds, progress=False)
         states = [image_hidden_states(model, batch, tokens)]
         if anchor_prompts is not None:
             states.append(image_hidden_states(model, encode_prompts(tokenizer, anchor_prompts, device), tokens))
@@ -336,19 +362,30 @@ def repeated(prompts: list[str], config: EraseConfig) -> list[str]:
 
 
 def teacher_targets(model, tokenizer, teacher: FrozenTeacher, batch: list[PromptPair], step: int,
-                    config: EraseConfig) -> TeacherTargets:
-    """The teacher's images of the concept prompts, scored under the concept and the anchor prompts."""
-    return teacher_pass(model, tokenizer, teacher, repeated([pair.concept_prompt for pair in batch], config),
-                        repeated([pair.anchor_prompt for pair in batch], config), sampling_seed(config.seed, step),
-                        config)
+                    config: EraseConfig, rows: range | None = None) -> TeacherTargets | None:
+    """The teacher's images of the concept prompts, scored under the concept and the anchor
+    prompts: of the rows `rows` of the step's batch (pairs x images_per_prompt, prompt-major;
+    None: every row), or None when `rows` is empty (a rank beyond a small batch)."""
+    concept = repeated([pair.concept_prompt for pair in batch], config)
+    anchor = repeated([pair.anchor_prompt for pair in batch], config)
+    rows = range(len(concept)) if rows is None else rows
+    if not rows:
+        return None
+    return teacher_pass(model, tokenizer, teacher, [concept[row] for row in rows], [anchor[row] for row in rows],
+                        image_seeds(config.seed, step, CONCEPT_STREAM, rows), config)
 
 
 def preserve_targets(model, tokenizer, teacher: FrozenTeacher, prompts: list[str], step: int,
-                     config: EraseConfig) -> TeacherTargets:
+                     config: EraseConfig, rows: range | None = None) -> TeacherTargets | None:
     """The teacher's images of prompts that must not change, and its own prediction over them as
-    both "concept" and "anchor": the objective's target is then the teacher's prediction itself."""
-    return teacher_pass(model, tokenizer, teacher, repeated(prompts, config), None,
-                        sampling_seed(config.seed, step, stream=1), config)
+    both "concept" and "anchor": the objective's target is then the teacher's prediction itself.
+    `rows` as teacher_targets' (None when empty)."""
+    prompts = repeated(prompts, config)
+    rows = range(len(prompts)) if rows is None else rows
+    if not rows:
+        return None
+    return teacher_pass(model, tokenizer, teacher, [prompts[row] for row in rows], None,
+                        image_seeds(config.seed, step, PRESERVE_STREAM, rows), config)
 
 
 def window_loss(model, targets: TeacherTargets, start: int, end: int, config: EraseConfig) -> tuple[Tensor, Tensor]:
@@ -363,28 +400,83 @@ def window_loss(model, targets: TeacherTargets, start: int, end: int, config: Er
     return objectives.hidden_mse(student_hidden, window_targets, **options)
 
 
-def student_update(model, optimizer, targets: TeacherTargets, config: EraseConfig, trainable_parameters,
-                   preserve: TeacherTargets | None = None) -> dict:
+def all_reduce_gradients(parameters: list, what: str) -> None:
+    """Sum the parameters' gradients over the ranks in ONE flattened all-reduce (a rank with no
+    rows adds zeros). A parameter no rank has a gradient for keeps none, as in one process, where
+    the optimizer then leaves it alone: a flag per parameter rides at the buffer's end."""
+    if not distributed.current().sharded:
+        return
+    wide = torch.float64 if any(parameter.dtype == torch.float64 for parameter in parameters) else torch.float32
+    sizes = [parameter.numel() for parameter in parameters]
+    total = sum(sizes)
+    flat = torch.zeros(total + len(parameters), dtype=wide, device=parameters[0].device)
+    offset = 0
+    for index, (parameter, size) in enumerate(zip(parameters, sizes)):
+        if parameter.grad is not None:
+            flat[offset:offset + size] = parameter.grad.reshape(-1).to(flat.device)
+            flat[total + index] = 1
+        offset += size
+    distributed.all_reduce_sum(flat, what)
+    present = flat[total:].tolist()
+    offset = 0
+    for parameter, size, count in zip(parameters, sizes, present):
+        parameter.grad = (flat[offset:offset + size].view_as(parameter).to(parameter.device, parameter.dtype)
+                          if count else None)
+        offset += size
+
+
+def student_update(model, optimizer, targets: TeacherTargets | None, config: EraseConfig, trainable_parameters,
+                   preserve: TeacherTargets | None = None, *, preserving: bool | None = None,
+                   step: int | None = None) -> dict:
     """Steps 3-6: the student over the sampled tokens, the objective (plus the preservation term
-    over the preserve prompts' tokens, when given), and the optimizer step(s)."""
+    over the preserve prompts' tokens, when given), and the optimizer step(s).
+
+    Under torchrun each rank passes the targets of its own rows (None where it has none;
+    `preserving`, default `preserve is not None`, says whether the step has a preservation term
+    on any rank). Per window the ranks add up their kept weight sums (one small all-reduce), so
+    each scales its mean loss to its share of the whole batch's (objectives.shard_scale), and
+    then their gradients, so every rank takes the step one process would take on the whole
+    batch. The returned numbers are the whole batch's. `step` only names the step in errors."""
+    preserving = (preserve is not None if preserving is None else preserving) and config.preserve_weight > 0
+    parameters = list(trainable_parameters)
+    present = targets if targets is not None else preserve
+    n_tokens = present.tokens.shape[1] if present is not None else image_token_count(model)
+    where = "" if step is None else f" of step {step + 1}"
     losses, kept, preserve_losses, optimizer_steps = [], [], [], 0
-    for start, end in windows(targets.tokens.shape[1], config.window, config.wga):
+    for start, end in windows(n_tokens, config.window, config.wga):
         optimizer.zero_grad(set_to_none=True)
-        loss, weight = window_loss(model, targets, start, end, config)
-        losses.append(float(loss.detach()))
-        kept.append(float(weight.float().mean()))
-        weight_sum = weight.sum()
-        if preserve is not None and config.preserve_weight > 0:
+        terms = []  # (mean loss over this rank's rows, its kept weight sum, index of the term's sums)
+        sums = [0.0] * 6  # per term (erasure, preservation): loss sum, kept weight sum, token count
+        for index, (term_targets, used) in enumerate(((targets, True), (preserve, preserving))):
+            if term_targets is None or not used:
+                continue
+            loss, weight = window_loss(model, term_targets, start, end, config)
+            local = objectives.SumOf.of(loss, weight)
+            sums[3 * index:3 * index + 3] = [local.loss_sum, local.weight_sum, local.count]
+            terms.append((loss, local.weight_sum, index))
+        totals = torch.tensor(sums, dtype=torch.float64, device=parameters[0].device)
+        totals = distributed.all_reduce_sum(totals, f"the kept-token sums of a window{where}").tolist()
+        whole = [objectives.SumOf(*totals[0:3]), objectives.SumOf(*totals[3:6])]
+        losses.append(whole[0].mean())
+        kept.append(whole[0].kept_fraction())
+        weight_sum = whole[0].weight_sum
+        if preserving:
             # A fully masked term's mean is 0 (its normaliser is max(1, sum a)): adding it is harmless.
-            preserve_loss, preserve_weight = window_loss(model, preserve, start, end, config)
-            preserve_losses.append(float(preserve_loss.detach()))
-            loss = loss + config.preserve_weight * preserve_loss
-            weight_sum = weight_sum + preserve_weight.sum()
-        if float(weight_sum) == 0.0:
-            continue  # every token masked or gated: nothing to learn, and no momentum-only update
-        loss.backward()
+            preserve_losses.append(whole[1].mean())
+            weight_sum += whole[1].weight_sum
+        if weight_sum == 0.0:
+            continue  # every token masked or gated on every rank: nothing to learn, no momentum-only update
+        objective = None
+        for loss, local_weight_sum, index in terms:
+            part = loss * objectives.shard_scale(local_weight_sum, whole[index].weight_sum)
+            if index == 1:
+                part = config.preserve_weight * part
+            objective = part if objective is None else objective + part
+        if objective is not None:
+            objective.backward()
+        all_reduce_gradients(parameters, f"the gradients of a window{where}")
         if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(trainable_parameters, config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
         optimizer.step()
         optimizer_steps += 1
     optimizer.zero_grad(set_to_none=True)
@@ -396,9 +488,18 @@ def student_update(model, optimizer, targets: TeacherTargets, config: EraseConfi
 
 def train_step(model, tokenizer, teacher: FrozenTeacher, optimizer, batch: list[PromptPair], step: int,
                config: EraseConfig, trainable_parameters, preserve_batch: list[str] | None = None) -> dict:
-    targets = teacher_targets(model, tokenizer, teacher, batch, step, config)
-    preserve = preserve_targets(model, tokenizer, teacher, preserve_batch, step, config) if preserve_batch else None
-    return student_update(model, optimizer, targets, config, trainable_parameters, preserve)
+    """One step over the step's whole batch of pairs (and preserve prompts): under torchrun this
+    rank samples and scores its shard_rows of it, and the ranks combine (student_update)."""
+    ranks = distributed.current()
+    targets = teacher_targets(model, tokenizer, teacher, batch, step, config,
+                              shard_rows(len(batch) * config.images_per_prompt, ranks))
+    preserving = bool(preserve_batch) and config.preserve_weight > 0
+    preserve = None
+    if preserving:
+        preserve = preserve_targets(model, tokenizer, teacher, preserve_batch, step, config,
+                                    shard_rows(len(preserve_batch) * config.images_per_prompt, ranks))
+    return student_update(model, optimizer, targets, config, trainable_parameters, preserve, preserving=preserving,
+                          step=step)
 
 
 # ---------------------------------------------------------------- the run
@@ -414,11 +515,75 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # rank 0's states, on a rank whose node may have fewer GPUs: those it has
+        torch.cuda.set_rng_state_all(list(state["cuda"])[:torch.cuda.device_count()])
 
 
 class TrainingDiverged(ValueError):
     """The loss went non-finite: the run stops before saving weights that are no longer usable."""
+
+
+# ---------------------------------------------------------------- one outcome for every rank
+
+# An error one rank met becomes this same class on the others (any other class: RuntimeError), so
+# that a usage error ends every rank of a torchrun job alike (exit 2) rather than leave them waiting.
+SHARED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                 PermissionError, TrainingDiverged, RuntimeError)
+
+
+def _verdict(error: BaseException | None):
+    return None if error is None else (type(error).__name__, str(error))
+
+
+def _raise_verdict(rank: int, verdict) -> None:
+    name, message = verdict
+    kind = {kind.__name__: kind for kind in SHARED_ERRORS}.get(name, RuntimeError)
+    raise kind(f"rank {rank} of {distributed.current().world_size}: {message}")
+
+
+def main_decides(function, what: str):
+    """function() run on rank 0 alone (what reads the output folder, which only rank 0 needs to
+    see: ranks share no filesystem), its value handed to every rank, or its error raised on every
+    rank alike. In one process: function()."""
+    ranks = distributed.current()
+    if not ranks.sharded:
+        return function()
+    value, failure = None, None
+    if ranks.main:
+        try:
+            value = function()
+        except Exception as error:  # noqa: BLE001 - every rank must hear of it, then it is raised
+            failure = error
+    value, verdict = distributed.broadcast_from_main((value, _verdict(failure)) if ranks.main else None, what)
+    if failure is not None:
+        raise failure
+    if verdict is not None:
+        _raise_verdict(0, verdict)
+    return value
+
+
+def all_agree(function, what: str):
+    """function() run on every rank (checks of what each rank reads for itself: the config, the
+    prompt files, the model's config); when it fails on any rank, every rank raises the first
+    failure in rank order, alike. Returns this rank's value. In one process: function()."""
+    ranks = distributed.current()
+    if not ranks.sharded:
+        return function()
+    value, failure = None, None
+    try:
+        value = function()
+    except Exception as error:  # noqa: BLE001
+        failure = error
+    verdicts = distributed.gather_to_main(_verdict(failure), what)
+    first = None
+    if ranks.main:
+        first = next(((rank, verdict) for rank, verdict in enumerate(verdicts) if verdict is not None), None)
+    first = distributed.broadcast_from_main(first, what)
+    if first is None:
+        return value
+    if first[0] == ranks.rank:
+        raise failure
+    _raise_verdict(*first)
 
 
 def data_fingerprint(pairs: list[PromptPair], preserve: list[str]) -> dict:
@@ -534,30 +699,47 @@ def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, preserv
     checkpoint) or `force` (start over) is set. `pairs` and `preserve`, when given, replace the pairs
     and the preserve prompts the config names (library use: made in code). `on_step(step, stats)`
     is called after each step.
+
+    Under torchrun (a process group up) every rank calls it with the same arguments: each trains
+    on its rows of every step (train_step), rank 0 alone checks and writes the output folder and
+    shows progress, and a resume reads the checkpoint on rank 0 and hands it to the others. Every
+    rank returns the same result (the whole batch's losses).
     """
     from tqdm.auto import tqdm
 
-    config.validate()
-    pairs = list(pairs) if pairs is not None else config.prompt_pairs()
-    if not pairs:
-        raise ValueError("no prompt pairs to train on")
-    preserve = list(preserve) if preserve is not None else config.preserve_prompts()
-    if not all(isinstance(prompt, str) and prompt.strip() for prompt in preserve):
-        raise ValueError("preserve prompts must be non-empty strings")
+    ranks = distributed.current()
+
+    def settings() -> tuple[list[PromptPair], list[str]]:
+        config.validate()
+        chosen = list(pairs) if pairs is not None else config.prompt_pairs()
+        if not chosen:
+            raise ValueError("no prompt pairs to train on")
+        kept = list(preserve) if preserve is not None else config.preserve_prompts()
+        if not all(isinstance(prompt, str) and prompt.strip() for prompt in kept):
+            raise ValueError("preserve prompts must be non-empty strings")
+        check_trainable_patterns(config.model, config.trainable)  # before minutes of loading weights
+        return chosen, kept
+
+    train_pairs, preserve_prompts = all_agree(settings, "the check of the run's settings on every rank")
     out = Path(config.out)
     checkpoint_dir = out / "checkpoint"
-    data = data_fingerprint(pairs, preserve)
-    resumed = None
-    total_steps = config.steps or config.epochs * steps_per_epoch(len(pairs), config.batch_size)
-    if config.resume:
-        resumed = load_checkpoint(checkpoint_dir)  # also completes a save that a kill interrupted
-        check_resume_config(resumed, config, data)
-        start_step, history = check_resumed_state(resumed, total_steps)  # before minutes of loading weights
-    else:
-        check_run_folder(out, config.force)
-    check_writable(out, "output folder")
+    data = data_fingerprint(train_pairs, preserve_prompts)
+    total_steps = config.steps or config.epochs * steps_per_epoch(len(train_pairs), config.batch_size)
 
-    check_trainable_patterns(config.model, config.trainable)  # before minutes of loading weights
+    def output_folder():
+        """Rank 0's look at the output folder: the checkpoint to resume, checked, or a free folder."""
+        resumed = None
+        if config.resume:
+            resumed = load_checkpoint(checkpoint_dir)  # also completes a save that a kill interrupted
+            check_resume_config(resumed, config, data)
+            check_resumed_state(resumed, total_steps)  # before minutes of loading weights
+        else:
+            check_run_folder(out, config.force)
+        check_writable(out, "output folder")
+        return resumed
+
+    resumed = main_decides(output_folder, "rank 0's check of the output folder (and of the checkpoint it resumes)")
+
     model, tokenizer = load_janus(config.model, dtype=config.dtype, device=config.device,
                                   load_in_8bit=config.load_in_8bit)
     trainable = select_trainable(model, config.trainable)
@@ -571,18 +753,23 @@ def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, preserv
     if resumed is None:
         history = {"losses": [], "kept": [], "preserve_losses": [], "optimizer_steps": 0, "seconds": 0.0}
         start_step = 0
-        if config.force:
+        if config.force and ranks.main:
             remove_run_files(out)  # start over: what an earlier run wrote here is not this run's
     else:
+        start_step, history = resumed.state["step"], resumed.state["history"]
         try:
             optimizer.load_state_dict(resumed.optimizer_state)
             _set_rng_state(resumed.state["rng"])
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as error:
             raise ValueError(f"checkpoint {checkpoint_dir}: {OPTIMIZER_FILE} or {STATE_FILE} does not fit this run "
                              f"({type(error).__name__}: {first_line(error)})") from None
-    out.mkdir(parents=True, exist_ok=True)
+        del resumed  # its tensors are in the model and the optimizer now
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
 
     def save(step: int) -> None:
+        if not ranks.main:
+            return  # the ranks' weights and optimizer states are the same: rank 0 writes them
         save_checkpoint(
             checkpoint_dir, tensors={name: p.detach() for name, p in trainable.items()},
             optimizer_state=optimizer.state_dict(), state={"step": step, "history": history, "rng": _rng_state()},
@@ -591,41 +778,45 @@ def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, preserv
         )
 
     parameters = list(trainable.values())
-    bar = tqdm(total=total_steps, initial=start_step, disable=not progress, desc="erase", unit="step")
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and ranks.main), desc="erase", unit="step")
     started = time.perf_counter()
-    for step in range(start_step, total_steps):
-        batch = batch_for_step(pairs, step, config.batch_size, config.seed)
-        preserve_batch = batch_for_step(preserve, step, config.batch_size, config.seed + 1) if preserve else None
-        stats = train_step(model, tokenizer, teacher, optimizer, batch, step, config, parameters, preserve_batch)
-        if not all(math.isfinite(value) for key, value in stats.items() if key != "optimizer_steps"):
-            bar.close()
-            raise TrainingDiverged(f"step {step + 1}: the loss is {stats['loss']} (the trainable weights are no longer "
-                                   f"finite, or the model gives non-finite logits; lr {config.lr:g} too high?); "
-                                   "nothing of this step was saved")
-        history["losses"].append(stats["loss"])
-        history["kept"].append(stats["kept"])
-        history["optimizer_steps"] += stats["optimizer_steps"]
-        postfix = dict(loss=f"{stats['loss']:.4f}", kept=f"{stats['kept']:.2f}")
-        if "preserve_loss" in stats:
-            history.setdefault("preserve_losses", []).append(stats["preserve_loss"])
-            postfix["keep"] = f"{stats['preserve_loss']:.4f}"
-        bar.set_postfix(**postfix)
-        bar.update(1)
-        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
-            history["seconds"] += time.perf_counter() - started
-            started = time.perf_counter()
-            save(step + 1)
-        if on_step is not None:
-            on_step(step, stats)
-    bar.close()
+    try:  # the bar ends its line before any error (a lost peer, a divergence) is printed
+        for step in range(start_step, total_steps):
+            batch = batch_for_step(train_pairs, step, config.batch_size, config.seed)
+            preserve_batch = (batch_for_step(preserve_prompts, step, config.batch_size, config.seed + 1)
+                              if preserve_prompts else None)
+            stats = train_step(model, tokenizer, teacher, optimizer, batch, step, config, parameters, preserve_batch)
+            if not all(math.isfinite(value) for key, value in stats.items() if key != "optimizer_steps"):
+                raise TrainingDiverged(f"step {step + 1}: the loss is {stats['loss']} (the trainable weights are no "
+                                       f"longer finite, or the model gives non-finite logits; lr {config.lr:g} too "
+                                       "high?); nothing of this step was saved")
+            history["losses"].append(stats["loss"])
+            history["kept"].append(stats["kept"])
+            history["optimizer_steps"] += stats["optimizer_steps"]
+            postfix = dict(loss=f"{stats['loss']:.4f}", kept=f"{stats['kept']:.2f}")
+            if "preserve_loss" in stats:
+                history.setdefault("preserve_losses", []).append(stats["preserve_loss"])
+                postfix["keep"] = f"{stats['preserve_loss']:.4f}"
+            bar.set_postfix(**postfix)
+            bar.update(1)
+            if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
+                history["seconds"] += time.perf_counter() - started
+                started = time.perf_counter()
+                save(step + 1)
+            if on_step is not None:
+                on_step(step, stats)
+    finally:
+        bar.close()
     history["seconds"] += time.perf_counter() - started
     save(total_steps)
-    metrics = {"steps": total_steps, "optimizer_steps": history["optimizer_steps"], "losses": history["losses"],
-               "kept_fractions": history["kept"], "preserve_losses": history.get("preserve_losses", []),
-               "seconds": history["seconds"], "config": config.to_json()}
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    if ranks.main:
+        metrics = {"steps": total_steps, "optimizer_steps": history["optimizer_steps"], "losses": history["losses"],
+                   "kept_fractions": history["kept"], "preserve_losses": history.get("preserve_losses", []),
+                   "seconds": history["seconds"], "config": config.to_json()}
+        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    # Every rank ends when the run's files are written (or all end with PeerLost when rank 0 could not).
+    distributed.barrier("the end of the run (rank 0 writing the final checkpoint and metrics.json)")
     return EraseResult(out=out, checkpoint=checkpoint_dir, steps=total_steps,
                        optimizer_steps=history["optimizer_steps"], losses=history["losses"],
                        kept_fractions=history["kept"], preserve_losses=history.get("preserve_losses", []),
                        seconds=history["seconds"])
-

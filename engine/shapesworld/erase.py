@@ -59,13 +59,16 @@ def shape_rates(model, tokenizer, judge, *, shapes=world.SHAPES, n_per_shape: in
                 batch_size: int = 64, on_shape=None) -> ShapeRates:
     """Sample n_per_shape images per shape (random colours and templates) and judge them;
     on_shape(shape), when given, is called after each shape (a progress bar's tick)."""
-    from ..sampler import decode_images, sample_image_tokens
+    from ..sampler import decode_images, derived_seed, sample_image_tokens
 
     shape_rate, colour_rate = {}, {}
     for index, shape in enumerate(shapes):
         prompts = evaluation_prompts(shape, n_per_shape, seed)
+        # each image its own seed: shapes share none, and a shape's images do not depend on the others asked for
+        shape_index = world.SHAPES.index(shape) if shape in world.SHAPES else index
         tokens = sample_image_tokens(model, tokenizer, prompts, guidance_scale=guidance_scale or GUIDANCE_SCALE,
-                                     temperature=temperature or TEMPERATURE, seed=seed + index,
+                                     temperature=temperature or TEMPERATURE,
+                                     seeds=[derived_seed(seed, shape_index, i) for i in range(len(prompts))],
                                      batch_size=batch_size, progress=False)
         verdicts = judge.classify(decode_images(model, tokens))
         shape_rate[shape] = sum(v["shape"] == shape for v in verdicts) / len(verdicts)
@@ -90,27 +93,78 @@ def rates_table(before: ShapeRates, after: ShapeRates | None = None, concept: st
 
 #   preserve 30, lr 2e-4 x 8, eta 0.5 / 0:       circle 14% / 14%; worst other -14 / -2
 #   preserve 30, lr 1e-4 x 16, eta 0.5:          circle 0%, the others -2 to +3 (this default)
+#   the same once every image had a seed of its own (training rows and evaluation images alike):
+#                                                 circle 94% -> 7%, the others -4 to +3
 SHAPESWORLD_ERASE = dict(window=16, epochs=16, batch_size=4, lr=1e-4, eta=0.5, preserve_weight=30.0,
                          guidance_scale=GUIDANCE_SCALE, temperature=TEMPERATURE)
+
+
+@dataclass
+class ShapesWorldErasure:
+    """An erasure of the shipped world and its measurement: `before` and `after` are None on the
+    ranks of a torchrun job other than rank 0, which alone measures."""
+
+    concept: str
+    anchor: str
+    result: object  # the trainer's EraseResult
+    before: ShapeRates | None
+    after: ShapeRates | None
+    seconds: float
+
+    def report(self) -> str:
+        """The before/after table, as `earkit erase` prints it."""
+        if self.before is None or self.after is None:
+            return (f"ShapesWorld: erased {self.concept!r} (-> {self.anchor!r}) in {self.result.steps} steps "
+                    "(rank 0 measures it)")
+        return (f"ShapesWorld: erased {self.concept!r} (-> {self.anchor!r}) in {self.result.steps} steps, "
+                f"{self.result.seconds:.0f} s of training, {self.seconds:.0f} s in all; share of "
+                f"{self.before.n_per_shape} images per shape that the judge sees drawn as asked:\n\n"
+                f"{rates_table(self.before, self.after, self.concept)}\n\ncheckpoint: {self.result.checkpoint}")
+
+    def line(self) -> str:
+        """One line: the erased shape's rate before and after, and how far the others moved."""
+        head = f"{self.concept} -> {self.anchor}: {self.result.steps} steps, checkpoint {self.result.checkpoint}"
+        if self.before is None or self.after is None:
+            return head
+        moves = [100 * (self.after.shape[shape] - rate) for shape, rate in self.before.shape.items()
+                 if shape != self.concept]
+        return (f"{head}; {self.concept} drawn as asked {100 * self.before.shape[self.concept]:.0f}% -> "
+                f"{100 * self.after.shape[self.concept]:.0f}%, the other shapes {min(moves):+.0f} to "
+                f"{max(moves):+.0f} points")
 
 
 def erase_and_evaluate(out: str | Path = "erased", concept: str = DEFAULT_CONCEPT, anchor: str = DEFAULT_ANCHOR, *,
                        seed: int = 0, force: bool = False, resume: bool = False, n_per_shape: int = 100,
                        eval_seed: int = 2024, progress: bool = True, world_folder: str | Path | None = None,
                        **overrides) -> str:
-    """Erase `concept` from the shipped world and measure every shape's rate before and after.
+    """Erase `concept` from the shipped world and measure every shape's rate before and after;
+    returns the report (erase_and_measure's, as text).
 
     `overrides` are EraseConfig fields that replace the ShapesWorld defaults (SHAPESWORLD_ERASE,
     device cpu): the same validation as any erasure, before any model loads. `resume` continues a
     killed run in `out` from its checkpoint (the before/after measurement is drawn again: it is
     a function of eval_seed alone).
     """
-    from earkit.io import check_writable
-    from ..checkpoint import apply_trainable, load_checkpoint
+    return erase_and_measure(out, concept, anchor, seed=seed, force=force, resume=resume, n_per_shape=n_per_shape,
+                             eval_seed=eval_seed, progress=progress, world_folder=world_folder, **overrides).report()
+
+
+def erase_and_measure(out: str | Path = "erased", concept: str = DEFAULT_CONCEPT, anchor: str = DEFAULT_ANCHOR, *,
+                      seed: int = 0, force: bool = False, resume: bool = False, n_per_shape: int = 100,
+                      eval_seed: int = 2024, progress: bool = True, world_folder: str | Path | None = None,
+                      **overrides) -> ShapesWorldErasure:
+    """erase_and_evaluate's work, its numbers as a ShapesWorldErasure.
+
+    Under torchrun (a process group up) every rank trains (the trainer shares each step's rows out)
+    and rank 0 alone measures, after the training, the base model and the erased one, and writes
+    evaluation.json: the other ranks are done when the training is.
+    """
+    from ..checkpoint import apply_trainable
     from ..model import load_janus
     from earkit.io import write_text_atomic
     from ..pair_files import same_text
-    from ..trainer import EraseConfig, check_run_folder, erase
+    from .. import distributed
+    from ..trainer import EraseConfig, erase
 
     if concept not in world.SHAPES or anchor not in world.SHAPES:
         raise ValueError(f"concept and anchor must be ShapesWorld shapes {world.SHAPES}, got {concept!r}, {anchor!r}")
@@ -128,15 +182,18 @@ def erase_and_evaluate(out: str | Path = "erased", concept: str = DEFAULT_CONCEP
     if isinstance(n_per_shape, bool) or not isinstance(n_per_shape, int) or n_per_shape < 1:
         raise ValueError(f"n_per_shape must be an integer >= 1, got {n_per_shape!r}")
     out = Path(out)
-    if not resume:
-        check_run_folder(out, force)  # before the first measurement, not after it
-    check_writable(out, "output folder")
     started = time.perf_counter()
+    # The trainer checks the output folder (or the checkpoint it resumes) before anything loads;
+    # the measurement comes after the training, so that no rank waits on rank 0 measuring.
+    result = erase(config, pairs=erasure_pairs(concept, anchor, seed), preserve=preserve_prompts(concept, seed),
+                   progress=progress)
+    if not distributed.current().main:
+        return ShapesWorldErasure(concept, anchor, result, None, None, time.perf_counter() - started)
+    from ..checkpoint import load_checkpoint
+
     judge = load_judge(world_folder)
     model, tokenizer = load_janus(config.model, device=config.device, dtype=config.dtype)
     before = shape_rates(model, tokenizer, judge, n_per_shape=n_per_shape, seed=eval_seed)
-    result = erase(config, pairs=erasure_pairs(concept, anchor, seed), preserve=preserve_prompts(concept, seed),
-                   progress=progress)
     apply_trainable(model, load_checkpoint(result.checkpoint).tensors)
     after = shape_rates(model, tokenizer, judge, n_per_shape=n_per_shape, seed=eval_seed)
     seconds = time.perf_counter() - started
@@ -144,6 +201,4 @@ def erase_and_evaluate(out: str | Path = "erased", concept: str = DEFAULT_CONCEP
                   "colour_before": before.colour, "colour_after": after.colour, "n_per_shape": n_per_shape,
                   "erase_seconds": result.seconds, "total_seconds": seconds, "config": config.to_json()}
     write_text_atomic(out / "evaluation.json", json.dumps(evaluation, indent=1) + "\n")
-    return (f"ShapesWorld: erased {concept!r} (-> {anchor!r}) in {result.steps} steps, {result.seconds:.0f} s of "
-            f"training, {seconds:.0f} s in all; share of {n_per_shape} images per shape that the judge sees "
-            f"drawn as asked:\n\n{rates_table(before, after, concept)}\n\ncheckpoint: {result.checkpoint}")
+    return ShapesWorldErasure(concept, anchor, result, before, after, seconds)

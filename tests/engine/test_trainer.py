@@ -13,8 +13,11 @@ from earkit.engine.checkpoint import load_checkpoint
 from earkit.engine.model import encode_prompts, image_hidden_states, image_logits, load_janus
 from earkit.engine.pair_files import pairs_from_concept
 from earkit.engine.tiny import save_tiny_janus
+from earkit.engine import objectives
+from earkit.engine.distributed import Ranks
 from earkit.engine.trainer import (
-    EraseConfig, FrozenTeacher, erase, make_optimizer, select_trainable, train_step, windows,
+    EraseConfig, FrozenTeacher, erase, make_optimizer, select_trainable, shard_rows, teacher_targets, train_step,
+    windows,
 )
 
 WORDS = ["red", "blue", "circle", "square", "star", "cross", "triangle"]
@@ -239,3 +242,87 @@ def test_preservation_in_sequential_windows_and_with_either_objective(tiny_model
     assert len(run.preserve_losses) == 2 and run.preserve_losses[0] >= 0
     # the first window of the first step sees the untouched student: its term is 0, the later ones are not
     assert max(run.preserve_losses) > 0
+
+
+# ---------------------------------------------------------------- a step's rows shared over ranks
+
+
+def test_shard_rows_split_a_batch_contiguously_and_evenly():
+    for count in range(9):
+        for world in range(1, 5):
+            parts = [shard_rows(count, Ranks(rank, world)) for rank in range(world)]
+            assert [row for part in parts for row in part] == list(range(count)), (count, world)
+            sizes = [len(part) for part in parts]
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True), (count, world)
+    assert shard_rows(1, Ranks(1, 2)) == range(1, 1)  # a rank beyond a small batch has none
+
+
+def mean_loss(token_loss, weight):
+    """The objectives' reduction="mean", in float64: sum a_i l_i / max(1, sum a_i)."""
+    return (weight * token_loss).sum() / weight.sum().clamp_min(1.0)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_scaled_shard_losses_and_gradients_add_up_to_the_whole_batch(world):
+    # 4 rows, some tokens dropped (weights 0), one row dropped whole; 5 ranks leave one rank empty
+    generator = torch.Generator().manual_seed(world)
+    token_loss = torch.rand(4, 10, dtype=torch.float64, generator=generator).requires_grad_()
+    weight = (torch.rand(4, 10, generator=generator) > 0.4).double()
+    weight[2] = 0
+    whole = mean_loss(token_loss, weight)
+    (whole_grad,) = torch.autograd.grad(whole, token_loss)
+    total = objectives.SumOf()
+    shards = [shard_rows(4, Ranks(rank, world)) for rank in range(world)]
+    for rows in shards:
+        part = slice(rows.start, rows.stop)
+        if rows:
+            total = total + objectives.SumOf.of(mean_loss(token_loss[part], weight[part]), weight[part])
+    assert total.mean() == pytest.approx(float(whole), rel=1e-12)
+    assert total.kept_fraction() == pytest.approx(float(weight.mean()), rel=1e-12)
+    combined = sum(mean_loss(token_loss[rows.start:rows.stop], weight[rows.start:rows.stop])
+                   * objectives.shard_scale(float(weight[rows.start:rows.stop].sum()), total.weight_sum)
+                   for rows in shards if rows)
+    assert float(combined) == pytest.approx(float(whole), rel=1e-12)
+    (combined_grad,) = torch.autograd.grad(combined, token_loss)
+    torch.testing.assert_close(combined_grad, whole_grad, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("objective", ["token-kl", "hidden-mse"])
+def test_an_objectives_weights_of_a_row_do_not_depend_on_the_other_rows(objective):
+    # What makes the split exact: the threshold and the window gate act within a row, so a shard's
+    # weights are the whole batch's rows, and its scaled losses add up to the whole batch's.
+    from earkit.kernels import guided_cross_entropy
+
+    generator = torch.Generator().manual_seed(1)
+    student, concept, anchor = (torch.randn(3, 12, 8, generator=generator) for _ in range(3))
+
+    def loss_and_weight(rows):
+        if objective == "hidden-mse":  # token losses about 6 here, KLs about 1.3
+            return objectives.hidden_mse(student[rows], objectives.TeacherStates(concept[rows], anchor[rows]), eta=1.0,
+                                         token_threshold=4.0, window=4, window_threshold=18.0)
+        return guided_cross_entropy(student[rows], concept[rows], anchor[rows], eta=1.0, threshold=1.0, window=4,
+                                    window_threshold=2.0, reduction="mean", return_weights=True)
+
+    whole_loss, whole_weight = loss_and_weight(slice(0, 3))
+    assert 0 < float(whole_weight.float().mean()) < 1  # some tokens dropped, some kept
+    assert bool((whole_weight.reshape(3, 3, 4).sum(-1) == 0).any())  # and a window gated
+    parts = [loss_and_weight(slice(0, 2)), loss_and_weight(slice(2, 3))]
+    assert torch.equal(torch.cat([weight for _, weight in parts]), whole_weight)
+    total = float(whole_weight.sum())
+    combined = sum(float(loss) * objectives.shard_scale(float(weight.sum()), total) for loss, weight in parts)
+    assert combined == pytest.approx(float(whole_loss), rel=1e-5)
+
+
+def test_an_image_is_the_same_whichever_rows_share_its_shard(tiny_model_folder):
+    # Each row's seed is derived from (run seed, step, stream, its row in the whole batch).
+    model, tokenizer = load_janus(tiny_model_folder, device="cpu")
+    run = config(tiny_model_folder, "unused", images_per_prompt=2)
+    teacher = FrozenTeacher(select_trainable(model, run.trainable))
+    pairs = pairs_from_concept("circle", "square")[:2]  # 2 pairs x 2 images: 4 rows, prompt-major
+    whole = teacher_targets(model, tokenizer, teacher, pairs, 3, run)
+    tail = teacher_targets(model, tokenizer, teacher, pairs, 3, run, rows=range(1, 4))
+    assert torch.equal(tail.tokens, whole.tokens[1:4])
+    assert not torch.equal(whole.tokens[0], whole.tokens[1])  # one prompt's two images differ
+    assert teacher_targets(model, tokenizer, teacher, pairs, 3, run, rows=range(4, 4)) is None
+    other_step = teacher_targets(model, tokenizer, teacher, pairs, 4, run)
+    assert not torch.equal(other_step.tokens, whole.tokens)
