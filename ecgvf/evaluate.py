@@ -178,9 +178,14 @@ def evaluate(benchmark, judge, *, model_source, checkpoint=None, seeds, clip=Non
     side_names = ["before", "after"] if checkpoint is not None else ["model"]
     resolved_checkpoint = resolve_checkpoint(checkpoint)
     main = distributed.current().main
-    stores = side_stores(images_folder if main else None, side_names, model_source=model_source,
-                         checkpoint=resolved_checkpoint, guidance_scale=guidance_scale, temperature=temperature,
-                         batch_size=batch_size, dtype=dtype, device=device)
+    # only rank 0 reads and writes images_folder; what it finds wrong there ends every rank alike
+    stores = distributed.main_decides(
+        lambda: side_stores(images_folder, side_names, model_source=model_source, checkpoint=resolved_checkpoint,
+                            guidance_scale=guidance_scale, temperature=temperature, batch_size=batch_size,
+                            dtype=dtype, device=device),
+        "rank 0's check of --images")
+    if not main:
+        stores = {}
     model, tokenizer = load_generator(model_source, device=device, dtype=dtype)
     prompts = [p.prompt for p in benchmark.target] + [p.prompt for p in benchmark.preserve]
     images = {}

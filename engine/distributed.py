@@ -216,3 +216,70 @@ def barrier(what: str) -> None:
     if current().sharded:
         with collective(what):
             torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------- one outcome for every rank
+
+# An error one rank met becomes this same class on the others (any other class: RuntimeError), so
+# that a usage error ends every rank of a torchrun job alike (exit 2) rather than leave them waiting.
+# (A subclass, such as the trainer's TrainingDiverged, travels as the first of these it derives from.)
+SHARED_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+                 ValueError, RuntimeError)
+
+
+def _verdict(error: BaseException | None):
+    if error is None:
+        return None
+    kind = next((kind for kind in type(error).__mro__ if kind in SHARED_ERRORS), RuntimeError)
+    return kind.__name__, str(error)
+
+
+def _raise_verdict(rank: int, verdict) -> None:
+    name, message = verdict
+    kind = {kind.__name__: kind for kind in SHARED_ERRORS}.get(name, RuntimeError)
+    raise kind(f"rank {rank} of {current().world_size}: {message}")
+
+
+def main_decides(function, what: str):
+    """function() run on rank 0 alone (what reads the output folder, which only rank 0 needs to
+    see: ranks share no filesystem), its value handed to every rank, or its error raised on every
+    rank alike. In one process: function()."""
+    ranks = current()
+    if not ranks.sharded:
+        return function()
+    value, failure = None, None
+    if ranks.main:
+        try:
+            value = function()
+        except Exception as error:  # noqa: BLE001 - every rank must hear of it, then it is raised
+            failure = error
+    value, verdict = broadcast_from_main((value, _verdict(failure)) if ranks.main else None, what)
+    if failure is not None:
+        raise failure
+    if verdict is not None:
+        _raise_verdict(0, verdict)
+    return value
+
+
+def all_agree(function, what: str):
+    """function() run on every rank (checks of what each rank reads for itself: the config, the
+    prompt files, the model's config); when it fails on any rank, every rank raises the first
+    failure in rank order, alike. Returns this rank's value. In one process: function()."""
+    ranks = current()
+    if not ranks.sharded:
+        return function()
+    value, failure = None, None
+    try:
+        value = function()
+    except Exception as error:  # noqa: BLE001
+        failure = error
+    verdicts = gather_to_main(_verdict(failure), what)
+    first = None
+    if ranks.main:
+        first = next(((rank, verdict) for rank, verdict in enumerate(verdicts) if verdict is not None), None)
+    first = broadcast_from_main(first, what)
+    if first is None:
+        return value
+    if first[0] == ranks.rank:
+        raise failure
+    _raise_verdict(*first)

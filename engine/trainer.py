@@ -523,69 +523,6 @@ class TrainingDiverged(ValueError):
     """The loss went non-finite: the run stops before saving weights that are no longer usable."""
 
 
-# ---------------------------------------------------------------- one outcome for every rank
-
-# An error one rank met becomes this same class on the others (any other class: RuntimeError), so
-# that a usage error ends every rank of a torchrun job alike (exit 2) rather than leave them waiting.
-SHARED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-                 PermissionError, TrainingDiverged, RuntimeError)
-
-
-def _verdict(error: BaseException | None):
-    return None if error is None else (type(error).__name__, str(error))
-
-
-def _raise_verdict(rank: int, verdict) -> None:
-    name, message = verdict
-    kind = {kind.__name__: kind for kind in SHARED_ERRORS}.get(name, RuntimeError)
-    raise kind(f"rank {rank} of {distributed.current().world_size}: {message}")
-
-
-def main_decides(function, what: str):
-    """function() run on rank 0 alone (what reads the output folder, which only rank 0 needs to
-    see: ranks share no filesystem), its value handed to every rank, or its error raised on every
-    rank alike. In one process: function()."""
-    ranks = distributed.current()
-    if not ranks.sharded:
-        return function()
-    value, failure = None, None
-    if ranks.main:
-        try:
-            value = function()
-        except Exception as error:  # noqa: BLE001 - every rank must hear of it, then it is raised
-            failure = error
-    value, verdict = distributed.broadcast_from_main((value, _verdict(failure)) if ranks.main else None, what)
-    if failure is not None:
-        raise failure
-    if verdict is not None:
-        _raise_verdict(0, verdict)
-    return value
-
-
-def all_agree(function, what: str):
-    """function() run on every rank (checks of what each rank reads for itself: the config, the
-    prompt files, the model's config); when it fails on any rank, every rank raises the first
-    failure in rank order, alike. Returns this rank's value. In one process: function()."""
-    ranks = distributed.current()
-    if not ranks.sharded:
-        return function()
-    value, failure = None, None
-    try:
-        value = function()
-    except Exception as error:  # noqa: BLE001
-        failure = error
-    verdicts = distributed.gather_to_main(_verdict(failure), what)
-    first = None
-    if ranks.main:
-        first = next(((rank, verdict) for rank, verdict in enumerate(verdicts) if verdict is not None), None)
-    first = distributed.broadcast_from_main(first, what)
-    if first is None:
-        return value
-    if first[0] == ranks.rank:
-        raise failure
-    _raise_verdict(*first)
-
-
 def data_fingerprint(pairs: list[PromptPair], preserve: list[str]) -> dict:
     """What the run trains on, in a few bytes: a resume on other pairs or preserve prompts is refused."""
     def digest(items) -> str:
@@ -720,7 +657,7 @@ def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, preserv
         check_trainable_patterns(config.model, config.trainable)  # before minutes of loading weights
         return chosen, kept
 
-    train_pairs, preserve_prompts = all_agree(settings, "the check of the run's settings on every rank")
+    train_pairs, preserve_prompts = distributed.all_agree(settings, "the check of the run's settings on every rank")
     out = Path(config.out)
     checkpoint_dir = out / "checkpoint"
     data = data_fingerprint(train_pairs, preserve_prompts)
@@ -738,7 +675,7 @@ def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, preserv
         check_writable(out, "output folder")
         return resumed
 
-    resumed = main_decides(output_folder, "rank 0's check of the output folder (and of the checkpoint it resumes)")
+    resumed = distributed.main_decides(output_folder, "rank 0's check of the output folder (and of the checkpoint it resumes)")
 
     model, tokenizer = load_janus(config.model, dtype=config.dtype, device=config.device,
                                   load_in_8bit=config.load_in_8bit)

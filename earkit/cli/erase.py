@@ -74,7 +74,7 @@ def given_erase_fields(args, argv) -> dict:
 def resumed_erase_fields(out: str) -> dict:
     """The erase config recorded by the checkpoint in OUT/checkpoint (what --resume continues).
     Under torchrun rank 0 reads it and hands it to the others (ranks share no filesystem)."""
-    from earkit.engine.trainer import main_decides
+    from earkit.engine.distributed import main_decides
 
     return main_decides(lambda: read_resumed_erase_fields(out),
                         "rank 0 reading the settings of the checkpoint to resume")

@@ -70,13 +70,15 @@ def run(args) -> dict:
     from earkit.ecgvf.judges import DEFAULT_NUDENET_THRESHOLD, parse_judge
     from earkit.ecgvf.report import write_report
     from earkit.ecgvf.summary import headline
+    from earkit.engine import distributed
     from earkit.engine.model import check_device
     from earkit.engine.sampler import check_sampling_arguments, resolve_source_sampling
     from earkit.io import write_folder_atomically
 
     checkpoint = args.checkpoint
     out = Path(args.out).expanduser()
-    check_out_folder(out, args.force)  # before minutes of sampling
+    # before minutes of sampling; rank 0 alone writes --out, and what it finds ends every rank alike
+    distributed.main_decides(lambda: check_out_folder(out, args.force), "rank 0's check of --out")
     if args.images is not None:
         images = Path(args.images).expanduser().resolve()
         if images == out.resolve() or out.resolve() in images.parents:

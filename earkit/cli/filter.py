@@ -56,8 +56,12 @@ def run(args) -> dict:
 
     checkpoint = args.checkpoint
     out = Path(args.out).expanduser()
-    check_outputs(out, force=args.force)  # before minutes of sampling
-    check_writable(out, "--out")
+    def check_out() -> None:  # before minutes of sampling
+        check_outputs(out, force=args.force)
+        check_writable(out, "--out")
+
+    # rank 0 alone writes --out, and what it finds wrong there ends every rank alike
+    distributed.main_decides(check_out, "rank 0's check of --out")
     check_count(args.seeds, "--seeds")
     check_count(args.max_pairs, "--max-pairs")
     check_count(args.batch_size, "--batch-size")
@@ -76,12 +80,16 @@ def run(args) -> dict:
     for index, pair in enumerate(pairs):  # an unknown concept fails now, not after the sampling
         judge.check_concept(pair_concept(pair, args.concept, index))
     store = None
-    if args.images is not None and distributed.current().main:  # only rank 0 reads and writes it
+    if args.images is not None:
         identity = drawing_identity(model=model_source, checkpoint=resolve_checkpoint(checkpoint),
                                     guidance_scale=guidance_scale, temperature=temperature, batch_size=args.batch_size,
                                     dtype=resolve_dtype(args.dtype, check_device(device)), device=device)
         store = ImageStore(args.images, identity, what="--images folder")
-        store.check()  # other settings than the images there were drawn with: refused before loading
+        # other settings than the images there were drawn with: refused before loading, on every
+        # rank alike; only rank 0 reads and writes the folder
+        distributed.main_decides(store.check, "rank 0's check of --images")
+        if not distributed.current().main:
+            store = None
     model, tokenizer = load_generator(model_source, checkpoint=checkpoint, device=device, dtype=args.dtype)
     seeds = list(range(args.seed, args.seed + args.seeds))
     records = filter_pairs_with_model(model, tokenizer, pairs, judge, seeds=seeds, concept=args.concept, rules=rules,

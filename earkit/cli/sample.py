@@ -63,11 +63,13 @@ def run(args) -> None:
     identity = drawing_identity(model=args.model, checkpoint=checkpoint, guidance_scale=args.guidance_scale,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 batch_size=args.batch_size, dtype=resolve_dtype(args.dtype, device), device=device)
-    if distributed.current().main:  # only rank 0 reads and writes --out
-        state = check_samples_folder(Path(args.out), force=args.force,
-                                     identity=samples_identity(identity, prompts, args.images_per_prompt, args.seed))
-        if state == "continue":
-            print(f"continuing the samples in {args.out}: drawing only the images that are missing")
+    # only rank 0 reads and writes --out; what it finds wrong there ends every rank alike
+    state = distributed.main_decides(
+        lambda: check_samples_folder(Path(args.out), force=args.force,
+                                     identity=samples_identity(identity, prompts, args.images_per_prompt, args.seed)),
+        "rank 0's check of --out")
+    if state == "continue":
+        print(f"continuing the samples in {args.out}: drawing only the images that are missing")
     tensors = load_checkpoint(checkpoint).tensors if checkpoint is not None else None
     model, tokenizer = load_janus(args.model, dtype=args.dtype, device=args.device)
     if tensors is not None:

@@ -105,7 +105,7 @@ def test_the_shapesworld_default_resumed_on_two_ranks_with_a_batch_smaller_than_
 
 AGREEMENT = """
 from earkit.engine import distributed
-from earkit.engine.trainer import all_agree, main_decides
+from earkit.engine.distributed import all_agree, main_decides
 rank = distributed.start("cpu").rank
 def pairs_missing_on_rank_1():
     if rank == 1:
