@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -132,21 +133,33 @@ def eval_command(ranks: int, port: int, pairs: Path, checkpoint: Path, out: Path
             "--batch-size", str(batch_size), "--device", "cpu", "--quiet", "--out", str(out)]
 
 
+def run_job(command: list[str], cwd: Path) -> tuple[int, str]:
+    """(exit status, stderr) of a torchrun job started in its own process group, so that a job
+    past the time limit, or one left by an interrupted bench, goes with all of its ranks."""
+    job = subprocess.Popen(command, cwd=cwd, env=child_environment(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = job.communicate(timeout=EVAL_TIMEOUT_SECONDS)
+    except BaseException:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        raise
+    return job.returncode, stderr
+
+
 def timed_eval(ranks: int, pairs: Path, checkpoint: Path, out: Path, seeds: int, batch_size: int,
                cwd: Path, attempts: int = 3) -> dict:
     """One `earkit eval` job on `ranks` processes: its wall time, timing.json and metrics.json."""
     for attempt in range(attempts):
         command = eval_command(ranks, free_port(), pairs, checkpoint, out, seeds, batch_size)
         started = time.perf_counter()
-        done = subprocess.run(command, cwd=cwd, env=child_environment(), capture_output=True, text=True,
-                              timeout=EVAL_TIMEOUT_SECONDS)
+        returncode, stderr = run_job(command, cwd)
         wall = time.perf_counter() - started
-        if done.returncode == 0:
+        if returncode == 0:
             break
         # The port was free when chosen; another process may have taken it since: choose again.
-        if "address already in use" not in done.stderr.lower() or attempt == attempts - 1:
-            raise RuntimeError(f"earkit eval on {ranks} rank(s) failed (exit {done.returncode}): "
-                               f"{last_line(done.stderr)}")
+        if "address already in use" not in stderr.lower() or attempt == attempts - 1:
+            raise RuntimeError(f"earkit eval on {ranks} rank(s) failed (exit {returncode}): {last_line(stderr)}")
     timing = json.loads((out / "timing.json").read_text(encoding="utf-8"))
     metrics = (out / "metrics.json").read_bytes()
     if timing.get("ranks") != ranks:
