@@ -8,7 +8,8 @@ Subcommands: `kernels` (the loss ops on CPU against the torch eager chain, bench
 the fused linear + loss ops against torch eager, torch.compile, Liger and cut-cross-entropy,
 bench/linear.py),
 `engine` (sampler and erasure step at the Janus-Pro shapes with random weights, bench/engine.py),
-`load` (`earkit erase` idle and beside CPU-bound neighbours, bench/load.py).
+`load` (`earkit erase` idle and beside CPU-bound neighbours, bench/load.py),
+`scaling` (`earkit eval` on 1 and 2 torchrun ranks, and the paper-scale runs projected, bench/scaling.py).
 The GPU check is its own script: python -m earkit.bench.gpu_check (bench/gpu_check.py).
 """
 
@@ -59,6 +60,9 @@ def main(argv=None) -> None:
     from . import load
 
     load.add_arguments(commands.add_parser("load", help="earkit erase idle and beside CPU-bound neighbours"))
+    from . import scaling
+
+    scaling.add_arguments(commands.add_parser("scaling", help="earkit eval on 1 and 2 ranks; paper-scale projection"))
     args = parser.parse_args(argv)
 
     if getattr(args, "threads", 0):
@@ -75,6 +79,10 @@ def main(argv=None) -> None:
         engine.main(args)
     elif args.command == "load":
         load.main(args)
+    elif args.command == "scaling":
+        status = scaling.main(args)
+        if status:
+            raise SystemExit(status)
 
 
 if __name__ == "__main__":
