@@ -121,7 +121,7 @@ def test_shipped_judge_is_right_on_fresh_renders():
 
 def test_default_erasure_removes_the_target_and_keeps_the_other_shapes(tmp_path):
     # `earkit erase`'s own settings, judged on fewer images than its 100 per shape: circle went from
-    # 94% to 0% there and the other shapes moved by -2 to +3 points; the margins here leave room for
+    # 94% to 7% there and the other shapes moved by -4 to +3 points; the margins here leave room for
     # the noise of 40 images per shape.
     report = shapesworld.erase_and_evaluate(tmp_path / "erased", n_per_shape=40, progress=False)
     evaluation = json.loads((tmp_path / "erased" / "evaluation.json").read_text())
