@@ -2,31 +2,21 @@
 concept k runs whole on rank k % WORLD_SIZE (no process group), each equal to its single run."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import earkit
 from earkit.cli import main as cli_main
 from earkit.cli.erase import concept_slug, parse_concepts
 from earkit.engine.shapesworld import generator_folder
 from helpers import usage_error
+from jobs import torchrun
 
 GENERATOR = str(generator_folder())
 TRAIN = ["erase", "--model", GENERATOR, "--device", "cpu", "--optimizer", "adamw", "--window", "8", "--steps", "2",
          "--batch-size", "2", "--seed", "1"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def trainable(out) -> dict:
@@ -34,14 +24,7 @@ def trainable(out) -> dict:
 
 
 def test_two_concepts_over_two_ranks_each_equal_its_single_run(tmp_path):
-    source = str(Path(earkit.__file__).resolve().parents[1])  # the children import this test's earkit
-    environment = {**os.environ, "OMP_NUM_THREADS": "1",
-                   "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(free_port()), "-m", "earkit", *TRAIN, "--concepts", "circle:square, Star:triangle",
-               "--out", str(tmp_path / "many")]
-    done = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    done = torchrun([*TRAIN, "--concepts", "circle:square, Star:triangle", "--out", str(tmp_path / "many")], tmp_path)
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     assert len(lines) == 2, lines  # one per concept, from the rank that ran it
     assert any(line.startswith("rank 0: circle -> square: 2 steps") for line in lines), lines

@@ -3,31 +3,11 @@ writes, and eval and filter keep their images (--images) so that a rerun draws o
 missing. On the shipped ShapesWorld: its generator, its judge, its template pairs."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
 from earkit.cli import main as cli_main
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def torchrun(argv, cwd, ranks=2, timeout=300) -> subprocess.CompletedProcess:
-    """`torchrun -m earkit ARGV` on `ranks` CPU processes, run in `cwd` (not the repository root,
-    whose earkit/ would shadow the installed one)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
-               "127.0.0.1", "--master-port", str(free_port()), "-m", "earkit", *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EARKIT_DIST_TIMEOUT": "120"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+from jobs import torchrun
 
 
 def files_of(folder):
@@ -54,7 +34,7 @@ def test_eval_on_two_ranks_writes_the_metrics_of_one(world_run, tmp_path, capsys
     common = ["eval", "--benchmark", str(pairs), "--checkpoint", str(checkpoint), "--seeds", "3", "--batch-size", "4",
               "--device", "cpu", "--quiet"]
     assert cli_main([*common, "--out", str(tmp_path / "one")]) == 0
-    done = torchrun([*common, "--out", str(tmp_path / "two"), "--images", str(tmp_path / "images")], tmp_path)
+    done = torchrun([*common, "--out", str(tmp_path / "two"), "--images", str(tmp_path / "images")], tmp_path, EARKIT_DIST_TIMEOUT="120")
     assert done.stdout.count("wrote ") == 1, "rank 0 alone prints"
     one, two = tmp_path / "one", tmp_path / "two"
     assert (one / "metrics.json").read_bytes() == (two / "metrics.json").read_bytes()
@@ -89,7 +69,7 @@ def test_filter_on_two_ranks_keeps_and_decides_as_one(world_run, tmp_path):
     pairs, _ = world_run
     common = ["filter", "--pairs", str(pairs), "--seeds", "3", "--batch-size", "3", "--device", "cpu", "--quiet"]
     assert cli_main([*common, "--out", str(tmp_path / "one.jsonl")]) == 0
-    torchrun([*common, "--out", str(tmp_path / "two.jsonl")], tmp_path)
+    torchrun([*common, "--out", str(tmp_path / "two.jsonl")], tmp_path, EARKIT_DIST_TIMEOUT="120")
     for name in ("{}.jsonl", "{}.decisions.jsonl"):
         one, two = (tmp_path / name.format(which) for which in ("one", "two"))
         assert one.read_bytes() == two.read_bytes(), name
@@ -102,7 +82,7 @@ def test_sample_on_two_ranks_writes_the_files_of_one(tmp_path):
     common = ["sample", "--prompts-file", str(prompts), "--images-per-prompt", "2", "--batch-size", "4",
               "--device", "cpu"]
     assert cli_main([*common, "--out", str(tmp_path / "one")]) == 0
-    done = torchrun([*common, "--out", str(tmp_path / "two")], tmp_path)
+    done = torchrun([*common, "--out", str(tmp_path / "two")], tmp_path, EARKIT_DIST_TIMEOUT="120")
     assert done.stdout.count("wrote 20 files") == 1
     assert files_of(tmp_path / "one") == files_of(tmp_path / "two")
 

@@ -2,8 +2,6 @@
 lone process runs every collective as the identity. The jobs themselves (2 gloo processes) are
 in tests/ecgvf/test_distributed.py and tests/engine/test_erase_distributed.py."""
 
-import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +11,7 @@ import pytest
 import torch
 
 from earkit.engine import distributed
+from jobs import child_environment, free_port
 
 
 @pytest.fixture
@@ -93,13 +92,11 @@ def test_a_lost_rank_ends_the_other_with_peer_lost(tmp_path, fate, within):
     the other ends with PeerLost naming itself and what it waited for, not a hang."""
     script = tmp_path / "job.py"
     script.write_text(SCRIPT.format(fate=fate))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     processes = []
     for rank in (0, 1):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), distributed.TIMEOUT_ENV: "5"}
+        env = child_environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                                LOCAL_RANK=str(rank), **{distributed.TIMEOUT_ENV: "5"})
         processes.append(subprocess.Popen([sys.executable, str(script)], env=env, cwd=tmp_path,
                                           stderr=subprocess.PIPE, text=True))
     started = time.monotonic()

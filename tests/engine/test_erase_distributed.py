@@ -4,9 +4,7 @@ still runs, a killed rank ends the other with one PeerLost line instead of a han
 checkpoint it left resumes in one process to the uninterrupted result."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,9 +13,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-import earkit
 from earkit.cli import main as cli_main
 from earkit.engine.shapesworld import generator_folder
+from jobs import child_environment, free_port
+from jobs import torchrun as run_job
 
 TIMEOUT = 20  # EARKIT_DIST_TIMEOUT of the killed run
 # The shipped ShapesWorld generator (64 image tokens) at a test's budget; its prompt words are
@@ -27,26 +26,8 @@ TRAIN = ["erase", "--model", GENERATOR, "--concept", "circle", "--anchor", "squa
          "--optimizer", "adamw", "--window", "8", "--seed", "5"]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def child_environment(**extra) -> dict:
-    """The children import the earkit this test imported (the checkout or the install), one thread each."""
-    source = str(Path(earkit.__file__).resolve().parents[1])
-    path = os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
-
-
 def torchrun(tmp_path, argv, nproc=2):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port()), "-m", "earkit", *argv]
-    done = subprocess.run(command, cwd=tmp_path, env=child_environment(), capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done
+    return run_job(argv, tmp_path, ranks=nproc)
 
 
 def trainable(out) -> dict:
