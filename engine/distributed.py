@@ -144,6 +144,20 @@ def stop() -> None:
         torch.distributed.destroy_process_group()
 
 
+def abandon(status: int) -> None:
+    """End this process at once with `status`, after a PeerLost: the teardown of a process group
+    whose peer died or hangs may wait on it or abort (SIGABRT) at interpreter exit, which would
+    turn one clear line and exit 1 into a hang or a core dump."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
 def rank_device(device):
     """The device this rank computes on: its own GPU (cuda:LOCAL_RANK) when the job shares GPUs
     and --device names none in particular (None or "cuda"); the given device otherwise."""

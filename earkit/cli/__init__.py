@@ -153,6 +153,10 @@ def main(argv=None) -> int:
         return 2
     except PeerLost as error:  # another rank of a torchrun job died or hung: end, do not wait forever
         print(f"earkit {args.command}: error: {error}", file=sys.stderr)
+        from earkit.engine import distributed
+
+        if distributed.current().sharded:
+            distributed.abandon(1)  # the broken group's teardown could hang or abort the exit
         return 1
     finally:
         warnings.formatwarning = library_format  # main() is also called in-process (tests, notebooks)

@@ -82,7 +82,7 @@ SCRIPT = textwrap.dedent("""
         distributed.all_reduce_sum(torch.ones(1), "the second sum")
     except distributed.PeerLost as error:
         print(error, file=sys.stderr)
-        sys.exit(1)
+        distributed.abandon(1)  # as earkit's command line does
     """)
 
 
