@@ -257,6 +257,15 @@ def read_prompts(path: str | os.PathLike, what: str = "prompt file") -> list[str
 # ---------------------------------------------------------------- writing files
 
 
+def json_digest(value) -> str:
+    """16 hex digits of sha256 over a JSON value's text (any string, lone surrogates too): what a
+    record keeps of a list of prompts to tell, later, whether it is the same list."""
+    import hashlib
+
+    text = json.dumps(value, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
 def encode_utf8(text: str, path) -> bytes:
     """The UTF-8 bytes of a file's text; ValueError naming the file for a lone surrogate."""
     try:

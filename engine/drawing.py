@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from earkit.io import parse_json
+from earkit.io import json_digest, parse_json, write_files_atomic
 
 from . import distributed
 
@@ -43,7 +42,7 @@ class Job:
 
 def prompt_digest(prompt: str) -> str:
     """16 hex digits naming a prompt in file names (a prompt may hold any character)."""
-    return hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return json_digest(prompt)
 
 
 def prompt_seed_jobs(prompts, seeds) -> list[Job]:
@@ -134,7 +133,8 @@ class ImageStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         if not self.record_path.is_file():
             record = {"format": STORE_FORMAT, "identity": self.identity, **self.extra}
-            write_whole(self.record_path, (json.dumps(record, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+            text = json.dumps(record, indent=1, ensure_ascii=False) + "\n"
+            write_files_atomic({self.record_path: text.encode("utf-8", "surrogatepass")})
 
     def has(self, name: str) -> bool:
         return (self.folder / name).is_file()
@@ -145,20 +145,17 @@ class ImageStore:
         with Image.open(self.folder / name) as image:
             return image.convert("RGB")
 
-    def save(self, name: str, image) -> None:
+    def save(self, images: dict) -> None:
+        """{file name: PIL image}, written whole and flushed to disk (earkit.io.write_files_atomic):
+        a kill leaves no half image, so every image there is one a rerun may trust."""
         import io
 
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        write_whole(self.folder / name, buffer.getvalue())
-
-
-def write_whole(path: Path, data: bytes) -> None:
-    """`data` into `path` through a temporary file and a rename: a kill leaves no half image."""
-    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    with open(temporary, "wb") as file:
-        file.write(data)
-    os.replace(temporary, path)
+        files = {}
+        for name, image in images.items():
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            files[self.folder / name] = buffer.getvalue()
+        write_files_atomic(files)
 
 
 def batches_of(jobs: list[Job], batch_size: int) -> list[list[Job]]:
@@ -214,9 +211,8 @@ def draw_images(model, tokenizer, jobs: list[Job], *, guidance_scale=None, tempe
             for index, batch_images in parts:
                 if index is None:
                     continue
-                for job, image in zip(batches[index], batch_images):
-                    if store is not None:
-                        store.save(job.name, image)
+                if store is not None:
+                    store.save({job.name: image for job, image in zip(batches[index], batch_images)})
                 if keep:
                     drawn[index] = batch_images
                 bar.update(len(batch_images))

@@ -462,9 +462,10 @@ GRID_PROMPTS = 32  # grid.png shows the first 32 prompts' images: one row each
 
 
 def is_partial_image(name: str) -> bool:
-    """A killed image write's temporary file (engine.drawing.write_whole): .NAME.partial-PID."""
-    stem, _, pid = name.rpartition(".partial-")
-    return name.startswith(".") and bool(stem) and pid.isdigit()
+    """A killed image write's temporary file (earkit.io.write_files_atomic): .NAME.partial-PID-NS."""
+    stem, _, stamp = name.rpartition(".partial-")
+    pid, _, nanoseconds = stamp.partition("-")
+    return name.startswith(".") and bool(stem) and pid.isdigit() and nanoseconds.isdigit()
 
 
 def legacy_samples_names(folder: Path) -> set[str] | None:
@@ -497,10 +498,9 @@ def legacy_samples_names(folder: Path) -> set[str] | None:
 def samples_identity(identity: dict, prompts: list[str], images_per_prompt: int, seed: int) -> dict:
     """What a samples folder's images were drawn with: the drawing identity, plus the prompts
     (their digest: file names number them), images per prompt and the first seed."""
-    import hashlib
+    from earkit.io import json_digest
 
-    digest = hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
-    return {**identity, "prompts_sha256": digest[:16], "prompts": len(prompts), "images_per_prompt": images_per_prompt,
+    return {**identity, "prompts_sha256": json_digest(prompts), "prompts": len(prompts), "images_per_prompt": images_per_prompt,
             "seed": seed}
 
 

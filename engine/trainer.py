@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
-import hashlib
 import json
 import logging
 import math
@@ -49,7 +48,7 @@ import torch
 from torch import Tensor
 
 from . import distributed, objectives
-from earkit.io import check_writable, first_line, foreign_files, some_of
+from earkit.io import check_writable, first_line, foreign_files, json_digest, some_of
 from .checkpoint import OPTIMIZER_FILE, STATE_FILE, apply_trainable, legacy_checkpoint_names, load_checkpoint, save_checkpoint
 from .model import (check_device, check_model_source, encode_prompts, image_hidden_states, image_token_count,
                     load_janus, resolve_dtype)
@@ -525,11 +524,8 @@ class TrainingDiverged(ValueError):
 
 def data_fingerprint(pairs: list[PromptPair], preserve: list[str]) -> dict:
     """What the run trains on, in a few bytes: a resume on other pairs or preserve prompts is refused."""
-    def digest(items) -> str:
-        return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()[:16]
-
-    return {"pairs": len(pairs), "pairs_sha256": digest([[p.concept_prompt, p.anchor_prompt] for p in pairs]),
-            "preserve": len(preserve), "preserve_sha256": digest(list(preserve))}
+    return {"pairs": len(pairs), "pairs_sha256": json_digest([[p.concept_prompt, p.anchor_prompt] for p in pairs]),
+            "preserve": len(preserve), "preserve_sha256": json_digest(list(preserve))}
 
 
 def check_resume_config(resumed, config: EraseConfig, data: dict) -> None:
