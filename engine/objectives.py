@@ -108,8 +108,7 @@ class SumOf:
     @classmethod
     def of(cls, loss: Tensor, weight: Tensor) -> "SumOf":
         """The sums of one objective's (loss, weight), its loss being reduction="mean"."""
-        weight_sum = float(weight.detach().double().sum())
-        return cls(float(loss.detach()) * max(1.0, weight_sum), weight_sum, float(weight.numel()))
+        return cls(*window_sums(loss, weight).tolist())
 
     def __add__(self, other: "SumOf") -> "SumOf":
         return SumOf(self.loss_sum + other.loss_sum, self.weight_sum + other.weight_sum, self.count + other.count)
@@ -120,6 +119,14 @@ class SumOf:
 
     def kept_fraction(self) -> float:
         return self.weight_sum / self.count if self.count else 0.0
+
+
+def window_sums(loss: Tensor, weight: Tensor) -> Tensor:
+    """SumOf's three numbers of one objective's (loss, weight) as a float64 tensor on their device
+    (no host sync): loss * max(1, sum a), sum a, the token count."""
+    weight_sum = weight.detach().double().sum()
+    return torch.stack([loss.detach().double() * weight_sum.clamp_min(1.0), weight_sum,
+                        torch.full_like(weight_sum, float(weight.numel()))])
 
 
 def shard_scale(local_weight_sum: float, total_weight_sum: float) -> float:

@@ -444,17 +444,18 @@ def student_update(model, optimizer, targets: TeacherTargets | None, config: Era
     losses, kept, preserve_losses, optimizer_steps = [], [], [], 0
     for start, end in windows(n_tokens, config.window, config.wga):
         optimizer.zero_grad(set_to_none=True)
-        terms = []  # (mean loss over this rank's rows, its kept weight sum, index of the term's sums)
-        sums = [0.0] * 6  # per term (erasure, preservation): loss sum, kept weight sum, token count
+        terms = []  # (mean loss over this rank's rows, index of the term's sums)
+        # per term (erasure, preservation): loss sum, kept weight sum, token count; built on the
+        # device and read back once, with the ranks' totals: the window's one host sync
+        local = torch.zeros(6, dtype=torch.float64, device=parameters[0].device)
         for index, (term_targets, used) in enumerate(((targets, True), (preserve, preserving))):
             if term_targets is None or not used:
                 continue
             loss, weight = window_loss(model, term_targets, start, end, config)
-            local = objectives.SumOf.of(loss, weight)
-            sums[3 * index:3 * index + 3] = [local.loss_sum, local.weight_sum, local.count]
-            terms.append((loss, local.weight_sum, index))
-        totals = torch.tensor(sums, dtype=torch.float64, device=parameters[0].device)
-        totals = distributed.all_reduce_sum(totals, f"the kept-token sums of a window{where}").tolist()
+            local[3 * index:3 * index + 3] = objectives.window_sums(loss, weight)
+            terms.append((loss, index))
+        totals = distributed.all_reduce_sum(local.clone(), f"the kept-token sums of a window{where}")
+        local, totals = torch.stack([local, totals]).tolist()
         whole = [objectives.SumOf(*totals[0:3]), objectives.SumOf(*totals[3:6])]
         losses.append(whole[0].mean())
         kept.append(whole[0].kept_fraction())
@@ -466,8 +467,8 @@ def student_update(model, optimizer, targets: TeacherTargets | None, config: Era
         if weight_sum == 0.0:
             continue  # every token masked or gated on every rank: nothing to learn, no momentum-only update
         objective = None
-        for loss, local_weight_sum, index in terms:
-            part = loss * objectives.shard_scale(local_weight_sum, whole[index].weight_sum)
+        for loss, index in terms:
+            part = loss * objectives.shard_scale(local[3 * index + 1], whole[index].weight_sum)
             if index == 1:
                 part = config.preserve_weight * part
             objective = part if objective is None else objective + part
