@@ -158,10 +158,11 @@ def abandon(status: int) -> None:
     os._exit(status)
 
 
-def rank_device(device):
-    """The device this rank computes on: its own GPU (cuda:LOCAL_RANK) when the job shares GPUs
-    and --device names none in particular (None or "cuda"); the given device otherwise."""
-    ranks = current()
+def rank_device(device, ranks: Ranks | None = None):
+    """The device a rank computes on: its own GPU (cuda:LOCAL_RANK) when the job's ranks run on
+    GPUs and `device` names none in particular (None or "cuda"); `device` as it is otherwise.
+    ranks: this process's (default: current(), the process group's)."""
+    ranks = current() if ranks is None else ranks
     if not ranks.sharded or not uses_cuda(device):
         return device
     if device is None or torch.device(str(device)).index is None:

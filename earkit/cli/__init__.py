@@ -125,8 +125,7 @@ def run_command(args, run) -> None:
         run(args)
         return
     distributed.start(group_device(args))
-    if getattr(args, "device", None) is not None or distributed.uses_cuda(group_device(args)):
-        args.device = distributed.rank_device(args.device)
+    args.device = distributed.rank_device(group_device(args))  # each rank on its own GPU
     quiet = contextlib.nullcontext() if launched.main else contextlib.redirect_stdout(io.StringIO())
     with quiet:
         run(args)

@@ -298,10 +298,9 @@ def run_concepts(args, given: dict) -> None:
     mine = [(concept, anchor) for index, (concept, anchor) in enumerate(concepts)
             if index % launched.world_size == launched.rank]
     given = dict(given)
-    if launched.sharded and distributed.uses_cuda(given.get("device", "cpu" if shapes_world else None)):
-        device = given.get("device")
-        if device is None or torch_device_index(device) is None:
-            given["device"] = f"cuda:{launched.local_rank}"  # each rank its own GPU
+    device = given.get("device", "cpu" if shapes_world else None)  # the ShapesWorld default runs on the CPU
+    if distributed.rank_device(device, launched) != device:
+        given["device"] = distributed.rank_device(device, launched)  # each rank its own GPU
     runs = []
     for concept, anchor in mine:
         one = argparse.Namespace(**{**vars(args), "concept": concept, "anchor": anchor, "concepts": None,
@@ -319,9 +318,3 @@ def run_concepts(args, given: dict) -> None:
             last = result.losses[-1] if result.losses else float("nan")
             print(f"{prefix}{one.concept} -> {one.anchor}: {result.steps} steps ({result.optimizer_steps} optimizer "
                   f"steps) in {result.seconds:.1f} s, last loss {last:.4f}; checkpoint {result.checkpoint}", flush=True)
-
-
-def torch_device_index(device: str):
-    import torch
-
-    return torch.device(str(device)).index

@@ -159,7 +159,7 @@ def erase_and_measure(out: str | Path = "erased", concept: str = DEFAULT_CONCEPT
     and rank 0 alone measures, after the training, the base model and the erased one, and writes
     evaluation.json: the other ranks are done when the training is.
     """
-    from ..checkpoint import apply_trainable
+    from ..checkpoint import apply_trainable, load_checkpoint
     from ..model import load_janus
     from earkit.io import write_text_atomic
     from ..pair_files import same_text
@@ -189,8 +189,6 @@ def erase_and_measure(out: str | Path = "erased", concept: str = DEFAULT_CONCEPT
                    progress=progress)
     if not distributed.current().main:
         return ShapesWorldErasure(concept, anchor, result, None, None, time.perf_counter() - started)
-    from ..checkpoint import load_checkpoint
-
     judge = load_judge(world_folder)
     model, tokenizer = load_janus(config.model, device=config.device, dtype=config.dtype)
     before = shape_rates(model, tokenizer, judge, n_per_shape=n_per_shape, seed=eval_seed)
