@@ -78,6 +78,10 @@ def drawing_identity(*, model, checkpoint=None, guidance_scale, temperature, top
     return record
 
 
+class OtherSettings(ValueError):
+    """A store holds images drawn with other settings than this run's (the message names one)."""
+
+
 class ImageStore:
     """A folder of drawn images plus images.json, the identity they were drawn with.
 
@@ -122,7 +126,7 @@ class ImageStore:
             return False
         for name in sorted(set(recorded) | set(self.identity)):
             if recorded.get(name) != self.identity.get(name):
-                raise ValueError(
+                raise OtherSettings(
                     f"{self.what} {self.folder} holds images drawn with {name} {recorded.get(name)!r}; this run "
                     f"draws with {name} {self.identity.get(name)!r}: run with the same settings to continue it, "
                     "or use another folder")

@@ -513,7 +513,7 @@ def check_samples_folder(out_dir, *, force: bool, identity: dict | None = None) 
     PermissionError when nothing can be written there."""
     from earkit.io import check_replaceable, check_writable
 
-    from .drawing import ImageStore, STORE_RECORD
+    from .drawing import STORE_RECORD, ImageStore, OtherSettings
 
     out_dir = Path(out_dir).expanduser()
     check_writable(out_dir, "samples folder")
@@ -522,7 +522,7 @@ def check_samples_folder(out_dir, *, force: bool, identity: dict | None = None) 
     if identity is not None and not force and (out_dir / STORE_RECORD).is_file():
         try:
             ImageStore(out_dir, identity, what="samples folder").check()
-        except ValueError as error:
+        except OtherSettings as error:
             raise ValueError(f"{error} (or pass --force to start over)") from None
         return "continue"
     check_replaceable(out_dir, force=force, kind="samples", what="samples folder", legacy=legacy_samples_names)
