@@ -13,7 +13,9 @@ same prompts with the concept replaced by an anchor ("A church on a hill overloo
 One story per module: `prompt` (the request template and its few-shot examples), `backends`
 (TemplateBackend, OpenAIChatBackend, TransformersBackend, BackendError, the request deadline),
 `parsing` (replies, check_pair, validate_items, rejection reasons), `generate` (generate_pairs,
-seeds, write_generated, the summary file); the command `earkit pairs` is earkit/cli/pairs.py.
+seeds, write_generated, the summary file), `paraphrase` (prompts that show a concept without
+naming it, for the paraphrase attack: generate_paraphrases, write_paraphrases, load_paraphrases);
+the command `earkit pairs` (and `earkit pairs --paraphrase`) is earkit/cli/pairs.py.
 """
 
 from .backends import (
@@ -25,6 +27,10 @@ from .parsing import (
     ANCHOR_MISSING, CONCEPT_IN_ANCHOR_PROMPT, CONCEPT_MISSING, DUPLICATE, IDENTICAL, INVALID_TEXT, MISSING_FIELD,
     NOT_AN_OBJECT, REJECTION_REASONS, REWRITTEN, MalformedReply, check_pair, extract_pair_list, validate_items,
 )
+from .paraphrase import (
+    NAMES_CONCEPT, NOT_TEXT, PARAPHRASE_REJECTION_REASONS, PARAPHRASE_TEMPLATE, TOO_LONG, check_paraphrase,
+    extract_prompt_list, generate_paraphrases, load_paraphrases, paraphrase_request_messages, write_paraphrases,
+)
 from .prompt import TEMPLATE, load_examples, pair_request_messages
 
 __all__ = [
@@ -34,4 +40,7 @@ __all__ = [
     "MalformedReply",
     "NOT_AN_OBJECT", "MISSING_FIELD", "INVALID_TEXT", "IDENTICAL", "CONCEPT_MISSING", "CONCEPT_IN_ANCHOR_PROMPT",
     "ANCHOR_MISSING", "REWRITTEN", "DUPLICATE", "REJECTION_REASONS",
+    "generate_paraphrases", "write_paraphrases", "load_paraphrases", "paraphrase_request_messages",
+    "PARAPHRASE_TEMPLATE", "extract_prompt_list", "check_paraphrase", "NOT_TEXT", "NAMES_CONCEPT", "TOO_LONG",
+    "PARAPHRASE_REJECTION_REASONS",
 ]
