@@ -319,13 +319,19 @@ def image_hidden_states(model, prompts: PromptBatch, image_tokens: Tensor) -> Te
     The sequence is prompt (ending in <begin_of_image>) + image tokens 0..T-2; the state at
     <begin_of_image> predicts token 0 and the state at token t-1 predicts token t.
     """
+    return embedded_image_hidden_states(model, model.get_input_embeddings()(prompts.input_ids), prompts.attention_mask,
+                                        image_tokens)
+
+
+def embedded_image_hidden_states(model, prompt_embeds: Tensor, attention_mask: Tensor, image_tokens: Tensor) -> Tensor:
+    """image_hidden_states from the prompt's input embeddings (B, P, H) instead of its ids: what a
+    prompt attack (engine/attacks.py) differentiates through, with some rows' embeddings its own."""
     language_model = model.model.language_model
-    prompt_embeds = model.get_input_embeddings()(prompts.input_ids)
     image_embeds = model.prepare_embeddings_for_image_generation(image_tokens[:, :-1])
     embeds = torch.cat([prompt_embeds, image_embeds.to(prompt_embeds.dtype)], dim=1)
-    mask = torch.cat([prompts.attention_mask, prompts.attention_mask.new_ones(image_tokens[:, :-1].shape)], dim=1)
+    mask = torch.cat([attention_mask, attention_mask.new_ones(image_tokens[:, :-1].shape)], dim=1)
     output = language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), use_cache=False)
-    return output.last_hidden_state[:, prompts.length - 1:, :]
+    return output.last_hidden_state[:, prompt_embeds.shape[1] - 1:, :]
 
 
 def generation_features(model, hidden: Tensor) -> Tensor:
