@@ -199,13 +199,15 @@ def nearest_tokens(soft: Tensor, vocabulary_embeddings: Tensor) -> Tensor:
 
 def soft_prompt_attack(model, tokenizer, prompts: list[str], target_tokens: Tensor, *, n_tokens: int = 4,
                        steps: int = 50, seconds: float | None = None, lr: float | None = None, seed: int = 0,
-                       forbidden_words=(), where: str = "prefix", batch_size: int | None = 16,
+                       forbidden_words=(), where: str = "prefix", batch_size: int | None = 16, rows=None,
                        progress: bool = False) -> FoundPrompts:
     """White-box: for each prompt, `n_tokens` real tokens (put `where` its text) under which the
     model gives the most likelihood to target_tokens[i] (its image tokens, (len(prompts), T):
     what the base model drew for the prompt). The model is not changed (no gradient reaches its
     weights). lr None: the vocabulary embeddings' RMS, so that a step is a token's scale at any
-    model's size (on ShapesWorld it reached a lower loss than a tenth or a hundredth of it)."""
+    model's size (on ShapesWorld it reached a lower loss than a tenth or a hundredth of it).
+    rows: each prompt's row number, whose starting tokens are derived_seed(seed, row)'s (default
+    0, 1, ...): the trainer numbers a step's rows across ranks, so a row starts alike on any rank."""
     from tqdm.auto import tqdm
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -215,6 +217,9 @@ def soft_prompt_attack(model, tokenizer, prompts: list[str], target_tokens: Tens
     if target_tokens.ndim != 2 or target_tokens.shape[0] != len(prompts):
         raise ValueError(f"target_tokens must be (prompts, image tokens) = ({len(prompts)}, T), "
                          f"got {tuple(target_tokens.shape)}")
+    rows = list(range(len(prompts))) if rows is None else [int(row) for row in rows]
+    if len(rows) != len(prompts):
+        raise ValueError(f"rows must number every prompt: {len(prompts)} prompts, {len(rows)} rows")
     if lr is not None and not (isinstance(lr, (int, float)) and lr > 0 and lr != float("inf")):
         raise ValueError(f"lr must be None or a finite number > 0, got {lr!r}")
     chunk = batch_size or len(prompts)
@@ -232,7 +237,7 @@ def soft_prompt_attack(model, tokenizer, prompts: list[str], target_tokens: Tens
         for first in range(0, len(prompts), chunk):
             part = prompts[first:first + chunk]
             targets = target_tokens[first:first + chunk].to(device)
-            start_ids = [initial_tokens(vocabulary, n_tokens, seed, first + i) for i in range(len(part))]
+            start_ids = [initial_tokens(vocabulary, n_tokens, seed, rows[first + i]) for i in range(len(part))]
             batch = slot_batch(tokenizer, part, start_ids, where, device)
             with torch.no_grad():
                 base_embeds = embedding(batch.input_ids)
@@ -272,7 +277,7 @@ def soft_prompt_attack(model, tokenizer, prompts: list[str], target_tokens: Tens
                 break
     # prompts the time cap left unsearched keep their starting tokens, with no loss measured
     for index in range(len(found), len(prompts)):
-        tokens = initial_tokens(vocabulary, n_tokens, seed, index)
+        tokens = initial_tokens(vocabulary, n_tokens, seed, rows[index])
         found.append((attacked_text(tokenizer, prompts[index], tokens, where), tokens))
         losses.append(float("inf"))
         retokenized.append(False)

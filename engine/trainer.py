@@ -120,6 +120,11 @@ class EraseConfig:
     temperature: float | None = field(default=None, metadata={
         "help": "sampling temperature of the training images",
         "default": "the model's generation_config.json, else 1"})
+    robust: bool = field(default=False, metadata={
+        "help": "adversarial erasure (AdvUnlearn-style, not in the EAR paper): each step a white-box attack on the "
+                "current model finds prompt tokens that bring the concept back, and the step also trains on them"})
+    robust_tokens: int = field(default=4, metadata={"help": "--robust: attack tokens put before each concept prompt"})
+    robust_steps: int = field(default=10, metadata={"help": "--robust: attack optimiser steps per training step"})
     seed: int = field(default=0, metadata={"help": "the run's seed"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
     device: str | None = field(default=None, metadata={
@@ -144,7 +149,7 @@ class EraseConfig:
             raise ValueError(f"wga must be one of {WGA_MODES}, got {self.wga!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        for name in ("window", "epochs", "batch_size", "images_per_prompt"):
+        for name in ("window", "epochs", "batch_size", "images_per_prompt", "robust_tokens", "robust_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -296,8 +301,9 @@ def batch_for_step(pairs: list, step: int, batch_size: int, seed: int) -> list:
     return [pairs[i] for i in order[index * batch_size:(index + 1) * batch_size]]
 
 
-# The sampling streams of a step: its concept prompts' images, and its preserve prompts'.
-CONCEPT_STREAM, PRESERVE_STREAM = 0, 1
+# The sampling streams of a step: its concept prompts' images, and its preserve prompts'; and the
+# seed stream of --robust's attack.
+CONCEPT_STREAM, PRESERVE_STREAM, ROBUST_STREAM = 0, 1, 2
 
 
 def image_seeds(seed: int, step: int, stream: int, rows) -> list[int]:
@@ -364,14 +370,37 @@ def teacher_targets(model, tokenizer, teacher: FrozenTeacher, batch: list[Prompt
                     config: EraseConfig, rows: range | None = None) -> TeacherTargets | None:
     """The teacher's images of the concept prompts, scored under the concept and the anchor
     prompts: of the rows `rows` of the step's batch (pairs x images_per_prompt, prompt-major;
-    None: every row), or None when `rows` is empty (a rank beyond a small batch)."""
+    None: every row), or None when `rows` is empty (a rank beyond a small batch). With
+    config.robust the rows come twice: as they are, and under the prompts an attack on the
+    current model found (adversarial_targets)."""
     concept = repeated([pair.concept_prompt for pair in batch], config)
     anchor = repeated([pair.anchor_prompt for pair in batch], config)
     rows = range(len(concept)) if rows is None else rows
     if not rows:
         return None
-    return teacher_pass(model, tokenizer, teacher, [concept[row] for row in rows], [anchor[row] for row in rows],
-                        image_seeds(config.seed, step, CONCEPT_STREAM, rows), config)
+    prompts = [concept[row] for row in rows]
+    targets = teacher_pass(model, tokenizer, teacher, prompts, [anchor[row] for row in rows],
+                           image_seeds(config.seed, step, CONCEPT_STREAM, rows), config)
+    return adversarial_targets(model, tokenizer, targets, prompts, step, config, rows) if config.robust else targets
+
+
+def adversarial_targets(model, tokenizer, targets: TeacherTargets, prompts: list[str], step: int, config: EraseConfig,
+                        rows) -> TeacherTargets:
+    """--robust (after AdvUnlearn): the white-box attack of engine/attacks.py, run on the current
+    student for `robust_steps`, finds `robust_tokens` tokens to put before each concept prompt
+    under which the student gives the teacher's image back; those attacked prompts join the batch
+    as more rows with the same image and the same teacher targets, so the student learns to
+    erase under them too (the teacher's states stay those of the plain prompt: the target is
+    what the concept prompt should give, whatever is put before it)."""
+    from .attacks import soft_prompt_attack
+
+    found = soft_prompt_attack(model, tokenizer, prompts, targets.tokens, n_tokens=config.robust_tokens,
+                               steps=config.robust_steps, seed=derived_seed(config.seed, step, ROBUST_STREAM),
+                               rows=list(rows), batch_size=None)
+    device = targets.tokens.device
+    both = encode_prompts(tokenizer, prompts + found.prompts, device)
+    return TeacherTargets(both, torch.cat([targets.tokens, targets.tokens]), torch.cat([targets.concept, targets.concept]),
+                          torch.cat([targets.anchor, targets.anchor]))
 
 
 def preserve_targets(model, tokenizer, teacher: FrozenTeacher, prompts: list[str], step: int,
