@@ -9,7 +9,8 @@ the fused linear + loss ops against torch eager, torch.compile, Liger and cut-cr
 bench/linear.py),
 `engine` (sampler and erasure step at the Janus-Pro shapes with random weights, bench/engine.py),
 `load` (`earkit erase` idle and beside CPU-bound neighbours, bench/load.py),
-`scaling` (`earkit eval` on 1 and 2 torchrun ranks, and the paper-scale runs projected, bench/scaling.py).
+`scaling` (`earkit eval` on 1 and 2 torchrun ranks, and the paper-scale runs projected, bench/scaling.py),
+`robustness` (the ShapesWorld default erasure and --robust under the three attacks, bench/robustness.py).
 The GPU check is its own script: python -m earkit.bench.gpu_check (bench/gpu_check.py).
 """
 
@@ -63,6 +64,9 @@ def main(argv=None) -> None:
     from . import scaling
 
     scaling.add_arguments(commands.add_parser("scaling", help="earkit eval on 1 and 2 ranks; paper-scale projection"))
+    from . import robustness
+
+    robustness.add_arguments(commands.add_parser("robustness", help="the default erasure and --robust under attack"))
     args = parser.parse_args(argv)
 
     if getattr(args, "threads", 0):
@@ -83,6 +87,8 @@ def main(argv=None) -> None:
         status = scaling.main(args)
         if status:
             raise SystemExit(status)
+    elif args.command == "robustness":
+        robustness.main(args)
 
 
 if __name__ == "__main__":
