@@ -7,6 +7,11 @@
     folder/images/SIDE/      PNGs the grids show (ROLE_PPP_sSEED.png), or every image with all_images
     folder/charts/           matplotlib bar charts (PNG)
 
+With `earkit eval --attacks` (earkit.ecgvf.attacks) the folder also holds attacks.json,
+attacks-timing.json, attacks.md and images/attack-NAME.png; metrics.json gains an "attacks" block
+(each attack's success rate per side, and the strongest), timing.json the searches' seconds, and
+summary.md and report.html a section with the attacks table.
+
 The HTML refers to its images by relative paths, so the folder can be moved or zipped whole.
 write_report writes into a folder it is given; `earkit eval` gives it a temporary one and renames
 it into place when everything is written (earkit.io.write_folder_atomically). The HTML comes from
@@ -152,16 +157,78 @@ def report_html(result: dict, benchmark, paths: dict, charts: list[tuple[str, st
         grids=[grid for grid in grids if grid], sides=list(result["sides"]), seeds=result["seeds"])
 
 
+# ---------------------------------------------------------------- attacks
+
+
+def attacks_block(attacks: dict) -> dict:
+    """metrics.json's "attacks": {attack: {side: success rate}, "strongest": attack}, from
+    run_attacks' result (its search seconds stay out: they go to timing.json)."""
+    block = {name: {side: judged["success_rate"] for side, judged in attack["sides"].items()}
+             for name, attack in attacks["attacks"].items()}
+    block["strongest"] = attacks["strongest"]
+    return block
+
+
+def attacks_markdown(attacks: dict) -> str:
+    """summary.md's attacks section."""
+    from .attacks import attacks_table
+
+    return ("\n## Attacks\n\nSuccess rate: the share of the attacked prompts' images in which the judge sees the "
+            f"concept, each prompt drawn with the report's {len(attacks['seeds'])} seed(s). Prompts and searches: "
+            "attacks.json and attacks.md.\n\n" + attacks_table(attacks) + "\n")
+
+
+ATTACKS_HTML = """<h2>Attacks</h2>
+<p>Success rate: the share of the attacked prompts' images in which the judge sees the concept. Prompts and
+searches: attacks.json and attacks.md.</p>
+<table><tr><th>attack</th><th>prompts</th>{% for side in sides %}<th>success {{ side }}</th>{% endfor %}</tr>
+{% for name, count, rates in rows %}<tr><td>{{ name }}{% if name == strongest %} (strongest){% endif %}</td><td>{{ count }}</td>
+{%- for rate in rates %}<td>{{ rate }}</td>{% endfor %}</tr>
+{% endfor %}</table>
+{% for src, caption in grids %}<figure><img src="{{ src }}" alt="{{ caption }}"><figcaption>{{ caption }}</figcaption></figure>
+{% endfor %}"""
+
+
+def attacks_html(attacks: dict, written: list[str]) -> str:
+    """report.html's attacks section: the table, and each attack's best images (a row a side)."""
+    sides = list(next(iter(attacks["attacks"].values()))["sides"])
+    rows = [(name, len(attack["prompts"]), [f"{100 * attack['sides'][side]['success_rate']:.1f}%" for side in sides])
+            for name, attack in attacks["attacks"].items()]
+    grids = [(f"images/attack-{name}.png", f"{name}: the images the judge sees the concept in most surely, a row "
+                                           f"a side ({', '.join(sides)})")
+             for name in attacks["attacks"] if f"images/attack-{name}.png" in written]
+    return templates().from_string(ATTACKS_HTML).render(sides=sides, rows=rows, strongest=attacks["strongest"],
+                                                        grids=grids)
+
+
+def with_section(html: str, section: str) -> str:
+    """The report's HTML with `section` before its closing note (or at the end of its body)."""
+    for marker in ("<p><small>All numbers", "</body>"):
+        head, found, tail = html.rpartition(marker)
+        if found:
+            return head + section + found + tail
+    return html + section
+
+
 def write_report(folder, result: dict, images: dict, benchmark, *, all_images: bool = False,
-                 timing: dict | None = None) -> Path:
-    """Write every report file into `folder` (which exists); timing.json too when `timing` is given."""
+                 timing: dict | None = None, attacks: dict | None = None, attack_images: dict | None = None) -> Path:
+    """Write every report file into `folder` (which exists); timing.json too when `timing` is given,
+    and with `attacks` (run_attacks' result and images) the attack files and sections."""
+    from .attacks import write_attack_files
+
     folder = Path(folder)
     if timing is not None:
         (folder / "timing.json").write_text(json.dumps(timing, indent=1) + "\n", encoding="utf-8")
     paths = save_images(folder, images, benchmark, result["seeds"], all_images=all_images)
     charts = make_charts(folder, result)
+    written = write_attack_files(folder, attacks, attack_images) if attacks is not None else []
     (folder / "metrics.json").write_text(json.dumps(without_nan(result), indent=1, ensure_ascii=False) + "\n",
                                          encoding="utf-8")
-    (folder / "summary.md").write_text(summary_markdown(result), encoding="utf-8")
-    (folder / "report.html").write_text(report_html(result, benchmark, paths, charts), encoding="utf-8")
+    summary = summary_markdown(result)
+    html = report_html(result, benchmark, paths, charts)
+    if attacks is not None:
+        summary += attacks_markdown(attacks)
+        html = with_section(html, attacks_html(attacks, written))
+    (folder / "summary.md").write_text(summary, encoding="utf-8")
+    (folder / "report.html").write_text(html, encoding="utf-8")
     return folder

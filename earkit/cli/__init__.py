@@ -7,6 +7,7 @@ add_arguments(parser) and run(args)).
     earkit pairs  --concept church --backend openai --openai-url URL --openai-model MODEL --n 200 --out pairs.jsonl
     earkit filter --pairs pairs.jsonl --judge resnet50:WEIGHTS --seeds 4 --out kept.jsonl
     earkit eval   --model FOLDER --checkpoint runs/church/checkpoint --benchmark kept.jsonl --judge JUDGE --out report/
+    earkit attack --model FOLDER --checkpoint runs/church/checkpoint --benchmark kept.jsonl --out attack-report/
     earkit world build --out DIR | earkit world check
     earkit bench kernels | earkit bench engine --size 7b --random-weights
 
@@ -36,6 +37,7 @@ COMMANDS = {
     "pairs": "generate concept/anchor prompt pairs (ECGVF)",
     "filter": "keep the pairs whose images show the concept (ECGVF)",
     "eval": "measure an erasure before and after, with a report (ECGVF)",
+    "attack": "attack an erasure with paraphrased and optimised prompts (ECGVF)",
     "bench": "benchmarks (python -m earkit.bench)",
 }
 
@@ -56,7 +58,7 @@ def sized_threads(args):
     import contextlib
     import os
 
-    if os.environ.get("OMP_NUM_THREADS") or args.command not in ("erase", "sample", "filter", "eval", "world"):
+    if os.environ.get("OMP_NUM_THREADS") or args.command not in ("erase", "sample", "filter", "eval", "attack", "world"):
         return contextlib.nullcontext()
     from earkit.engine.model import cpu_threads, cpu_threads_for
 
@@ -119,8 +121,10 @@ def run_command(args, run) -> None:
 
     launched = distributed.launch_environment()
     if launched.sharded and args.command not in SHARDED_COMMANDS:
+        sharded_instead = {"attack": " (the attacks on several processes: earkit eval --attacks)"}.get(args.command, "")
         raise ValueError(f"earkit {args.command} runs in one process; launch it without torchrun "
-                         f"(WORLD_SIZE={launched.world_size} here). Under torchrun: {', '.join(SHARDED_COMMANDS)}")
+                         f"(WORLD_SIZE={launched.world_size} here). Under torchrun: {', '.join(SHARDED_COMMANDS)}"
+                         + sharded_instead)
     if not launched.sharded or not joins_process_group(args):
         run(args)
         return

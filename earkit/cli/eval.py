@@ -2,6 +2,7 @@
 (earkit.ecgvf.evaluate and earkit.ecgvf.report).
 
     earkit eval --model WORLD/generator --checkpoint runs/circle/checkpoint --benchmark circle.jsonl --out report/
+    earkit eval ... --attacks all      # and the benchmark's target prompts attacked (earkit attack's flags)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from earkit.cli.arguments import (
     add_checkpoint_argument, add_judge_argument, add_sampling_arguments, check_count,
 )
+from earkit.cli.attack import add_attack_arguments, attack_settings_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all-images", action="store_true", help="write every image to the report, not only the grids'")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--force", action="store_true", help="replace an existing report folder")
+    add_attack_arguments(parser, default_attacks=None)
 
 
 def check_out_folder(out: Path, force: bool) -> None:
@@ -94,6 +97,7 @@ def run(args) -> dict:
     device = str(check_device(args.device))
     guidance_scale, temperature = resolve_source_sampling(model_source, args.guidance_scale, args.temperature)
     check_sampling_arguments(guidance_scale, temperature, None, None)
+    attack_settings = attack_settings_from_args(args, model_source)  # None without --attacks
     threshold = DEFAULT_NUDENET_THRESHOLD if args.nudenet_threshold is None else args.nudenet_threshold
     labels = [benchmark.concept] + [p.concept for p in benchmark.preserve if p.concept]
     judge = parse_judge(args.judge, model_folder=model_source, device=device, labels=labels,
@@ -114,12 +118,32 @@ def run(args) -> dict:
                               clip=clip, device=device, dtype=args.dtype, guidance_scale=guidance_scale,
                               temperature=temperature, batch_size=args.batch_size, reference_images=reference,
                               inception=inception, progress=not args.quiet, images_folder=args.images)
+    if result is not None:
+        timing = run_timing(started, images_drawn=len(seeds) * len(benchmark.target + benchmark.preserve) * len(images))
+    attacks = attack_images = None
+    if attack_settings is not None:  # every rank draws its share of the attacks' images; rank 0 searches and judges
+        from earkit.ecgvf.attacks import attacks_table, run_attacks
+        from earkit.ecgvf.report import attacks_block
+
+        attacks_started = time.perf_counter()
+        anchors = [p.concept for p in benchmark.preserve if p.concept and p.concept != benchmark.concept]
+        attacks, attack_images = run_attacks(
+            model_source, checkpoint=checkpoint, concept=benchmark.concept, prompts=[p.prompt for p in benchmark.target],
+            judge=judge, settings=attack_settings, seeds=seeds, guidance_scale=guidance_scale, temperature=temperature,
+            batch_size=args.batch_size, device=device, dtype=args.dtype, anchors=list(dict.fromkeys(anchors)),
+            progress=not args.quiet)
+        if result is not None:
+            result["attacks"] = attacks_block(attacks)
+            timing["attack_search_seconds"] = attacks["_search_seconds"]
+            timing["attack_seconds"] = round(time.perf_counter() - attacks_started, 3)
     if result is None:  # a rank other than 0 of a torchrun job: it drew its share, rank 0 writes
         return None
-    timing = run_timing(started, images_drawn=len(seeds) * len(benchmark.target + benchmark.preserve) * len(images))
     write_folder_atomically(out, lambda partial: write_report(partial, result, images, benchmark,
-                                                              all_images=args.all_images, timing=timing),
+                                                              all_images=args.all_images, timing=timing,
+                                                              attacks=attacks, attack_images=attack_images),
                             force=args.force, kind="report", what="report folder", legacy=legacy_report_names)
     print(headline(result))
+    if attacks is not None:
+        print(attacks_table(attacks))
     print(f"wrote {out / 'metrics.json'}, {out / 'summary.md'} and {out / 'report.html'}")
     return result
