@@ -59,7 +59,7 @@ class AttackSettings:
 
     attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
     n_tokens: int = 4  # tokens each search chooses per prompt
-    steps: int = 50  # white-box optimiser steps (Ring-A-Bell: token positions searched, 8 a token)
+    steps: int = 50  # white-box optimiser steps; Ring-A-Bell search steps (one token position of every prompt each)
     seconds: float | None = None
     strength: float = 3.0  # Ring-A-Bell: how far along the concept direction the target state lies
     seed: int = 0  # the searches' seed (their starting tokens, the white-box targets)

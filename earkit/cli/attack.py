@@ -45,8 +45,8 @@ def add_attack_arguments(parser: argparse.ArgumentParser, *, default_attacks: st
     group.add_argument("--attack-tokens", type=int, default=None,
                        help=f"tokens each search chooses per prompt (default: {defaults.n_tokens})")
     group.add_argument("--attack-steps", type=int, default=None,
-                       help="white-box optimiser steps; Ring-A-Bell: token positions searched, 8 a token "
-                            f"(default: {defaults.steps})")
+                       help="white-box optimiser steps; Ring-A-Bell: search steps, each setting one token "
+                            f"position of every prompt (default: {defaults.steps})")
     group.add_argument("--attack-seconds", type=optional_float, default=None,
                        help="a cap on each search's seconds; a search it cuts short is no longer reproducible "
                             "(default: none)")
