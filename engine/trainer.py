@@ -381,22 +381,33 @@ def teacher_targets(model, tokenizer, teacher: FrozenTeacher, batch: list[Prompt
     prompts = [concept[row] for row in rows]
     targets = teacher_pass(model, tokenizer, teacher, prompts, [anchor[row] for row in rows],
                            image_seeds(config.seed, step, CONCEPT_STREAM, rows), config)
-    return adversarial_targets(model, tokenizer, targets, prompts, step, config, rows) if config.robust else targets
+    if not config.robust:
+        return targets
+    concepts = repeated([pair.concept or config.concept for pair in batch], config)
+    return adversarial_targets(model, tokenizer, targets, prompts, [concepts[row] for row in rows], step, config, rows)
 
 
-def adversarial_targets(model, tokenizer, targets: TeacherTargets, prompts: list[str], step: int, config: EraseConfig,
-                        rows) -> TeacherTargets:
+def adversarial_targets(model, tokenizer, targets: TeacherTargets, prompts: list[str], concepts: list, step: int,
+                        config: EraseConfig, rows) -> TeacherTargets:
     """--robust (after AdvUnlearn): the white-box attack of engine/attacks.py, run on the current
-    student for `robust_steps`, finds `robust_tokens` tokens to put before each concept prompt
-    under which the student gives the teacher's image back; those attacked prompts join the batch
-    as more rows with the same image and the same teacher targets, so the student learns to
-    erase under them too (the teacher's states stay those of the plain prompt: the target is
-    what the concept prompt should give, whatever is put before it)."""
-    from .attacks import soft_prompt_attack
+    student for `robust_steps`, finds `robust_tokens` tokens under which the student gives the
+    teacher's image of each concept prompt back; those attacked prompts join the batch as more
+    rows with the same image and the same teacher targets, so the student learns to erase under
+    them too (the teacher's states stay those of the plain prompt: the target is what the concept
+    prompt should give). The attack takes turns, a step each: tokens put before the concept
+    prompt (UnlearnDiffAtk's form), and tokens put after the prompt with its concept deleted
+    (Ring-A-Bell's form, which names no concept at all); a row whose concept word is unknown
+    (a pairs file without it) keeps its prompt whole and gets the tokens after it."""
+    from .attacks import soft_prompt_attack, without_concept
 
-    found = soft_prompt_attack(model, tokenizer, prompts, targets.tokens, n_tokens=config.robust_tokens,
+    attacked, where = list(prompts), "prefix"
+    if step % 2 == 1:
+        where = "suffix"
+        attacked = [without_concept(prompt, concept) if concept else prompt for prompt, concept in zip(prompts, concepts)]
+        attacked = [text if text else prompt for text, prompt in zip(attacked, prompts)]
+    found = soft_prompt_attack(model, tokenizer, attacked, targets.tokens, n_tokens=config.robust_tokens,
                                steps=config.robust_steps, seed=derived_seed(config.seed, step, ROBUST_STREAM),
-                               rows=list(rows), batch_size=None)
+                               rows=list(rows), batch_size=None, where=where)
     device = targets.tokens.device
     both = encode_prompts(tokenizer, prompts + found.prompts, device)
     return TeacherTargets(both, torch.cat([targets.tokens, targets.tokens]), torch.cat([targets.concept, targets.concept]),

@@ -12,6 +12,7 @@ from earkit.cli import main as cli_main
 from earkit.engine.checkpoint import load_checkpoint
 from earkit.engine.model import encode_prompts, image_hidden_states, image_logits, load_janus
 from earkit.engine.pair_files import pairs_from_concept
+from earkit.engine.sampler import derived_seed
 from earkit.engine.tiny import save_tiny_janus
 from earkit.engine import objectives
 from earkit.engine.distributed import Ranks
@@ -326,3 +327,46 @@ def test_an_image_is_the_same_whichever_rows_share_its_shard(tiny_model_folder):
     assert teacher_targets(model, tokenizer, teacher, pairs, 3, run, rows=range(4, 4)) is None
     other_step = teacher_targets(model, tokenizer, teacher, pairs, 4, run)
     assert not torch.equal(other_step.tokens, whole.tokens)
+
+
+@pytest.mark.parametrize("step, where", [(2, "prefix"), (3, "suffix")])
+def test_robust_rows_are_the_plain_rows_again_under_the_prompts_an_attack_found(tiny_model_folder, step, where):
+    from earkit.engine import attacks
+
+    model, tokenizer = load_janus(tiny_model_folder, device="cpu")
+    plain_run = config(tiny_model_folder, "unused")
+    robust_run = config(tiny_model_folder, "unused", robust=True, robust_tokens=2, robust_steps=3)
+    teacher = FrozenTeacher(select_trainable(model, plain_run.trainable))
+    pairs = pairs_from_concept("circle", "square")[:2]
+    plain = teacher_targets(model, tokenizer, teacher, pairs, step, plain_run)
+    robust = teacher_targets(model, tokenizer, teacher, pairs, step, robust_run)
+    assert torch.equal(robust.tokens, torch.cat([plain.tokens, plain.tokens]))
+    assert torch.equal(robust.concept, torch.cat([plain.concept, plain.concept]))
+    assert torch.equal(robust.anchor, torch.cat([plain.anchor, plain.anchor]))
+    # the extra rows' prompts: what the attack finds on the current model, from the step's own seed
+    prompts = [pair.concept_prompt for pair in pairs]
+    # (a prompt that is the concept alone keeps it: nothing would be left to attack)
+    attacked = prompts if where == "prefix" else [attacks.without_concept(p, "circle") or p for p in prompts]
+    assert where == "prefix" or attacked != prompts
+    found = attacks.soft_prompt_attack(model, tokenizer, attacked, plain.tokens, n_tokens=2, steps=3, where=where,
+                                       seed=derived_seed(3, step, 2), batch_size=None)
+    want = encode_prompts(tokenizer, prompts + found.prompts)
+    assert torch.equal(robust.concept_batch.input_ids, want.input_ids)
+    if where == "suffix":
+        assert [text.split()[:-2] for text in found.prompts] == [text.split() for text in attacked]
+
+
+def test_a_robust_run_is_deterministic_and_refuses_a_changed_attack_on_resume(tiny_model_folder, tmp_path):
+    options = dict(robust=True, robust_tokens=2, robust_steps=2, steps=2, batch_size=2)
+    first = erase(config(tiny_model_folder, tmp_path / "a", **options), progress=False)
+    second = erase(config(tiny_model_folder, tmp_path / "b", **options), progress=False)
+    plain = erase(config(tiny_model_folder, tmp_path / "c", steps=2, batch_size=2), progress=False)
+    assert first.losses == second.losses and first.losses != plain.losses
+    got, want = load_checkpoint(first.checkpoint).tensors, load_checkpoint(second.checkpoint).tensors
+    assert all(torch.equal(got[name], want[name]) for name in want)
+    with pytest.raises(ValueError, match="robust_steps"):
+        erase(config(tiny_model_folder, tmp_path / "a", **{**options, "robust_steps": 3, "steps": 3}, resume=True),
+              progress=False)
+    for name in ("robust_tokens", "robust_steps"):
+        with pytest.raises(ValueError, match=name):
+            config(tiny_model_folder, tmp_path / "d", **{name: 0}).validate()
