@@ -124,7 +124,7 @@ class EraseConfig:
         "help": "adversarial erasure (AdvUnlearn-style, not in the EAR paper): each step a white-box attack on the "
                 "current model finds prompt tokens that bring the concept back, and the step also trains on them"})
     robust_tokens: int = field(default=4, metadata={"help": "--robust: attack tokens put before each concept prompt"})
-    robust_steps: int = field(default=10, metadata={"help": "--robust: attack optimiser steps per training step"})
+    robust_steps: int = field(default=25, metadata={"help": "--robust: attack optimiser steps per training step"})
     seed: int = field(default=0, metadata={"help": "the run's seed"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
     device: str | None = field(default=None, metadata={

@@ -162,7 +162,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "its evaluation prompts of --concept)")
     parser.add_argument("--anchor", action="append", default=None,
                         help="without --benchmark: what the erasure draws instead of the concept (Ring-A-Bell's "
-                             "contrast); repeatable (default: none, the concept is deleted)")
+                             "contrast); repeatable (default: square, or circle for square, as earkit erase picks; "
+                             "'none': the concept is deleted instead)")
     parser.add_argument("--max-prompts", type=int, default=20, help="at most N target prompts (default: %(default)s)")
     parser.add_argument("--seeds", type=int, default=2,
                         help="held-out images per attacked prompt, seeds SEED..SEED+N-1 (default: %(default)s)")
@@ -209,6 +210,15 @@ def attacked_prompts(args) -> tuple[str, list[str], list[str]]:
         raise ValueError(f"--concept {args.concept!r} is not a ShapesWorld shape ({', '.join(world.SHAPES)}); "
                          "for another concept give --benchmark FILE")
     anchors = list(dict.fromkeys(anchor.strip().lower() for anchor in args.anchor or ()))
+    if anchors == ["none"]:
+        anchors = []
+    elif not anchors:  # the anchor `earkit erase` gives a ShapesWorld concept alone
+        from earkit.engine.shapesworld import DEFAULT_ANCHOR, DEFAULT_CONCEPT
+
+        anchors = [DEFAULT_CONCEPT if concept == DEFAULT_ANCHOR else DEFAULT_ANCHOR]
+    unknown = [anchor for anchor in anchors if anchor not in world.SHAPES]
+    if unknown:
+        raise ValueError(f"--anchor {unknown[0]!r} is not a ShapesWorld shape ({', '.join(world.SHAPES)}) or none")
     if concept in anchors:
         raise ValueError(f"--anchor {concept!r} is the concept itself")
     return concept, evaluation_prompts(concept, args.max_prompts, SHAPESWORLD_PROMPT_SEED), anchors

@@ -140,6 +140,8 @@ def nothing_loads(monkeypatch):
     (["--concept", "church"], "'church' is not a ShapesWorld shape"),
     (["--model", "{tmp}"], "give --benchmark FILE"),
     (["--benchmark", "{pairs}", "--anchor", "square"], "the anchors are its preservation concepts"),
+    (["--anchor", "hexagon"], "'hexagon' is not a ShapesWorld shape"),
+    (["--anchor", "circle"], "is the concept itself"),
 ])
 def test_bad_attack_input_is_one_line_before_anything_loads(world, tmp_path, capsys, nothing_loads, flags, expect):
     _, checkpoint, pairs = world
@@ -200,3 +202,16 @@ def test_eval_with_attacks_adds_them_to_its_report_and_changes_nothing_else(worl
     timing = json.loads(attacked["timing.json"])
     assert set(timing["attack_search_seconds"]) == {"plain", "white-box"}
     assert "attack_search_seconds" not in json.loads(plain["timing.json"])
+
+
+def test_shapesworld_attacks_contrast_with_the_anchor_earkit_erase_picks():
+    import argparse
+
+    from earkit.cli.attack import attacked_prompts
+
+    def anchors(concept, given=None):
+        args = argparse.Namespace(benchmark=None, model=None, concept=concept, anchor=given, max_prompts=3)
+        return attacked_prompts(args)[2]
+
+    assert anchors("circle") == ["square"] and anchors("square") == ["circle"] and anchors("star") == ["square"]
+    assert anchors("circle", ["none"]) == [] and anchors("circle", ["Star", "cross"]) == ["star", "cross"]
