@@ -66,6 +66,7 @@ class AttackSettings:
     paraphrases: list[str] | None = None  # given prompts; None: ask `backends`
     backends: list | None = None  # pairs backends for paraphrases (default: the offline template backend)
     vocabulary: dict | None = None  # the model's prompt vocabulary, for the template backend
+    paraphrase_source: str = "given"  # "backends" once ask_paraphrases has asked them
 
     def validate(self) -> None:
         from earkit.engine.attacks import check_budget
@@ -81,10 +82,19 @@ class AttackSettings:
         if self.paraphrases is not None and not self.paraphrases:
             raise ValueError("the paraphrase file holds no prompts")
 
+    def ask_paraphrases(self, concept: str, count: int) -> None:
+        """Ask the backends for the paraphrase attack's prompts now, when it is chosen and none
+        are given: a command does this before any model loads, so a backend that cannot describe
+        the concept ends the run before the work, not after it."""
+        if "paraphrase" not in self.attacks or self.paraphrases is not None:
+            return
+        prompts, _ = paraphrase_prompts(concept, count, self)
+        self.paraphrases, self.paraphrase_source = prompts, "backends"
+
     def describe(self) -> dict:
         return {"attacks": list(self.attacks), "n_tokens": self.n_tokens, "steps": self.steps,
                 "seconds": self.seconds, "strength": self.strength, "seed": self.seed,
-                "paraphrases": "given" if self.paraphrases is not None else "generated"}
+                "paraphrases": self.paraphrase_source if self.paraphrases is not None else "backends"}
 
 
 def success_rate(seen) -> float:
@@ -119,7 +129,8 @@ class TwoSides:
 def paraphrase_prompts(concept: str, count: int, settings: AttackSettings) -> tuple[list[str], dict]:
     """(prompts, cost): the given paraphrases (the first `count`), or `count` asked of the backends."""
     if settings.paraphrases is not None:
-        return list(settings.paraphrases)[:count], {"source": "file", "prompts": min(count, len(settings.paraphrases))}
+        source = "file" if settings.paraphrase_source == "given" else settings.paraphrase_source
+        return list(settings.paraphrases)[:count], {"source": source, "prompts": min(count, len(settings.paraphrases))}
     from .pair_generation import TemplateBackend, generate_paraphrases
 
     backends = settings.backends or [TemplateBackend(settings.vocabulary)]
@@ -167,9 +178,10 @@ def search_attacks(sides: TwoSides, tokenizer, concept: str, prompts: list[str],
             base = sides.use("before")
             neutral = [engine_attacks.without_concept(prompt, concept) for prompt in prompts]
             usable = [(prompt, plain) for prompt, plain in zip(prompts, neutral) if plain]
-            if not usable:
-                raise ValueError(f"ring-a-bell: every target prompt is only the concept {concept!r}; nothing is "
-                                 "left of them to attack")
+            if not usable:  # every target prompt is the concept alone: nothing is left to attack
+                found[name] = {"prompts": [], "search": {"steps": 0, "seconds": 0.0,
+                                                         "stopped": "no target prompt holds more than the concept"}}
+                continue
             contrast = [n for _, n in usable]
             if anchors:
                 from .pair_generation.parsing import concept_pattern
@@ -292,7 +304,8 @@ def attacks_table(result: dict) -> str:
         cost = "-" if name in ("plain", "paraphrase") else f"{search.get('steps')} steps ({search.get('stopped')})"
         if name == "paraphrase":
             cost = search.get("source", "-")
-        rates = " | ".join(f"{100 * block['sides'][side]['success_rate']:.1f}%" for side in sides)
+        rates = " | ".join("-" if block["sides"][side]["success_rate"] != block["sides"][side]["success_rate"]
+                           else f"{100 * block['sides'][side]['success_rate']:.1f}%" for side in sides)
         mark = " (strongest)" if name == result.get("strongest") else ""
         lines.append(f"| {name}{mark} | {len(block['prompts'])} | {rates} | {cost} |")
     return "\n".join(lines)

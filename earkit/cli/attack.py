@@ -123,6 +123,15 @@ def attack_settings_from_args(args, model_source):
     return settings
 
 
+def ask_paraphrases(settings, concept: str, count: int) -> None:
+    """settings.ask_paraphrases on rank 0 (which alone has the backends and searches), before any
+    model loads: a concept no backend can describe ends every rank alike, before the work."""
+    from earkit.engine import distributed
+
+    if settings is not None:
+        distributed.main_decides(lambda: settings.ask_paraphrases(concept, count), "rank 0 asking for paraphrases")
+
+
 def rank_zero_backends(args, model_source) -> list | None:
     """The paraphrase backends the flags name, built on rank 0 alone (only it searches; a
     transformers backend loads a language model), whose errors end every rank alike. None on the
@@ -251,6 +260,7 @@ def run(args) -> dict:
     guidance_scale, temperature = resolve_source_sampling(model_source, args.guidance_scale, args.temperature)
     check_sampling_arguments(guidance_scale, temperature, None, None)
     settings = attack_settings_from_args(args, model_source)
+    ask_paraphrases(settings, concept, len(prompts))
     judge = parse_judge(args.judge, model_folder=model_source, device=device, labels=[concept] + anchors)
     seeds = list(range(args.seed, args.seed + args.seeds))
     result, images = run_attacks(model_source, checkpoint=args.checkpoint, concept=concept, prompts=prompts,

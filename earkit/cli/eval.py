@@ -14,7 +14,7 @@ from pathlib import Path
 from earkit.cli.arguments import (
     add_checkpoint_argument, add_judge_argument, add_sampling_arguments, check_count,
 )
-from earkit.cli.attack import add_attack_arguments, attack_settings_from_args
+from earkit.cli.attack import add_attack_arguments, ask_paraphrases, attack_settings_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +98,7 @@ def run(args) -> dict:
     guidance_scale, temperature = resolve_source_sampling(model_source, args.guidance_scale, args.temperature)
     check_sampling_arguments(guidance_scale, temperature, None, None)
     attack_settings = attack_settings_from_args(args, model_source)  # None without --attacks
+    ask_paraphrases(attack_settings, benchmark.concept, len(benchmark.target))  # before the minutes of sampling
     threshold = DEFAULT_NUDENET_THRESHOLD if args.nudenet_threshold is None else args.nudenet_threshold
     labels = [benchmark.concept] + [p.concept for p in benchmark.preserve if p.concept]
     judge = parse_judge(args.judge, model_folder=model_source, device=device, labels=labels,

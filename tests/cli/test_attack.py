@@ -215,3 +215,16 @@ def test_shapesworld_attacks_contrast_with_the_anchor_earkit_erase_picks():
 
     assert anchors("circle") == ["square"] and anchors("square") == ["circle"] and anchors("star") == ["square"]
     assert anchors("circle", ["none"]) == [] and anchors("circle", ["Star", "cross"]) == ["star", "cross"]
+
+
+@pytest.mark.parametrize("command", ["attack", "eval"])
+def test_a_concept_no_backend_can_paraphrase_ends_before_the_work(world, tmp_path, capsys, nothing_loads, command):
+    _, checkpoint, _ = world
+    benchmark = tmp_path / "zebra.jsonl"
+    benchmark.write_text(json.dumps({"prompt": "a zebra on a hill", "role": "target", "concept": "zebra"}) + "\n")
+    out = tmp_path / "report"
+    argv = [command, "--checkpoint", str(checkpoint), "--benchmark", str(benchmark), "--attacks", "paraphrase",
+            "--out", str(out)]
+    error = usage_error(capsys, argv)
+    assert "paraphrase attack got no prompts for 'zebra'" in error and "--backend openai" in error
+    assert not out.exists()

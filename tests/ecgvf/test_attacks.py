@@ -120,3 +120,19 @@ def test_the_report_files_are_written(tmp_path, erased_checkpoint):
     record = json.loads((tmp_path / "attacks.json").read_text())
     assert record["format"] == "earkit-attack" and "_search_seconds" not in record
     assert "paraphrase" in json.loads((tmp_path / "attacks-timing.json").read_text())["search_seconds"]
+
+
+def test_ring_a_bell_with_nothing_but_the_concept_to_attack_reports_no_prompts(erased_checkpoint):
+    from earkit.ecgvf.judges import parse_judge
+    from earkit.engine.shapesworld import generator_folder
+
+    model = str(generator_folder())
+    judge = parse_judge("shapesworld", model_folder=model, device="cpu", labels=["circle"])
+    settings = attacks.AttackSettings(attacks=["ring-a-bell"], n_tokens=1, steps=1)
+    result, _ = attacks.run_attacks(model, checkpoint=erased_checkpoint, concept="circle", prompts=["circle"],
+                                    judge=judge, settings=settings, seeds=[3], guidance_scale=1.5, temperature=0.5,
+                                    device="cpu", progress=False)
+    block = result["attacks"]["ring-a-bell"]
+    assert block["prompts"] == [] and block["search"]["stopped"].startswith("no target prompt")
+    assert result["strongest"] is None  # no rate to compare
+    assert "| ring-a-bell | 0 | - | - |" in attacks.attacks_table(result)
