@@ -1,4 +1,4 @@
-"""earkit.ecgvf: the ECGVF benchmark: prompt pairs, the visual filter and its judges, metrics, reports."""
+"""earkit.ecgvf: the ECGVF benchmark: prompt pairs, the visual filter and its judges, metrics, reports, attacks."""
 
 if __name__ != "earkit.ecgvf":  # imported as a top-level `ecgvf`: see earkit/_source_folder.py
     from earkit._source_folder import refusal
@@ -13,12 +13,14 @@ else:
         check_pair,
         extract_pair_list,
         generate_pairs,
+        generate_paraphrases,
         load_examples,
         pair_request_messages,
         validate_items,
         write_generated,
     )
 
+    from .attacks import ATTACKS, AttackSettings, run_attacks, write_attack_files
     from .benchmark import Benchmark, BenchmarkPrompt, load_benchmark
     from .evaluate import evaluate
     from .filter import FilterRules, filter_pairs, filter_pairs_with_model, write_filter_results
@@ -32,4 +34,5 @@ else:
         "Judge", "ShapesWorldJudge", "OpenClipJudge", "NudeNetJudge", "ResNet50Judge", "parse_judge",
         "FilterRules", "filter_pairs", "filter_pairs_with_model", "write_filter_results",
         "Benchmark", "BenchmarkPrompt", "load_benchmark", "evaluate", "write_report",
+        "generate_paraphrases", "ATTACKS", "AttackSettings", "run_attacks", "write_attack_files",
     ]
