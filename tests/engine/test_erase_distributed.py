@@ -67,6 +67,15 @@ def test_two_ranks_train_to_the_one_process_weights(tmp_path):
     assert 0.2 < min(metrics(tmp_path / "two")["kept_fractions"]) < 0.8
 
 
+def test_two_ranks_train_robust_to_the_one_process_weights(tmp_path):
+    # --robust: each rank attacks its own rows, each row's attack seeded by its row in the whole
+    # batch, so the attacked prompts, and the weights, are those of one process.
+    argv = TRAIN + ["--steps", "2", "--batch-size", "3", "--robust", "--robust-steps", "3", "--robust-tokens", "2"]
+    torchrun(tmp_path, argv + ["--out", str(tmp_path / "two")])
+    assert cli_main(argv + ["--out", str(tmp_path / "one")]) == 0
+    assert_same_run(tmp_path / "two", tmp_path / "one")
+
+
 def test_the_shapesworld_default_resumed_on_two_ranks_with_a_batch_smaller_than_the_world(tmp_path, capsys):
     # One pair a step over two ranks: rank 1 has no rows, adds zero gradients and still takes
     # every step; the preservation term (ShapesWorld's default) is shared out the same way, and
