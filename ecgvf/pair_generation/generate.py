@@ -64,16 +64,10 @@ def generate_pairs(concept: str, *, backends, n_pairs: int, seed: int = 0, retri
     anchor, backend, model, template, seed, attempt}, and counts of everything that happened.
     """
     concept = check_concept(concept)
-    backends = [backends] if hasattr(backends, "complete") else list(backends or [])
-    if not backends:
-        raise ValueError("no backends: give at least one (TemplateBackend() works offline)")
-    integers = (("n_pairs", n_pairs, 1), ("retries", retries, 0), ("pairs_per_request", pairs_per_request, 1),
-                ("max_tokens", max_tokens, 1), ("patience", patience, 1), ("max_failed_requests", max_failed_requests, 1))
-    for name, value, least in integers:
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    backends = check_run_arguments(backends, (
+        ("n_pairs", n_pairs, 1), ("retries", retries, 0), ("pairs_per_request", pairs_per_request, 1),
+        ("max_tokens", max_tokens, 1), ("patience", patience, 1), ("max_failed_requests", max_failed_requests, 1)),
+        temperature, "TemplateBackend() works offline")
     if not 0.0 <= min_similarity <= 1.0:
         raise ValueError(f"min_similarity must be in [0, 1], got {min_similarity!r}")
     anchors = word_list(anchors, "anchors")
@@ -86,87 +80,32 @@ def generate_pairs(concept: str, *, backends, n_pairs: int, seed: int = 0, retri
     messages = pair_request_messages(concept, count=pairs_per_request, anchors=anchors,
                                      style_hints=style_hints, examples=examples)
 
-    per_backend = {label: {"backend": backend.name, "model": backend.model, "requests": 0, "attempts": 0,
-                           "received": 0, "valid": 0, "rejected": {}, "malformed_replies": 0, "salvaged_replies": 0,
-                           "backend_errors": 0, "errors": [], "malformed_example": None, "retired": False}
-                   for label, backend in zip(labels, backends)}
-    failed_in_a_row = dict.fromkeys(labels, 0)
     accepted, rejected_pairs, seen = [], [], set()
-    requests, stale_rounds, round_index, stopped = 0, 0, 0, None
 
-    from tqdm.auto import tqdm
+    def take(backend, label, counts, parsed, call_seed, attempt) -> None:
+        items, salvaged = parsed
+        counts["salvaged_replies"] += salvaged
+        counts["received"] += len(items)
+        good, bad = validate_items(items, concept, seen=seen, min_similarity=min_similarity)
+        for pair in good:
+            accepted.append({
+                "concept_prompt": pair["concept_prompt"], "anchor_prompt": pair["anchor_prompt"],
+                "concept": concept, "anchor": pair["anchor"], "backend": backend.name,
+                "model": backend.model, "template": TEMPLATE, "seed": call_seed, "attempt": attempt,
+            })
+        for pair in bad:
+            counts["rejected"][pair["reason"]] = counts["rejected"].get(pair["reason"], 0) + 1
+            rejected_pairs.append({**pair, "backend": label, "seed": call_seed, "attempt": attempt})
+        counts["valid"] += len(good)
 
-    bar = tqdm(total=n_pairs, desc=f"pairs for {concept!r}", unit="pair", disable=not progress, file=sys.stderr)
-    try:
-        while stopped is None:
-            found_before = len(accepted)
-            for label, backend in zip(labels, backends):
-                counts = per_backend[label]
-                if counts["retired"]:
-                    continue
-                if len(accepted) >= n_pairs:
-                    break
-                if requests >= max_requests:
-                    break
-                requests += 1
-                counts["requests"] += 1
-                request_index = counts["requests"] - 1
-                for attempt in range(retries + 1):
-                    call_seed = request_seed(seed, label, request_index, attempt)
-                    counts["attempts"] += 1
-                    try:
-                        reply = backend.complete(messages, seed=call_seed, temperature=temperature,
-                                                 max_tokens=max_tokens)
-                    except Exception as error:  # noqa: BLE001 - a failing backend must not end the run
-                        counts["backend_errors"] += 1
-                        message = str(error) if isinstance(error, BackendError) else f"{type(error).__name__}: {error}"
-                        if message not in counts["errors"] and len(counts["errors"]) < 5:
-                            counts["errors"].append(message)
-                        continue
-                    try:
-                        items, salvaged = extract_pair_list(reply)
-                    except MalformedReply as error:
-                        counts["malformed_replies"] += 1
-                        if counts["malformed_example"] is None:
-                            counts["malformed_example"] = f"{error}: {short_text(str(reply))}"
-                        continue
-                    counts["salvaged_replies"] += salvaged
-                    counts["received"] += len(items)
-                    good, bad = validate_items(items, concept, seen=seen, min_similarity=min_similarity)
-                    for pair in good:
-                        accepted.append({
-                            "concept_prompt": pair["concept_prompt"], "anchor_prompt": pair["anchor_prompt"],
-                            "concept": concept, "anchor": pair["anchor"], "backend": backend.name,
-                            "model": backend.model, "template": TEMPLATE, "seed": call_seed, "attempt": attempt,
-                        })
-                    for pair in bad:
-                        counts["rejected"][pair["reason"]] = counts["rejected"].get(pair["reason"], 0) + 1
-                        rejected_pairs.append({**pair, "backend": label, "seed": call_seed, "attempt": attempt})
-                    counts["valid"] += len(good)
-                    bar.update(min(len(good), max(0, n_pairs - bar.n)))
-                    failed_in_a_row[label] = 0
-                    break
-                else:  # every attempt failed
-                    failed_in_a_row[label] += 1
-                    if failed_in_a_row[label] >= max_failed_requests:
-                        counts["retired"] = True
-            round_index += 1
-            stale_rounds = 0 if len(accepted) > found_before else stale_rounds + 1
-            if len(accepted) >= n_pairs:
-                stopped = "enough pairs"
-            elif all(counts["retired"] for counts in per_backend.values()):
-                stopped = f"every backend retired after {max_failed_requests} failed requests in a row"
-            elif requests >= max_requests:
-                stopped = f"request budget spent ({max_requests} requests)"
-            elif stale_rounds >= patience:
-                stopped = f"no new pair in {patience} rounds"
-    finally:
-        bar.close()
+    run = ask_backends(backends, labels, messages, wanted=n_pairs, found=lambda: len(accepted), take=take,
+                       parse=extract_pair_list, things="pairs", desc=f"pairs for {concept!r}", progress=progress,
+                       seed=seed, retries=retries, temperature=temperature, max_tokens=max_tokens,
+                       max_requests=max_requests, patience=patience, max_failed_requests=max_failed_requests,
+                       counts_extra={"salvaged_replies": 0})
+    per_backend, requests, round_index, stopped = run
 
-    rejected_by_reason = {}
-    for counts in per_backend.values():
-        for reason, number in counts["rejected"].items():
-            rejected_by_reason[reason] = rejected_by_reason.get(reason, 0) + number
+    rejected_by_reason = rejections_by_reason(per_backend)
     summary = {
         "concept": concept, "template": TEMPLATE, "seed": seed, "requested": n_pairs,
         "returned": min(n_pairs, len(accepted)),  # the pairs given back (the first n_pairs valid ones)
@@ -180,6 +119,127 @@ def generate_pairs(concept: str, *, backends, n_pairs: int, seed: int = 0, retri
         "per_backend": per_backend, "rejected_pairs": rejected_pairs,
     }
     return accepted[:n_pairs], summary
+
+
+def ask_backends(backends, labels, messages, *, wanted: int, found, take, parse, things: str, desc: str,
+                 progress: bool, seed: int, retries: int, temperature: float, max_tokens: int, max_requests: int,
+                 patience: int, max_failed_requests: int, counts_extra=None) -> tuple[dict, int, int, str]:
+    """The loop both generators run: rounds in which each backend not retired is asked once
+    (ask_with_retries; a reply parse() accepts goes to take(backend, label, counts, parsed,
+    call_seed, attempt)), until found() reaches `wanted` or stop_reason says why not.
+    Returns (per-backend counts, requests, rounds, the stop reason)."""
+    from tqdm.auto import tqdm
+
+    per_backend = backend_counts(labels, backends, **(counts_extra or {}))
+    failed_in_a_row = dict.fromkeys(labels, 0)
+    requests, stale_rounds, rounds, stopped = 0, 0, 0, None
+    bar = tqdm(total=wanted, desc=desc, unit=things.rstrip("s"), disable=not progress, file=sys.stderr)
+    try:
+        while stopped is None:
+            found_before = found()
+            for label, backend in zip(labels, backends):
+                counts = per_backend[label]
+                if counts["retired"]:
+                    continue
+                if found() >= wanted or requests >= max_requests:
+                    break
+                requests += 1
+                answer = ask_with_retries(backend, label, counts, messages, seed=seed, retries=retries,
+                                          temperature=temperature, max_tokens=max_tokens, parse=parse)
+                note_request(failed_in_a_row, label, counts, answered=answer is not None,
+                             max_failed_requests=max_failed_requests)
+                if answer is not None:
+                    take(backend, label, counts, *answer)
+                    bar.update(min(found(), wanted) - bar.n)
+            rounds += 1
+            stale_rounds = 0 if found() > found_before else stale_rounds + 1
+            stopped = stop_reason(things, found(), wanted, per_backend, requests, max_requests, stale_rounds,
+                                  patience, max_failed_requests)
+    finally:
+        bar.close()
+    return per_backend, requests, rounds, stopped
+
+
+def check_run_arguments(backends, integers, temperature, offline_hint: str) -> list:
+    """The backends as a list, once the integers ((name, value, least), ...) and the temperature
+    are checked: ValueError naming the first that is wrong."""
+    backends = [backends] if hasattr(backends, "complete") else list(backends or [])
+    if not backends:
+        raise ValueError(f"no backends: give at least one ({offline_hint})")
+    for name, value, least in integers:
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    return backends
+
+
+def backend_counts(labels, backends, **extra) -> dict:
+    """{label: the counts a run keeps of one backend}, starting at zero (`extra`: more of them)."""
+    return {label: {"backend": backend.name, "model": backend.model, "requests": 0, "attempts": 0, "received": 0,
+                    "valid": 0, "rejected": {}, "malformed_replies": 0, **extra, "backend_errors": 0, "errors": [],
+                    "malformed_example": None, "retired": False}
+            for label, backend in zip(labels, backends)}
+
+
+def ask_with_retries(backend, label: str, counts: dict, messages, *, seed: int, retries: int, temperature: float,
+                     max_tokens: int, parse):
+    """One request to one backend: up to retries + 1 attempts, each with its own seed, until a
+    reply parse() accepts. Returns (parsed, call_seed, attempt), or None when every attempt failed.
+    `counts` (the backend's) records the request, the attempts, the backend errors (the first five
+    messages) and the malformed replies (the first one shown): a failing backend never ends a run."""
+    counts["requests"] += 1
+    for attempt in range(retries + 1):
+        call_seed = request_seed(seed, label, counts["requests"] - 1, attempt)
+        counts["attempts"] += 1
+        try:
+            reply = backend.complete(messages, seed=call_seed, temperature=temperature, max_tokens=max_tokens)
+        except Exception as error:  # noqa: BLE001 - a failing backend must not end the run
+            counts["backend_errors"] += 1
+            message = str(error) if isinstance(error, BackendError) else f"{type(error).__name__}: {error}"
+            message = short_text(message, 400)
+            if message not in counts["errors"] and len(counts["errors"]) < 5:
+                counts["errors"].append(message)
+            continue
+        try:
+            parsed = parse(reply)
+        except MalformedReply as error:
+            counts["malformed_replies"] += 1
+            if counts["malformed_example"] is None:
+                counts["malformed_example"] = f"{error}: {short_text(str(reply))}"
+            continue
+        return parsed, call_seed, attempt
+    return None
+
+
+def note_request(failed_in_a_row: dict, label: str, counts: dict, *, answered: bool, max_failed_requests: int) -> None:
+    """A backend whose last max_failed_requests requests all failed is retired."""
+    failed_in_a_row[label] = 0 if answered else failed_in_a_row[label] + 1
+    if failed_in_a_row[label] >= max_failed_requests:
+        counts["retired"] = True
+
+
+def stop_reason(things: str, found: int, wanted: int, per_backend: dict, requests: int, max_requests: int,
+                stale_rounds: int, patience: int, max_failed_requests: int) -> str | None:
+    """Why a round of requests ends the run (None: ask again); `things` names what is asked for."""
+    if found >= wanted:
+        return f"enough {things}"
+    if all(counts["retired"] for counts in per_backend.values()):
+        return f"every backend retired after {max_failed_requests} failed requests in a row"
+    if requests >= max_requests:
+        return f"request budget spent ({max_requests} requests)"
+    if stale_rounds >= patience:
+        return f"no new {things.rstrip('s')} in {patience} rounds"
+    return None
+
+
+def rejections_by_reason(per_backend: dict) -> dict:
+    """Every backend's rejection counts added up by reason."""
+    totals = {}
+    for counts in per_backend.values():
+        for reason, number in counts["rejected"].items():
+            totals[reason] = totals.get(reason, 0) + number
+    return totals
 
 
 # ---------------------------------------------------------------- writing

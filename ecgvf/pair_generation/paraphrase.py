@@ -21,13 +21,11 @@ import itertools
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 from earkit.io import check_new_files, encode_utf8, parse_json, read_text_file, unencodable, write_files_atomic
 
-from .backends import BackendError
-from .generate import _backend_labels, is_pairs_summary, request_seed, summary_path
+from .generate import _backend_labels, ask_backends, check_run_arguments, is_pairs_summary, rejections_by_reason, summary_path
 from .parsing import (DUPLICATE, MalformedReply, _recorded, concept_pattern, normalised, short_text,
                       without_trailing_commas)
 from .prompt import REQUEST_MARKER, check_concept
@@ -195,100 +193,40 @@ def generate_paraphrases(concept: str, *, backends, n: int, seed: int = 0, retri
     rejected prompt with its reason).
     """
     concept = check_concept(concept)
-    backends = [backends] if hasattr(backends, "complete") else list(backends or [])
-    if not backends:
-        raise ValueError("no backends: give at least one (TemplateBackend() works offline for a few concepts)")
-    integers = (("n", n, 1), ("retries", retries, 0), ("prompts_per_request", prompts_per_request, 1),
-                ("max_tokens", max_tokens, 1), ("patience", patience, 1), ("max_failed_requests", max_failed_requests, 1))
-    for name, value, least in integers:
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    backends = check_run_arguments(backends, (
+        ("n", n, 1), ("retries", retries, 0), ("prompts_per_request", prompts_per_request, 1),
+        ("max_tokens", max_tokens, 1), ("patience", patience, 1), ("max_failed_requests", max_failed_requests, 1)),
+        temperature, "TemplateBackend() works offline for a few concepts")
     labels = _backend_labels(backends)
     if max_requests is None:
         max_requests = len(backends) * max(5, 3 * math.ceil(n / prompts_per_request))
     messages = paraphrase_request_messages(concept, count=prompts_per_request, examples=examples)
 
-    per_backend = {label: {"backend": backend.name, "model": backend.model, "requests": 0, "attempts": 0,
-                           "received": 0, "valid": 0, "rejected": {}, "malformed_replies": 0, "backend_errors": 0,
-                           "errors": [], "malformed_example": None, "retired": False}
-                   for label, backend in zip(labels, backends)}
-    failed_in_a_row = dict.fromkeys(labels, 0)
     accepted, seen, rejected_prompts = [], set(), []
-    requests, stale_rounds, round_index, stopped = 0, 0, 0, None
 
-    from tqdm.auto import tqdm
+    def take(backend, label, counts, items, call_seed, attempt) -> None:
+        counts["received"] += len(items)
+        for item in items:
+            prompt, reason = check_paraphrase(item, concept)
+            if prompt is not None and normalised(prompt) in seen:
+                prompt, reason = None, DUPLICATE
+            if prompt is None:
+                counts["rejected"][reason] = counts["rejected"].get(reason, 0) + 1
+                rejected_prompts.append({"prompt": _recorded(item), "reason": reason, "backend": label,
+                                         "seed": call_seed})
+                continue
+            seen.add(normalised(prompt))
+            counts["valid"] += 1
+            accepted.append({"prompt": prompt, "concept": concept, "backend": backend.name,
+                             "model": backend.model, "template": PARAPHRASE_TEMPLATE, "seed": call_seed})
 
-    bar = tqdm(total=n, desc=f"paraphrases of {concept!r}", unit="prompt", disable=not progress, file=sys.stderr)
-    try:
-        while stopped is None:
-            found_before = len(accepted)
-            for label, backend in zip(labels, backends):
-                counts = per_backend[label]
-                if counts["retired"] or len(accepted) >= n or requests >= max_requests:
-                    continue
-                requests += 1
-                counts["requests"] += 1
-                for attempt in range(retries + 1):
-                    call_seed = request_seed(seed, label, counts["requests"] - 1, attempt)
-                    counts["attempts"] += 1
-                    try:
-                        reply = backend.complete(messages, seed=call_seed, temperature=temperature,
-                                                 max_tokens=max_tokens)
-                    except Exception as error:  # noqa: BLE001 - a failing backend must not end the run
-                        counts["backend_errors"] += 1
-                        message = str(error) if isinstance(error, BackendError) else f"{type(error).__name__}: {error}"
-                        message = short_text(message, 400)
-                        if message not in counts["errors"] and len(counts["errors"]) < 5:
-                            counts["errors"].append(message)
-                        continue
-                    try:
-                        items = extract_prompt_list(reply)
-                    except MalformedReply as error:
-                        counts["malformed_replies"] += 1
-                        if counts["malformed_example"] is None:
-                            counts["malformed_example"] = f"{error}: {short_text(str(reply))}"
-                        continue
-                    counts["received"] += len(items)
-                    for item in items:
-                        prompt, reason = check_paraphrase(item, concept)
-                        if prompt is not None and normalised(prompt) in seen:
-                            prompt, reason = None, DUPLICATE
-                        if prompt is None:
-                            counts["rejected"][reason] = counts["rejected"].get(reason, 0) + 1
-                            rejected_prompts.append({"prompt": _recorded(item), "reason": reason, "backend": label,
-                                                     "seed": call_seed})
-                            continue
-                        seen.add(normalised(prompt))
-                        counts["valid"] += 1
-                        accepted.append({"prompt": prompt, "concept": concept, "backend": backend.name,
-                                         "model": backend.model, "template": PARAPHRASE_TEMPLATE, "seed": call_seed})
-                        if len(accepted) <= n:
-                            bar.update(1)
-                    failed_in_a_row[label] = 0
-                    break
-                else:  # every attempt failed
-                    failed_in_a_row[label] += 1
-                    if failed_in_a_row[label] >= max_failed_requests:
-                        counts["retired"] = True
-            round_index += 1
-            stale_rounds = 0 if len(accepted) > found_before else stale_rounds + 1
-            if len(accepted) >= n:
-                stopped = "enough prompts"
-            elif all(counts["retired"] for counts in per_backend.values()):
-                stopped = f"every backend retired after {max_failed_requests} failed requests in a row"
-            elif requests >= max_requests:
-                stopped = f"request budget spent ({max_requests} requests)"
-            elif stale_rounds >= patience:
-                stopped = f"no new prompt in {patience} rounds"
-    finally:
-        bar.close()
+    per_backend, requests, round_index, stopped = ask_backends(
+        backends, labels, messages, wanted=n, found=lambda: len(accepted), take=take, parse=extract_prompt_list,
+        things="prompts", desc=f"paraphrases of {concept!r}", progress=progress, seed=seed, retries=retries,
+        temperature=temperature, max_tokens=max_tokens, max_requests=max_requests, patience=patience,
+        max_failed_requests=max_failed_requests)
 
-    rejected_by_reason = {}
-    for counts in per_backend.values():
-        for reason, number in counts["rejected"].items():
-            rejected_by_reason[reason] = rejected_by_reason.get(reason, 0) + number
+    rejected_by_reason = rejections_by_reason(per_backend)
     summary = {
         "concept": concept, "template": PARAPHRASE_TEMPLATE, "seed": seed, "requested": n,
         "returned": min(n, len(accepted)), "valid": len(accepted),
