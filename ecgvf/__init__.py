@@ -20,7 +20,8 @@ else:
         write_generated,
     )
 
-    from .attacks import ATTACKS, AttackSettings, run_attacks, write_attack_files
+    # run_attacks is imported from earkit.ecgvf.attacks: the package exports no run_* (tests/cli/test_layout.py)
+    from .attacks import ATTACKS, AttackSettings, write_attack_files
     from .benchmark import Benchmark, BenchmarkPrompt, load_benchmark
     from .evaluate import evaluate
     from .filter import FilterRules, filter_pairs, filter_pairs_with_model, write_filter_results
@@ -34,5 +35,5 @@ else:
         "Judge", "ShapesWorldJudge", "OpenClipJudge", "NudeNetJudge", "ResNet50Judge", "parse_judge",
         "FilterRules", "filter_pairs", "filter_pairs_with_model", "write_filter_results",
         "Benchmark", "BenchmarkPrompt", "load_benchmark", "evaluate", "write_report",
-        "generate_paraphrases", "ATTACKS", "AttackSettings", "run_attacks", "write_attack_files",
+        "generate_paraphrases", "ATTACKS", "AttackSettings", "write_attack_files",
     ]
