@@ -287,12 +287,27 @@ def warn_unknown_words(tokenizer, prompts: list[str]) -> None:
                       "token and the image follows the rest of the prompt", UserWarning, stacklevel=3)
 
 
-def unconditional(batch: PromptBatch, tokenizer) -> PromptBatch:
+def unconditional(batch: PromptBatch, tokenizer, pad_id: int | None = None) -> PromptBatch:
     """The CFG unconditional row: every prompt token becomes pad except BOS and <begin_of_image>
-    (still attended, as the reference sampler does)."""
+    (still attended, as the reference sampler does). pad_id: the pad the model's generation config
+    names (cfg_pad_id); None: the tokenizer's."""
     ids = special_token_ids(tokenizer)
+    pad = ids["pad"] if pad_id is None else pad_id
     keep = (batch.input_ids == ids["bos"]) | (batch.input_ids == ids["boi"]) | (batch.attention_mask == 0)
-    return PromptBatch(torch.where(keep, batch.input_ids, ids["pad"]), batch.attention_mask)
+    return PromptBatch(torch.where(keep, batch.input_ids, pad), batch.attention_mask)
+
+
+def cfg_pad_id(model, tokenizer) -> int:
+    """The token the CFG unconditional row is made of: the model's generation_config.pad_token_id,
+    as transformers' Janus `generate` uses it, when it names a token the model embeds; else the
+    tokenizer's pad (which Janus-Pro's files may not agree with: the generation config wins)."""
+    configured = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    if isinstance(configured, (list, tuple)):
+        configured = configured[0] if configured else None
+    vocabulary = model.get_input_embeddings().num_embeddings
+    if isinstance(configured, int) and not isinstance(configured, bool) and 0 <= configured < vocabulary:
+        return configured
+    return special_token_ids(tokenizer)["pad"]
 
 
 def positions(attention_mask: Tensor) -> Tensor:

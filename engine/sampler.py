@@ -41,7 +41,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .model import PromptBatch, cache_keyword, encode_prompts, image_logits, image_token_count, positions, unconditional
+from .model import (PromptBatch, cache_keyword, cfg_pad_id, encode_prompts, image_logits, image_token_count, positions,
+                    unconditional)
 
 # Eager decode steps before capture: they initialise cuBLAS handles, workspaces and the like
 # outside the graph. They are real steps of the image, not throw-away runs, because every run
@@ -340,7 +341,7 @@ def sample_chunk(model, tokenizer, prompts: list[str], *, guidance_scale, temper
     batch = encode_prompts(tokenizer, prompts, device=device)
     count = len(prompts)
     if guidance_scale > 1:
-        uncond = unconditional(batch, tokenizer)
+        uncond = unconditional(batch, tokenizer, cfg_pad_id(model, tokenizer))
         batch = PromptBatch(torch.cat([batch.input_ids, uncond.input_ids]),
                             torch.cat([batch.attention_mask, uncond.attention_mask]))
     cache = StaticCache(config=model.config.get_text_config(), max_cache_len=batch.length + image_tokens)
@@ -375,7 +376,8 @@ def sample_image_tokens(model, tokenizer, prompts: list[str], *, guidance_scale:
     Janus-Pro's size: meant for tests and diagnostics).
 
     guidance_scale: 1 = conditional only (no unconditional rows); > 1 = CFG with the
-    unconditional rows of `unconditional` (BOS and <begin_of_image> kept, the rest pad).
+    unconditional rows of `unconditional` (BOS and <begin_of_image> kept, the rest the pad the
+    model's generation_config names, else the tokenizer's: model.cfg_pad_id).
     temperature: 0 = greedy. Either one None: the model's generation_config, else 5 and 1
     (sampling_defaults). top_k / top_p: None = off (the full CFG distribution, as the
     reference sampler draws). seeds: one integer per prompt, the seed of its image (None: prompt

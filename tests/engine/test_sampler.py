@@ -443,3 +443,40 @@ def test_the_grid_shows_the_first_prompts_only(janus, tmp_path, monkeypatch):
     with Image.open(tmp_path / "out" / "grid.png") as grid:
         assert grid.size == (2 * size, 2 * size)
     assert (tmp_path / "out" / "002_01.png").is_file()
+
+
+# ---------------------------------------------------------------- the CFG pad id
+
+
+def test_cfg_rows_use_the_pad_the_generation_config_names(janus):
+    from earkit.engine.model import cfg_pad_id
+
+    model, tokenizer = janus
+    tokenizer_pad = tokenizer.pad_token_id
+    word = tokenizer.convert_tokens_to_ids("photo")
+    saved = model.generation_config.pad_token_id
+    try:
+        model.generation_config.pad_token_id = None
+        assert cfg_pad_id(model, tokenizer) == tokenizer_pad
+        plain = sample(janus, PROMPTS, guidance_scale=3.0, temperature=0)
+        for unusable in (10 ** 9, -1, True):
+            model.generation_config.pad_token_id = unusable
+            assert cfg_pad_id(model, tokenizer) == tokenizer_pad
+        model.generation_config.pad_token_id = [word]
+        assert cfg_pad_id(model, tokenizer) == word
+        model.generation_config.pad_token_id = word
+        assert cfg_pad_id(model, tokenizer) == word
+        tokens = sample(janus, PROMPTS, guidance_scale=3.0, temperature=0)
+    finally:
+        model.generation_config.pad_token_id = saved
+    assert not torch.equal(tokens, plain)  # the unconditional rows' pad changes the images
+    # greedy CFG over teacher-forced passes whose unconditional rows are padded with `word`
+    batch = encode_prompts(tokenizer, PROMPTS)
+    with torch.no_grad():
+        cond = image_logits(model, image_hidden_states(model, batch, tokens)).double()
+        blank = unconditional(batch, tokenizer, word)
+        assert (blank.input_ids == word).any() and not (blank.input_ids == tokenizer_pad).all()
+        uncond = image_logits(model, image_hidden_states(model, blank, tokens)).double()
+    guided_logits = uncond + 3.0 * (cond - uncond)
+    chosen = guided_logits.gather(-1, tokens[..., None]).squeeze(-1)
+    assert (chosen >= guided_logits.max(-1).values - 1e-3).all()
