@@ -270,17 +270,97 @@ def apply_trainable(model: torch.nn.Module, tensors: dict[str, Tensor]) -> None:
         parameters[name].copy_(tensor)
 
 
-def export_model(model, tokenizer, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
-    """Write a full model folder (save_pretrained of model and tokenizer), atomically, that
-    JanusForConditionalGeneration.from_pretrained and AutoTokenizer.from_pretrained load.
+# A base folder's files that an export does not carry over: the weights, which the export's own replace.
+WEIGHT_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                        "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+
+
+def export_model(model, tokenizer, out_dir: str | os.PathLike, *, force: bool = False, base_folder=None) -> Path:
+    """Write a full model folder, atomically, that opens as a Janus model does:
+    JanusForConditionalGeneration.from_pretrained, AutoTokenizer and AutoProcessor.from_pretrained,
+    and transformers' own generate(generation_mode="image").
+
+    It holds save_pretrained of the model and the tokenizer; every other file of `base_folder`
+    (the base model's folder: its processor files, chat template, notes...) that the export does
+    not write, the weights excepted; a Janus processor where the base had none (the tokenizer
+    and an image processor of the model's image size); and a generation config that names the
+    pad and <begin_of_image> ids transformers' generate needs (the CFG pad earkit samples with,
+    model.cfg_pad_id) where the base's names none.
     An existing out_dir is replaced only with force, and only if it is empty or an earlier earkit
     export holding nothing else (never a model folder somebody else wrote, the base model included)."""
 
     def write_into(partial: Path) -> None:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
+        if base_folder is not None:
+            carry_base_files(Path(base_folder), partial)
+        if not any((partial / name).is_file() for name in ("processor_config.json", "preprocessor_config.json")):
+            janus_processor(model, tokenizer).save_pretrained(partial)
+        complete_generation_config(model, tokenizer, partial / "generation_config.json")
 
     return write_folder_atomically(out_dir, write_into, force=force, kind="model export", what="model folder")
+
+
+def carry_base_files(base: Path, export: Path) -> list[str]:
+    """Copy every file under `base` that `export` lacks, but the weights; the names copied."""
+    import fnmatch
+    import json
+    import shutil
+
+    from .model import MODEL_NOTES, read_model_notes, rebased_judge
+
+    copied = []
+    for path in sorted(base.rglob("*")):
+        relative = path.relative_to(base)
+        if not path.is_file() or relative.parts[0].startswith(".") or (export / relative).exists():
+            continue
+        if len(relative.parts) == 1 and any(fnmatch.fnmatch(path.name, pattern) for pattern in WEIGHT_FILE_PATTERNS):
+            continue
+        (export / relative).parent.mkdir(parents=True, exist_ok=True)
+        if relative.as_posix() == MODEL_NOTES:
+            # the notes' judge path is relative to the base folder: the export names the same judge
+            notes = read_model_notes(base)
+            if isinstance(notes.get("default_judge"), str):
+                notes["default_judge"] = rebased_judge(notes["default_judge"], base)
+            (export / relative).write_text(json.dumps(notes, indent=2) + "\n", encoding="utf-8")
+        else:
+            shutil.copy2(path, export / relative)
+        copied.append(relative.as_posix())
+    return copied
+
+
+def janus_processor(model, tokenizer):
+    """A JanusProcessor for a model folder that has none: the tokenizer, and an image processor
+    sized to the model's image input."""
+    from transformers import JanusImageProcessor, JanusProcessor
+
+    side = model.config.vision_config.image_size
+    return JanusProcessor(image_processor=JanusImageProcessor(size={"height": side, "width": side}), tokenizer=tokenizer)
+
+
+def complete_generation_config(model, tokenizer, path: Path) -> None:
+    """The saved generation config, with what transformers' Janus generate reads and a model
+    config may not carry: pad_token_id (earkit's CFG pad), bos/eos as the tokenizer has them
+    where unset or only copied from the model config, and generation_kwargs.boi_token_id; no
+    `_from_model_config` (with it set, generate rebuilds the config from the model config and
+    loses generation_kwargs)."""
+    import json
+
+    from .model import cfg_pad_id, special_token_ids
+
+    record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    ids = special_token_ids(tokenizer)
+    # ids copied from the model config (its text model's) need not be the tokenizer's: those win
+    from_model_config = bool(record.pop("_from_model_config", False))
+    record["pad_token_id"] = cfg_pad_id(model, tokenizer)
+    if from_model_config or record.get("bos_token_id") is None:
+        record["bos_token_id"] = ids["bos"]
+    if (from_model_config or record.get("eos_token_id") is None) and tokenizer.eos_token_id is not None:
+        record["eos_token_id"] = tokenizer.eos_token_id
+    kwargs = dict(record.get("generation_kwargs") or {})
+    kwargs.setdefault("boi_token_id", ids["boi"])
+    record["generation_kwargs"] = kwargs
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def stored_dtype(source: str) -> torch.dtype:
@@ -319,4 +399,15 @@ def export_checkpoint(base_model_source: str | os.PathLike | None, checkpoint_fo
     tensors = read_checkpoint_tensors(folder)
     model, tokenizer = load_janus(source, device="cpu", dtype=dtype if dtype is not None else stored_dtype(source))
     apply_trainable(model, tensors)
-    return export_model(model, tokenizer, out, force=force)
+    base_folder = Path(source).expanduser() if Path(source).expanduser().is_dir() else cached_hub_folder(source)
+    return export_model(model, tokenizer, out, force=force, base_folder=base_folder)
+
+
+def cached_hub_folder(source: str) -> Path | None:
+    """The local snapshot of a hub model (the files load_janus read), or None when there is none."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception:  # noqa: BLE001 - no snapshot: the export holds what save_pretrained writes
+        return None

@@ -197,6 +197,19 @@ def read_model_notes(model_folder) -> dict:
     return notes
 
 
+def rebased_judge(spec: str, base_folder) -> str:
+    """A default_judge form (shapesworld:DIR, resnet50:WEIGHTS, openclip:NAME:WEIGHTS, nudenet)
+    whose relative path, read against base_folder, is made absolute: what a copy of the notes in
+    another folder (an export) must hold to name the same judge."""
+    kind, _, rest = spec.partition(":")
+    if not rest or kind not in ("shapesworld", "resnet50", "openclip"):
+        return spec
+    head, path = ("", rest) if kind != "openclip" else (rest.rpartition(":")[0] + ":", rest.rpartition(":")[2])
+    if not path or os.path.isabs(os.path.expanduser(path)):
+        return spec
+    return f"{kind}:{head}{os.path.normpath(Path(base_folder).expanduser().absolute() / path)}"
+
+
 def write_model_notes(model_folder, **notes) -> Path:
     """Write earkit.json into a model folder (e.g. default_judge="shapesworld:../judge")."""
     import json

@@ -335,3 +335,43 @@ def test_export_checkpoint_needs_a_base_model(tmp_path):
     folder = small_checkpoint(tmp_path / "checkpoint", 1.0)
     with pytest.raises(ValueError, match="records no base model"):
         export_checkpoint(None, folder, tmp_path / "out")
+
+
+def test_an_export_opens_like_the_base_model_and_samples_with_transformers_generate(tmp_path):
+    """The export of a ShapesWorld erasure: the base folder's other files carried over (its notes
+    naming the same judge), AutoProcessor and JanusForConditionalGeneration open it, and
+    transformers' own generate(generation_mode="image") draws from it."""
+    from transformers import AutoProcessor, JanusForConditionalGeneration
+
+    from earkit.ecgvf.judges import default_judge, parse_judge
+    from earkit.engine.model import MODEL_NOTES
+    from earkit.engine.shapesworld import erasure_pairs, generator_folder
+    from earkit.engine.trainer import EraseConfig, erase
+
+    base = generator_folder()
+    run = erase(EraseConfig(model=str(base), out=str(tmp_path / "run"), concept="circle", anchor="square", steps=1,
+                            batch_size=2, lr=1e-3, device="cpu"), pairs=erasure_pairs()[:2], progress=False)
+    out = export_checkpoint(None, run.checkpoint, tmp_path / "export")
+    base_names = {path.name for path in base.iterdir() if path.is_file()}
+    export_names = {path.name for path in out.iterdir() if path.is_file()}
+    assert base_names <= export_names and "processor_config.json" in export_names
+    for name in ("prompt_vocabulary.json", "world.json", "patch_codes.safetensors"):
+        assert (out / name).read_bytes() == (base / name).read_bytes(), name
+    assert (out / "model.safetensors").read_bytes() != (base / "model.safetensors").read_bytes()
+    # the notes name the same judge from the export's folder
+    assert default_judge(out)[0] != default_judge(base)[0] and json.loads((out / MODEL_NOTES).read_text())
+    assert parse_judge(None, model_folder=out).describe() == parse_judge(None, model_folder=base).describe()
+
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(processor).__name__ == "JanusProcessor"
+    model = JanusForConditionalGeneration.from_pretrained(out).eval()
+    inputs = processor(text=["a red circle", "a photo of a blue star"], generation_mode="image", padding=True,
+                       return_tensors="pt")
+    torch.manual_seed(0)
+    tokens = model.generate(**inputs, generation_mode="image", do_sample=True, guidance_scale=1.5,
+                            max_new_tokens=model.config.vision_config.num_image_tokens)
+    assert tokens.shape == (2, 64) and 0 <= int(tokens.min()) and int(tokens.max()) < 256
+    assert model.decode_image_tokens(tokens).shape == (2, 64, 64, 3)
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["generation_kwargs"]["boi_token_id"] == processor.tokenizer.convert_tokens_to_ids(
+        "<begin_of_image>") and generation["pad_token_id"] == processor.tokenizer.pad_token_id
