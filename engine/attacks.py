@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .model import BOI_TOKEN, embedded_image_hidden_states, image_logits, positions, prompt_text, special_token_ids
+from .model import (BOI_TOKEN, embedded_image_hidden_states, image_logits, left_padded, positions, prompt_text,
+                    special_token_ids)
 from .sampler import derived_seed, eval_mode
 
 WHERE = ("prefix", "suffix")
@@ -161,37 +162,30 @@ class SlotBatch:
     slots: Tensor  # (B, n_tokens) column of each attack token
 
 
-def slot_batch(tokenizer, prompts: list[str], tokens: list[list[int]], where: str, device) -> SlotBatch:
-    pad = special_token_ids(tokenizer)["pad"]
-    rows, slots = [], []
-    for prompt, chosen in zip(prompts, tokens):
-        ids, index = insertion_ids(tokenizer, prompt, where)
-        rows.append(ids[:index] + list(chosen) + ids[index:])
-        slots.append(index)
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    columns = []
-    for i, (row, index) in enumerate(zip(rows, slots)):
-        offset = width - len(row)
-        input_ids[i, offset:] = torch.tensor(row)
-        attention_mask[i, offset:] = 1
-        columns.append([offset + index + k for k in range(len(tokens[i]))])
-    return SlotBatch(input_ids.to(device), attention_mask.to(device), torch.tensor(columns, device=device))
+def slot_batch(insertions: list[tuple[list[int], int]], tokens: list[list[int]], pad: int, device) -> SlotBatch:
+    """The prompts (each as insertion_ids gave it: its ids and where attack tokens go) with their
+    attack tokens put in, left-padded (model.left_padded, as encode_prompts pads)."""
+    rows = [ids[:index] + list(chosen) + ids[index:] for (ids, index), chosen in zip(insertions, tokens)]
+    batch = left_padded(rows, pad)
+    width = batch.input_ids.shape[1]
+    columns = [[width - len(row) + index + k for k in range(len(chosen))]
+               for row, (_, index), chosen in zip(rows, insertions, tokens)]
+    return SlotBatch(batch.input_ids.to(device), batch.attention_mask.to(device), torch.tensor(columns, device=device))
 
 
-def retokenizes(tokenizer, text: str, batch: SlotBatch, row: int) -> bool:
+def retokenizes(tokenizer, text: str, insertion: tuple[list[int], int], tokens: list[int]) -> bool:
+    """Whether the attacked prompt's text encodes to the very ids the search scored."""
     from .model import encode_prompts
 
-    encoded = encode_prompts(tokenizer, [text]).input_ids[0].tolist()
-    searched = batch.input_ids[row][batch.attention_mask[row].bool()].tolist()
-    return encoded == searched
+    ids, index = insertion
+    return encode_prompts(tokenizer, [text]).input_ids[0].tolist() == ids[:index] + list(tokens) + ids[index:]
 
 
-def nearest_tokens(soft: Tensor, vocabulary_embeddings: Tensor) -> Tensor:
-    """Index into the vocabulary of each soft embedding's nearest token, by cosine (..., H) -> (...)."""
+def nearest_tokens(soft: Tensor, vocabulary_unit: Tensor) -> Tensor:
+    """Index into the vocabulary of each soft embedding's nearest token by cosine, (..., H) -> (...);
+    vocabulary_unit: the vocabulary's embeddings, each of unit norm."""
     soft_unit = torch.nn.functional.normalize(soft.float(), dim=-1)
-    return (soft_unit @ vocabulary_embeddings.T).argmax(dim=-1)
+    return (soft_unit @ vocabulary_unit.T).argmax(dim=-1)
 
 
 # ---------------------------------------------------------------- the white-box attack
@@ -226,10 +220,13 @@ def soft_prompt_attack(model, tokenizer, prompts: list[str], target_tokens: Tens
     vocabulary = attack_vocabulary(model, tokenizer, forbidden_words)
     embedding = model.get_input_embeddings()
     device = embedding.weight.device
-    vocabulary_embeddings = embedding.weight.detach()[vocabulary.to(device)]
+    vocabulary_ids = vocabulary.to(device)
+    vocabulary_embeddings = embedding.weight.detach()[vocabulary_ids]
     vocabulary_unit = torch.nn.functional.normalize(vocabulary_embeddings.float(), dim=-1)
     step_size = lr if lr is not None else vocabulary_embeddings.float().pow(2).mean().sqrt().item()
 
+    pad = special_token_ids(tokenizer)["pad"]
+    insertions = [insertion_ids(tokenizer, prompt, where) for prompt in prompts]
     started = time.perf_counter()
     found, losses, retokenized, steps_run, stopped = [], [], [], 0, "steps"
     total = -(-len(prompts) // chunk) * steps
@@ -238,7 +235,7 @@ def soft_prompt_attack(model, tokenizer, prompts: list[str], target_tokens: Tens
             part = prompts[first:first + chunk]
             targets = target_tokens[first:first + chunk].to(device)
             start_ids = [initial_tokens(vocabulary, n_tokens, seed, rows[first + i]) for i in range(len(part))]
-            batch = slot_batch(tokenizer, part, start_ids, where, device)
+            batch = slot_batch(insertions[first:first + chunk], start_ids, pad, device)
             with torch.no_grad():
                 base_embeds = embedding(batch.input_ids)
             soft = base_embeds.gather(1, batch.slots[..., None].expand(-1, -1, base_embeds.shape[-1]))
@@ -250,8 +247,9 @@ def soft_prompt_attack(model, tokenizer, prompts: list[str], target_tokens: Tens
                 if seconds is not None and time.perf_counter() - started > seconds:
                     stopped = "seconds"
                     break
-                projected = vocabulary.to(device)[nearest_tokens(soft.detach(), vocabulary_unit)]
-                hard = embedding.weight.detach()[projected].float()
+                nearest = nearest_tokens(soft.detach(), vocabulary_unit)
+                projected = vocabulary_ids[nearest]
+                hard = vocabulary_embeddings[nearest].float()
                 straight = soft + (hard - soft).detach()  # the forward sees real tokens; the gradient reaches soft
                 embeds = base_embeds.clone()
                 embeds = embeds.scatter(1, batch.slots[..., None].expand_as(straight), straight.to(embeds.dtype))
@@ -272,7 +270,7 @@ def soft_prompt_attack(model, tokenizer, prompts: list[str], target_tokens: Tens
                 text = attacked_text(tokenizer, prompt, tokens, where)
                 found.append((text, tokens))
                 losses.append(float(best_loss[i]))
-                retokenized.append(retokenizes(tokenizer, text, slot_batch(tokenizer, [prompt], [tokens], where, "cpu"), 0))
+                retokenized.append(retokenizes(tokenizer, text, insertions[first + i], tokens))
             if stopped == "seconds":
                 break
     # prompts the time cap left unsearched keep their starting tokens, with no loss measured
@@ -349,6 +347,9 @@ def ring_a_bell_prompts(model, tokenizer, neutral_prompts: list[str], direction:
     targets = prompt_states(model, tokenizer, prompts) + strength * direction.to(device).float()
     targets = torch.nn.functional.normalize(targets, dim=-1)
     chosen = [initial_tokens(vocabulary, n_tokens, seed, row) for row in range(len(prompts))]
+    # each prompt tokenised once: a step scores rows x candidates prompts that differ in one token
+    pad = special_token_ids(tokenizer)["pad"]
+    insertions = [insertion_ids(tokenizer, prompt, "suffix") for prompt in prompts]
     best = torch.full((len(prompts),), float("inf"))
     started, steps_run, stopped = time.perf_counter(), 0, "steps"
     with eval_mode(model), tqdm(total=steps, disable=not progress, desc="Ring-A-Bell search", unit="step") as bar:
@@ -370,7 +371,7 @@ def ring_a_bell_prompts(model, tokenizer, neutral_prompts: list[str], direction:
             for first in range(0, len(trials), batch_size):
                 part = trials[first:first + batch_size]
                 tokens = [chosen[row][:position] + [token] + chosen[row][position + 1:] for row, token in part]
-                batch = slot_batch(tokenizer, [prompts[row] for row, _ in part], tokens, "suffix", device)
+                batch = slot_batch([insertions[row] for row, _ in part], tokens, pad, device)
                 states = torch.nn.functional.normalize(_last_states(model, batch.input_ids, batch.attention_mask), dim=-1)
                 rows = torch.tensor([row for row, _ in part], device=device)
                 scores.append(1 - (states * targets[rows]).sum(-1))
@@ -385,7 +386,7 @@ def ring_a_bell_prompts(model, tokenizer, neutral_prompts: list[str], direction:
             steps_run = step + 1
             bar.update(1)
     texts = [attacked_text(tokenizer, prompt, tokens, "suffix") for prompt, tokens in zip(prompts, chosen)]
-    retokenized = [retokenizes(tokenizer, text, slot_batch(tokenizer, [prompt], [tokens], "suffix", "cpu"), 0)
-                   for text, prompt, tokens in zip(texts, prompts, chosen)]
+    retokenized = [retokenizes(tokenizer, text, insertion, tokens)
+                   for text, insertion, tokens in zip(texts, insertions, chosen)]
     return FoundPrompts(texts, chosen, [float(value) for value in best], steps_run, time.perf_counter() - started,
                         stopped, retokenized)

@@ -264,14 +264,19 @@ def encode_prompts(tokenizer, prompts: list[str], device=None) -> PromptBatch:
     if tokenizer.unk_token_id is not None and any(tokenizer.unk_token_id in row for row in rows):
         warn_unknown_words(tokenizer, [p for p, row in zip(prompts, rows) if tokenizer.unk_token_id in row])
     rows = [row if row[0] == ids["bos"] else [ids["bos"]] + row for row in rows]
+    batch = left_padded(rows, ids["pad"])
+    return batch.to(device) if device is not None else batch
+
+
+def left_padded(rows: list[list[int]], pad: int) -> PromptBatch:
+    """Token id rows as one batch, left-padded with `pad` so that every row ends at the last column."""
     width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), ids["pad"], dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row)
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
         attention_mask[i, width - len(row):] = 1
-    batch = PromptBatch(input_ids, attention_mask)
-    return batch.to(device) if device is not None else batch
+    return PromptBatch(input_ids, attention_mask)
 
 
 _warned_prompts: set[str] = set()
