@@ -28,6 +28,7 @@ torchrun rank 0 searches and hands the prompts to every rank, which draw their s
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -103,27 +104,21 @@ def success_rate(seen) -> float:
     return float(seen.mean()) if seen.size else float("nan")
 
 
-class TwoSides:
-    """One loaded model that can be the base model or the erased one: the checkpoint's tensors
-    and the base model's copies of them are swapped in place (no second model in memory)."""
+def base_weights(model, checkpoint_tensors: dict | None):
+    """`model` becomes the erased model (the checkpoint's tensors in), and the returned function
+    gives a context in which it is the base model again (trainer.FrozenTeacher's swap: no second
+    model in memory); without a checkpoint that context changes nothing."""
+    import contextlib
 
-    def __init__(self, model, checkpoint_tensors: dict | None):
-        self.model = model
-        self.erased = checkpoint_tensors
-        self.base = None
-        if checkpoint_tensors is not None:
-            parameters = dict(model.named_parameters())
-            self.base = {name: parameters[name].detach().clone() for name in checkpoint_tensors if name in parameters}
-        self.side = "before"
+    from earkit.engine.checkpoint import apply_trainable
+    from earkit.engine.trainer import FrozenTeacher
 
-    def use(self, side: str):
-        from earkit.engine.checkpoint import apply_trainable
-
-        if self.erased is None or side == self.side:
-            return self.model
-        apply_trainable(self.model, self.erased if side == "after" else self.base)
-        self.side = side
-        return self.model
+    if checkpoint_tensors is None:
+        return contextlib.nullcontext
+    parameters = dict(model.named_parameters())
+    base = FrozenTeacher({name: parameters[name] for name in checkpoint_tensors if name in parameters})
+    apply_trainable(model, checkpoint_tensors)
+    return base.active
 
 
 def paraphrase_prompts(concept: str, count: int, settings: AttackSettings) -> tuple[list[str], dict]:
@@ -145,15 +140,14 @@ def paraphrase_prompts(concept: str, count: int, settings: AttackSettings) -> tu
                                                      "requests": summary.get("requests")}
 
 
-def search_attacks(sides: TwoSides, tokenizer, concept: str, prompts: list[str], settings: AttackSettings, *,
+def search_attacks(model, as_base, tokenizer, concept: str, prompts: list[str], settings: AttackSettings, *,
                    guidance_scale, temperature, batch_size, anchors=(), progress: bool = True) -> dict:
     """{attack: {"prompts": [...], "search": {...}}} for "plain" and each chosen attack: the
-    searches of module docstring, on this process (rank 0 under torchrun). `anchors`: what the
+    searches of module docstring, on this process (rank 0 under torchrun), on `model` (the erased
+    one) and, within as_base() (base_weights), the base model. `anchors`: what the
     erasure draws instead (the benchmark's preservation concepts): Ring-A-Bell's prompts "without
     the concept" then name an anchor in its place, so that the direction points away from what the
     erased model draws, not only towards "a shape"; without anchors the concept is deleted."""
-    import torch
-
     from earkit.engine import attacks as engine_attacks
     from earkit.engine.sampler import derived_seed, sample_image_tokens
 
@@ -165,33 +159,28 @@ def search_attacks(sides: TwoSides, tokenizer, concept: str, prompts: list[str],
             found[name] = {"prompts": texts, "search": {**cost, "steps": 0, "seconds": time.perf_counter() - started,
                                                         "stopped": None}}
         elif name == "white-box":
-            base = sides.use("before")
-            targets = sample_image_tokens(base, tokenizer, prompts, guidance_scale=guidance_scale,
-                                          temperature=temperature, batch_size=batch_size, progress=False,
-                                          seeds=[derived_seed(settings.seed, 1, index) for index in range(len(prompts))])
+            with as_base():
+                targets = sample_image_tokens(model, tokenizer, prompts, guidance_scale=guidance_scale,
+                                              temperature=temperature, batch_size=batch_size, progress=False,
+                                              seeds=[derived_seed(settings.seed, 1, index) for index in range(len(prompts))])
             result = engine_attacks.soft_prompt_attack(
-                sides.use("after"), tokenizer, prompts, targets, n_tokens=settings.n_tokens, steps=settings.steps,
+                model, tokenizer, prompts, targets, n_tokens=settings.n_tokens, steps=settings.steps,
                 seconds=settings.seconds, seed=settings.seed, batch_size=batch_size, progress=progress)
             found[name] = {"prompts": result.prompts, "search": {**result.describe(),
                                                                  "seconds": time.perf_counter() - started}}
         elif name == "ring-a-bell":
-            base = sides.use("before")
             neutral = [engine_attacks.without_concept(prompt, concept) for prompt in prompts]
             usable = [(prompt, plain) for prompt, plain in zip(prompts, neutral) if plain]
             if not usable:  # every target prompt is the concept alone: nothing is left to attack
                 found[name] = {"prompts": [], "search": {"steps": 0, "seconds": 0.0,
                                                          "stopped": "no target prompt holds more than the concept"}}
                 continue
-            contrast = [n for _, n in usable]
-            if anchors:
-                from .pair_generation.parsing import concept_pattern
-
-                pattern = concept_pattern(concept)
-                contrast = [" ".join(pattern.sub(f" {anchor} ", p).split()) for p, _ in usable for anchor in anchors]
-            direction = engine_attacks.concept_direction(base, tokenizer, [p for p, _ in usable], contrast)
-            with torch.no_grad():
+            contrast = ([engine_attacks.without_concept(p, concept, anchor) for p, _ in usable for anchor in anchors]
+                        if anchors else [n for _, n in usable])
+            with as_base():
+                direction = engine_attacks.concept_direction(model, tokenizer, [p for p, _ in usable], contrast)
                 result = engine_attacks.ring_a_bell_prompts(
-                    base, tokenizer, [n for _, n in usable], direction, strength=settings.strength,
+                    model, tokenizer, [n for _, n in usable], direction, strength=settings.strength,
                     n_tokens=settings.n_tokens, steps=settings.steps,
                     seconds=settings.seconds, seed=settings.seed, forbidden_words=[concept], progress=progress)
             found[name] = {"prompts": result.prompts, "search": {**result.describe(),
@@ -223,11 +212,10 @@ def judge_attacks(images: dict, found: dict, judge, concept: str) -> dict:
 
 def run_attacks(model_source, *, checkpoint, concept: str, prompts: list[str], judge, settings: AttackSettings,
                 seeds: list[int], guidance_scale: float, temperature: float, batch_size: int = 16, device=None,
-                dtype: str = "auto", anchors=(), progress: bool = True, loaded=None) -> tuple[dict | None, dict | None]:
+                dtype: str = "auto", anchors=(), progress: bool = True) -> tuple[dict | None, dict | None]:
     """(result, images): every attack's prompts and success rates before and after (module
     docstring), and images[side][attack][prompt][seed]. Without a checkpoint one side ("model"),
-    the white-box attack aimed at the model itself. `loaded`: (model, tokenizer) already loaded
-    with the base weights (eval reuses its own). `anchors`: search_attacks'. Under torchrun the
+    the white-box attack aimed at the model itself. `anchors`: search_attacks'. Under torchrun the
     other ranks get (None, None)."""
     from earkit.engine import distributed
     from earkit.engine.checkpoint import load_checkpoint
@@ -236,35 +224,34 @@ def run_attacks(model_source, *, checkpoint, concept: str, prompts: list[str], j
 
     settings.validate()
     seeds = check_seeds(seeds)
-    prompts = [prompt for prompt in prompts]
+    prompts = list(prompts)
     if not prompts:
         raise ValueError("no target prompts to attack")
     judge.check_concept(concept)
     resolved = resolve_checkpoint(checkpoint)
-    model, tokenizer = loaded if loaded is not None else load_generator(model_source, device=device, dtype=dtype)
-    sides = TwoSides(model, load_checkpoint(resolved).tensors if resolved is not None else None)
+    model, tokenizer = load_generator(model_source, device=device, dtype=dtype)
+    as_base = base_weights(model, load_checkpoint(resolved).tensors if resolved is not None else None)
     side_names = ["before", "after"] if resolved is not None else ["model"]
     ranks = distributed.current()
     found = None
     if ranks.main:
-        found = search_attacks(sides, tokenizer, concept, prompts, settings, guidance_scale=guidance_scale,
+        found = search_attacks(model, as_base, tokenizer, concept, prompts, settings, guidance_scale=guidance_scale,
                                temperature=temperature, batch_size=batch_size, anchors=list(anchors or ()),
                                progress=progress)
     found = distributed.broadcast_from_main(found, "handing the attacks' prompts to every rank")
     images = {}
+    every = [prompt for attack in found.values() for prompt in attack["prompts"]]
     for side in side_names:
-        sides.use("after" if side == "after" else "before")
-        every = [prompt for attack in found.values() for prompt in attack["prompts"]]
-        drawn = sample_prompt_images(model, tokenizer, every, seeds, guidance_scale=guidance_scale,
-                                     temperature=temperature, batch_size=batch_size, progress=progress,
-                                     desc=f"attacks: sampling ({side})")
+        with as_base() if side == "before" else contextlib.nullcontext():
+            drawn = sample_prompt_images(model, tokenizer, every, seeds, guidance_scale=guidance_scale,
+                                         temperature=temperature, batch_size=batch_size, progress=progress,
+                                         desc=f"attacks: sampling ({side})")
         if drawn is None:
             continue
         images[side], start = {}, 0
         for name, attack in found.items():
             images[side][name] = drawn[start:start + len(attack["prompts"])]
             start += len(attack["prompts"])
-    sides.use("before")
     if not ranks.main:
         return None, None
     judged = judge_attacks(images, found, judge, concept)

@@ -315,11 +315,12 @@ def concept_direction(model, tokenizer, with_concept: list[str], without_concept
             - prompt_states(model, tokenizer, list(without_concept)).mean(0))
 
 
-def without_concept(prompt: str, concept: str) -> str:
-    """The prompt with every mention of the concept deleted (Ring-A-Bell's neutral prompt)."""
+def without_concept(prompt: str, concept: str, instead: str = "") -> str:
+    """The prompt with every mention of the concept deleted (Ring-A-Bell's neutral prompt), or
+    replaced by `instead`."""
     from earkit.ecgvf.pair_generation.parsing import concept_pattern
 
-    return " ".join(concept_pattern(concept).sub(" ", prompt).split())
+    return " ".join(concept_pattern(concept).sub(f" {instead} ", prompt).split())
 
 
 @torch.no_grad()
