@@ -39,6 +39,11 @@ class Benchmark:
     source: str = ""
     kind: str = ""
 
+    def anchors(self) -> list[str]:
+        """The concepts the preservation prompts show, other than the erased one, in order: what
+        an erasure draws instead (a pairs file's anchors)."""
+        return list(dict.fromkeys(p.concept for p in self.preserve if p.concept and p.concept != self.concept))
+
     def describe(self) -> dict:
         return {"concept": self.concept, "source": self.source, "kind": self.kind, "target_prompts": len(self.target),
                 "preserve_prompts": len(self.preserve),

@@ -147,14 +147,14 @@ def grid_rows(result: dict, benchmark, paths: dict, role: str) -> dict | None:
     return {"title": ROLE_TITLES[role], "total": len(getattr(benchmark, role)), "rows": rows}
 
 
-def report_html(result: dict, benchmark, paths: dict, charts: list[tuple[str, str]]) -> str:
-    """report.html: templates/report.html.j2 filled in."""
+def report_html(result: dict, benchmark, paths: dict, charts: list[tuple[str, str]], attacks: dict | None = None) -> str:
+    """report.html: templates/report.html.j2 filled in (`attacks`: attacks_section's, or None)."""
     grids = [grid_rows(result, benchmark, paths, role) for role in ("target", "preserve")]
     return templates().get_template("report.html.j2").render(
         title=f"ECGVF evaluation: erasing \u201c{result['benchmark']['concept']}\u201d",
         description=description(result).replace("`", ""), summary=summary_rows(result),
         preservation=preservation_rows(result), nudenet=nudenet_rows(result), fid=fid_lines(result), charts=charts,
-        grids=[grid for grid in grids if grid], sides=list(result["sides"]), seeds=result["seeds"])
+        grids=[grid for grid in grids if grid], sides=list(result["sides"]), seeds=result["seeds"], attacks=attacks)
 
 
 # ---------------------------------------------------------------- attacks
@@ -178,36 +178,15 @@ def attacks_markdown(attacks: dict) -> str:
             "attacks.json and attacks.md.\n\n" + attacks_table(attacks) + "\n")
 
 
-ATTACKS_HTML = """<h2>Attacks</h2>
-<p>Success rate: the share of the attacked prompts' images in which the judge sees the concept. Prompts and
-searches: attacks.json and attacks.md.</p>
-<table><tr><th>attack</th><th>prompts</th>{% for side in sides %}<th>success {{ side }}</th>{% endfor %}</tr>
-{% for name, count, rates in rows %}<tr><td>{{ name }}{% if name == strongest %} (strongest){% endif %}</td><td>{{ count }}</td>
-{%- for rate in rates %}<td>{{ rate }}</td>{% endfor %}</tr>
-{% endfor %}</table>
-{% for src, caption in grids %}<figure><img src="{{ src }}" alt="{{ caption }}"><figcaption>{{ caption }}</figcaption></figure>
-{% endfor %}"""
-
-
-def attacks_html(attacks: dict, written: list[str]) -> str:
-    """report.html's attacks section: the table, and each attack's best images (a row a side)."""
+def attacks_section(attacks: dict, written: list[str]) -> dict:
+    """What report.html's attacks section shows: the table, and each attack's best images (a row a side)."""
     sides = list(next(iter(attacks["attacks"].values()))["sides"])
     rows = [(name, len(attack["prompts"]), [f"{100 * attack['sides'][side]['success_rate']:.1f}%" for side in sides])
             for name, attack in attacks["attacks"].items()]
     grids = [(f"images/attack-{name}.png", f"{name}: the images the judge sees the concept in most surely, a row "
                                            f"a side ({', '.join(sides)})")
              for name in attacks["attacks"] if f"images/attack-{name}.png" in written]
-    return templates().from_string(ATTACKS_HTML).render(sides=sides, rows=rows, strongest=attacks["strongest"],
-                                                        grids=grids)
-
-
-def with_section(html: str, section: str) -> str:
-    """The report's HTML with `section` before its closing note (or at the end of its body)."""
-    for marker in ("<p><small>All numbers", "</body>"):
-        head, found, tail = html.rpartition(marker)
-        if found:
-            return head + section + found + tail
-    return html + section
+    return {"sides": sides, "rows": rows, "strongest": attacks["strongest"], "grids": grids}
 
 
 def write_report(folder, result: dict, images: dict, benchmark, *, all_images: bool = False,
@@ -224,11 +203,8 @@ def write_report(folder, result: dict, images: dict, benchmark, *, all_images: b
     written = write_attack_files(folder, attacks, attack_images) if attacks is not None else []
     (folder / "metrics.json").write_text(json.dumps(without_nan(result), indent=1, ensure_ascii=False) + "\n",
                                          encoding="utf-8")
-    summary = summary_markdown(result)
-    html = report_html(result, benchmark, paths, charts)
-    if attacks is not None:
-        summary += attacks_markdown(attacks)
-        html = with_section(html, attacks_html(attacks, written))
+    summary = summary_markdown(result) + (attacks_markdown(attacks) if attacks is not None else "")
+    section = attacks_section(attacks, written) if attacks is not None else None
     (folder / "summary.md").write_text(summary, encoding="utf-8")
-    (folder / "report.html").write_text(html, encoding="utf-8")
+    (folder / "report.html").write_text(report_html(result, benchmark, paths, charts, section), encoding="utf-8")
     return folder

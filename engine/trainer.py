@@ -123,7 +123,9 @@ class EraseConfig:
     robust: bool = field(default=False, metadata={
         "help": "adversarial erasure (AdvUnlearn-style, not in the EAR paper): each step a white-box attack on the "
                 "current model finds prompt tokens that bring the concept back, and the step also trains on them"})
-    robust_tokens: int = field(default=4, metadata={"help": "--robust: attack tokens put before each concept prompt"})
+    robust_tokens: int = field(default=4, metadata={
+        "help": "--robust: attack tokens per prompt (before the concept prompt, or after it with the concept "
+                "deleted, a step each)"})
     robust_steps: int = field(default=25, metadata={"help": "--robust: attack optimiser steps per training step"})
     seed: int = field(default=0, metadata={"help": "the run's seed"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
@@ -403,8 +405,8 @@ def adversarial_targets(model, tokenizer, targets: TeacherTargets, prompts: list
     attacked, where = list(prompts), "prefix"
     if step % 2 == 1:
         where = "suffix"
-        attacked = [without_concept(prompt, concept) if concept else prompt for prompt, concept in zip(prompts, concepts)]
-        attacked = [text if text else prompt for text, prompt in zip(attacked, prompts)]
+        attacked = [(without_concept(prompt, concept) if concept else "") or prompt
+                    for prompt, concept in zip(prompts, concepts)]
     found = soft_prompt_attack(model, tokenizer, attacked, targets.tokens, n_tokens=config.robust_tokens,
                                steps=config.robust_steps, seed=derived_seed(config.seed, step, ROBUST_STREAM),
                                rows=list(rows), batch_size=None, where=where)

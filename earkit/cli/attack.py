@@ -203,8 +203,7 @@ def attacked_prompts(args) -> tuple[str, list[str], list[str]]:
         if args.anchor:
             raise ValueError("--anchor: with --benchmark the anchors are its preservation concepts; leave it out")
         benchmark = load_benchmark(args.benchmark, concept=args.concept, max_prompts=args.max_prompts)
-        anchors = list(dict.fromkeys(p.concept for p in benchmark.preserve if p.concept and p.concept != benchmark.concept))
-        return benchmark.concept, [p.prompt for p in benchmark.target], anchors
+        return benchmark.concept, [p.prompt for p in benchmark.target], benchmark.anchors()
     if args.model is not None:
         raise ValueError(f"--model {args.model}: give --benchmark FILE, whose target prompts are attacked (the "
                          "built-in prompts are the shipped ShapesWorld's)")

@@ -127,11 +127,10 @@ def run(args) -> dict:
         from earkit.ecgvf.report import attacks_block
 
         attacks_started = time.perf_counter()
-        anchors = [p.concept for p in benchmark.preserve if p.concept and p.concept != benchmark.concept]
         attacks, attack_images = run_attacks(
             model_source, checkpoint=checkpoint, concept=benchmark.concept, prompts=[p.prompt for p in benchmark.target],
             judge=judge, settings=attack_settings, seeds=seeds, guidance_scale=guidance_scale, temperature=temperature,
-            batch_size=args.batch_size, device=device, dtype=args.dtype, anchors=list(dict.fromkeys(anchors)),
+            batch_size=args.batch_size, device=device, dtype=args.dtype, anchors=benchmark.anchors(),
             progress=not args.quiet)
         if result is not None:
             result["attacks"] = attacks_block(attacks)
