@@ -21,10 +21,9 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from earkit.engine.tiny import words_of
 from earkit.io import UnreadableJSON, parse_json
 
-from .parsing import concept_pattern, short_text
+from .parsing import concept_pattern, short_text, words_of
 from .prompt import REQUEST_MARKER
 
 # The longest a request may take. A day is already a stuck server, and waits near 1e10 s overflow

@@ -17,17 +17,14 @@ paraphrases worth attacking with.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
-import re
 from pathlib import Path
 
 from earkit.io import check_new_files, encode_utf8, parse_json, read_text_file, unencodable, write_files_atomic
 
 from .generate import _backend_labels, ask_backends, check_run_arguments, is_pairs_summary, rejections_by_reason, summary_path
-from .parsing import (DUPLICATE, MalformedReply, _recorded, concept_pattern, normalised, short_text,
-                      without_trailing_commas)
+from .parsing import DUPLICATE, _recorded, concept_pattern, extract_json_list, normalised, short_text
 from .prompt import REQUEST_MARKER, check_concept
 
 PARAPHRASE_TEMPLATE = "ecgvf-paraphrase/v1"  # recorded on every prompt: bump it when the wording changes
@@ -114,47 +111,11 @@ def _as_prompt_list(value, *, single: bool = False):
 
 def extract_prompt_list(reply) -> list:
     """The list of prompts in an LLM reply (strings, or objects with a "prompt" field, as they
-    came: check_paraphrase judges each). Tolerated, as for pairs: code fences, prose around,
-    trailing commas, a {"prompts": [...]} wrapper, a list cut off after complete items, a single
-    {"prompt": ...} object. MalformedReply when there is none (an empty list included)."""
-    if not isinstance(reply, str) or not reply.strip():
-        raise MalformedReply("empty reply")
-    texts = re.findall(r"```[A-Za-z]*\s*\n?(.*?)```", reply, flags=re.DOTALL) + [reply]
-
-    def decoded(text: str, opening: str):
-        for source in (text, without_trailing_commas(text)):
-            for match in itertools.islice(re.finditer(re.escape(opening), source), 200):
-                try:
-                    yield parse_json(source, "the reply", start=match.start())[0]
-                except ValueError:  # malformed, nested too deeply, a number too long
-                    continue
-
-    for text in texts:  # a whole list, or a wrapper around one
-        for value in itertools.chain(decoded(text, "["), decoded(text, "{")):
-            prompts = _as_prompt_list(value)
-            if prompts is not None:
-                return prompts
-    for text in texts:  # the complete items of a list cut off mid-way (the reply ran out of tokens)
-        start = text.find("[")
-        items, position = [], start + 1
-        while start >= 0:
-            while position < len(text) and text[position] in " \t\r\n,":
-                position += 1
-            try:
-                value, position = parse_json(text, "the reply", start=position)
-            except ValueError:
-                break
-            items.append(value)
-        if any(isinstance(item, (str, dict)) for item in items):
-            return items
-    for text in texts:
-        for value in decoded(text, "{"):
-            prompts = _as_prompt_list(value, single=True)
-            if prompts is not None:
-                return prompts
-    if re.search(r"\[\s*\]", reply):
-        raise MalformedReply("an empty list")
-    raise MalformedReply("no JSON list of prompts in the reply")
+    came: check_paraphrase judges each), found as parsing.extract_json_list finds pairs (code
+    fences, prose, trailing commas, a {"prompts": [...]} wrapper, a list cut off after complete
+    items, one bare {"prompt": ...} object). MalformedReply when there is none (an empty list
+    included)."""
+    return extract_json_list(reply, as_list=_as_prompt_list, salvage_opening=None, what="prompts")[0]
 
 
 def check_paraphrase(item, concept: str):

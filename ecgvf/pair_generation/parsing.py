@@ -99,28 +99,33 @@ def _as_pair_list(value, *, single: bool = False):
     return None
 
 
-def _salvage_objects(text: str, start: int) -> list:
-    """The complete objects at the head of a list cut off mid-way (a reply that ran out of tokens)."""
-    objects, position = [], start + 1
+def _salvage_items(text: str, start: int, opening: str | None) -> list:
+    """The complete values at the head of a list cut off mid-way (a reply that ran out of tokens),
+    each starting with `opening` (None: any value)."""
+    items, position = [], start + 1
     while True:
         while position < len(text) and text[position] in " \t\r\n,":
             position += 1
-        if position >= len(text) or text[position] != "{":
-            return objects
+        if position >= len(text) or (opening is not None and text[position] != opening):
+            return items
         try:
             value, position = parse_json(text, "the reply", start=position)
         except ValueError:  # malformed, or nested too deeply
-            return objects
-        objects.append(value)
+            return items
+        items.append(value)
 
 
-def extract_pair_list(reply) -> tuple[list, bool]:
-    """(the list of pair objects in an LLM reply, whether it was salvaged from a cut-off list).
+def extract_json_list(reply, *, as_list, salvage_opening: str | None, what: str) -> tuple[list, bool]:
+    """(the list an LLM reply holds, whether it was salvaged from a cut-off list): the search that
+    extract_pair_list and the paraphrases' extract_prompt_list share. as_list(value, single=False)
+    is the list a decoded JSON value holds, or None (single=True: also one bare item); a salvaged
+    list keeps the values that start with salvage_opening (None: any).
 
-    Tolerated: code fences, prose before or after, trailing commas, {"pairs": [...]}, a list cut
-    off after complete objects. MalformedReply when no such list is there (an empty list included:
-    it gives nothing, and is retried like any other useless reply). A reply whose JSON is nested
-    too deeply to read ("[" * 100000), or with a number too long to read, is malformed too, said so."""
+    Tolerated: code fences, prose before or after, trailing commas, a {"NAME": [...]} wrapper, a
+    list cut off after complete items, one bare item. MalformedReply when no such list is there
+    (an empty list included: it gives nothing, and is retried like any other useless reply). A
+    reply whose JSON is nested too deeply to read ("[" * 100000), or with a number too long to
+    read, is malformed too, said so."""
     if not isinstance(reply, str) or not reply.strip():
         raise MalformedReply("empty reply")
     unreadable = []  # why a decode failed other than malformed JSON, for the message when nothing is found
@@ -140,28 +145,34 @@ def extract_pair_list(reply) -> tuple[list, bool]:
                     unreadable.append(str(error).removeprefix("the reply: "))
                     continue
 
-    # In order of trust: a whole list (or a {"pairs": [...]} wrapper), the complete objects of a
-    # list cut off mid-way, a single bare pair object.
+    # In order of trust: a whole list (or a wrapper around one), the complete items of a list cut
+    # off mid-way, a single bare item.
     for text in texts:
         for value in itertools.chain(decoded_from(text, "["), decoded_from(text, "{")):
-            pairs = _as_pair_list(value)
-            if pairs is not None:
-                return pairs, False
+            found = as_list(value)
+            if found is not None:
+                return found, False
     for text in texts:
         start = text.find("[")
-        objects = _salvage_objects(text, start) if start >= 0 else []
-        if objects:
-            return objects, True
+        items = _salvage_items(text, start, salvage_opening) if start >= 0 else []
+        if items and as_list(items) is not None:
+            return items, True
     for text in texts:
         for value in decoded_from(text, "{"):
-            pairs = _as_pair_list(value, single=True)
-            if pairs is not None:
-                return pairs, False
+            found = as_list(value, single=True)
+            if found is not None:
+                return found, False
     if unreadable:
         raise MalformedReply(unreadable[0])
     if re.search(r"\[\s*\]", reply):
         raise MalformedReply("an empty list")
-    raise MalformedReply("no JSON list of pairs in the reply")
+    raise MalformedReply(f"no JSON list of {what} in the reply")
+
+
+def extract_pair_list(reply) -> tuple[list, bool]:
+    """(the list of pair objects in an LLM reply, whether it was salvaged from a cut-off list):
+    extract_json_list for pairs, each an object."""
+    return extract_json_list(reply, as_list=_as_pair_list, salvage_opening="{", what="pairs")
 
 
 # ---------------------------------------------------------------- checking pairs
