@@ -147,15 +147,11 @@ def rank_zero_backends(args, model_source) -> list | None:
 def paraphrase_backends(args, model_source) -> list:
     """backends_from_args for the model attacked: the template backend composes with the prompt
     vocabulary of the model folder (a hub id has none: generic scene templates)."""
-    from earkit.ecgvf.pair_generation import TemplateBackend
+    from earkit.ecgvf.pair_generation import model_prompt_vocabulary
 
     folder = Path(model_source).expanduser()
-    # backends_from_args reads the vocabulary of args.model; None there would mean the shipped ShapesWorld's
-    asked = argparse.Namespace(**{**vars(args), "model": str(folder) if folder.is_dir() else None})
-    backends = backends_from_args(asked)
-    if not folder.is_dir():
-        backends = [TemplateBackend(None) if isinstance(backend, TemplateBackend) else backend for backend in backends]
-    return backends
+    templated = "template" in (args.backend or ["template"]) and folder.is_dir()
+    return backends_from_args(args, vocabulary=model_prompt_vocabulary(folder) if templated else None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -120,10 +120,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
 
 
-def backends_from_args(args) -> list:
+# backends_from_args' default: the template backend's vocabulary is that of --model
+FROM_MODEL_FLAG = object()
+
+
+def backends_from_args(args, *, vocabulary=FROM_MODEL_FLAG) -> list:
     """The backends the flags of add_backend_arguments name, checked in one line each before any
     request: devices, timeouts, one --openai-url and --openai-model per --backend openai. The
-    template backend composes with the prompt vocabulary of args.model (when the command has one)."""
+    template backend composes with `vocabulary` (a prompt vocabulary, or None), by default the
+    prompt vocabulary of args.model (when the command has one)."""
     from earkit.engine.model import check_device
 
     specs = args.backend or ["template"]
@@ -132,7 +137,8 @@ def backends_from_args(args) -> list:
         check_device(device)
     check_timeout(args.timeout, "--timeout")  # for every backend: nan or 0 is a typo, whichever backend runs
     servers = iter(openai_servers(specs, args.openai_url, args.openai_model))
-    vocabulary = template_vocabulary(getattr(args, "model", None)) if "template" in specs else None
+    if vocabulary is FROM_MODEL_FLAG:
+        vocabulary = template_vocabulary(getattr(args, "model", None)) if "template" in specs else None
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     backends = []
     for spec in specs:
