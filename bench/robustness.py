@@ -45,15 +45,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train(folder: Path, robust: bool) -> Path:
-    """The checkpoint of the default erasure (or its --robust twin) in `folder`, trained unless there."""
-    from earkit.engine.shapesworld.erase import erase_and_measure
+    """The checkpoint of the default erasure (or its --robust twin) in `folder`, trained unless
+    there: `earkit erase`'s recipe (erase_and_measure's) without its before/after table, which
+    measure() takes with more images."""
+    from earkit.engine.shapesworld import SHAPESWORLD_ERASE, erasure_pairs, generator_folder, preserve_prompts
+    from earkit.engine.trainer import EraseConfig, erase
 
     checkpoint = folder / "checkpoint"
     if (folder / "metrics.json").is_file() and (checkpoint / "trainable.safetensors").is_file():
         return checkpoint
-    overrides = {"robust": True} if robust else {}
-    erase_and_measure(folder, CONCEPT, ANCHOR, force=folder.exists(), n_per_shape=20, progress=True, **overrides)
-    return checkpoint
+    config = EraseConfig(model=str(generator_folder()), out=str(folder), concept=CONCEPT, anchor=ANCHOR,
+                         force=folder.exists(), **{**SHAPESWORLD_ERASE, "device": "cpu", "robust": robust})
+    return erase(config, pairs=erasure_pairs(CONCEPT, ANCHOR), preserve=preserve_prompts(CONCEPT)).checkpoint
 
 
 def measure(args, checkpoints: dict) -> dict:
