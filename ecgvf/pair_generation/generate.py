@@ -288,8 +288,16 @@ def write_generated(pairs, path, *, force: bool = False, summary: dict | None = 
             raise ValueError(f"pairs[{index}] holds the lone surrogate {ascii(bad)}, which is not valid Unicode and "
                              f"cannot be written as UTF-8: {short_text(line)} (nothing written)")
         lines.append(line)
+    return write_lines_with_summary(path, lines, summary,
+                                    check=lambda: check_outputs(path, force=force, summary=summary is not None))
+
+
+def write_lines_with_summary(path: Path, lines: list[str], summary: dict | None, *, check) -> Path:
+    """JSON lines at `path` and, given, the summary beside it (summary_path), both or neither:
+    everything is turned into bytes first, then check() (the outputs may be written), then the
+    files are written atomically together."""
     files = {path: encode_utf8("\n".join(lines) + "\n", path)}
-    check_outputs(path, force=force, summary=summary is not None)
+    check()
     if summary is not None:
         # backslashreplace writes a lone surrogate in a string as its JSON escape (\ud800), which
         # reads back as the same string: the summary is a record of what came back, kept whole.

@@ -21,9 +21,10 @@ import json
 import math
 from pathlib import Path
 
-from earkit.io import check_new_files, encode_utf8, parse_json, read_text_file, unencodable, write_files_atomic
+from earkit.io import check_new_files, parse_json, read_text_file, unencodable
 
-from .generate import _backend_labels, ask_backends, check_run_arguments, is_pairs_summary, rejections_by_reason, summary_path
+from .generate import (_backend_labels, ask_backends, check_run_arguments, is_pairs_summary, rejections_by_reason,
+                       summary_path, write_lines_with_summary)
 from .parsing import DUPLICATE, _recorded, concept_pattern, extract_json_list, normalised, short_text
 from .prompt import REQUEST_MARKER, check_concept
 
@@ -227,13 +228,8 @@ def write_paraphrases(records, path, *, force: bool = False, summary: dict | Non
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
             raise ValueError(f"records[{index}] is not a paraphrase record with a \"prompt\": {short_text(repr(record))}")
         lines.append(json.dumps(record, ensure_ascii=False))
-    files = {path: encode_utf8("\n".join(lines) + "\n", path)}
-    check_paraphrase_outputs(path, force=force, summary=summary is not None)
-    if summary is not None:  # backslashreplace: a lone surrogate a reply held stays in the record as its escape
-        files[summary_path(path)] = (json.dumps(summary, ensure_ascii=False, indent=1) + "\n").encode(
-            "utf-8", "backslashreplace")
-    write_files_atomic(files)
-    return path
+    return write_lines_with_summary(
+        path, lines, summary, check=lambda: check_paraphrase_outputs(path, force=force, summary=summary is not None))
 
 
 def load_paraphrases(path) -> list[str]:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers import usage_error
+from helpers import folder_files, usage_error
 from jobs import child_environment
 
 TINY = ["--max-prompts", "2", "--seeds", "1", "--attack-steps", "2", "--attack-tokens", "2", "--device", "cpu",
@@ -22,10 +22,6 @@ def earkit(argv, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "earkit", *map(str, argv)], cwd=cwd, env=child_environment(),
                           capture_output=True, text=True, timeout=300)
 
-
-def files_of(folder):
-    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*"))
-            if path.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +65,7 @@ def test_attack_writes_every_attack_s_report(attack_report):
 
     out, done = attack_report
     assert "| white-box" in done.stdout and f"wrote {out / 'attacks.json'}" in done.stdout
-    files = files_of(out)
+    files = folder_files(out)
     assert ATTACK_FILES | {"summary.md", MANIFEST_FILE} <= set(files)
     assert {f"images/attack-{name}.png" for name in ("plain", "paraphrase", "white-box", "ring-a-bell")} <= set(files)
     assert files["summary.md"] == files["attacks.md"]
@@ -93,12 +89,12 @@ def test_attack_writes_every_attack_s_report(attack_report):
 def test_an_existing_report_is_kept_without_force_and_replaced_with_it(attack_report, world):
     folder, checkpoint, pairs = world
     out, _ = attack_report
-    before = files_of(out)
+    before = folder_files(out)
     argv = ["attack", "--checkpoint", checkpoint, "--benchmark", pairs, *TINY, "--attacks", "white-box", "--out", out]
     done = earkit(argv, folder)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1 and "--force" in lines[0], done.stderr
-    assert files_of(out) == before
+    assert folder_files(out) == before
 
     # --force, and only the white-box attack (and the plain prompts, the erasure's own number), on
     # the benchmark's target prompts: its pairs' concept prompts
@@ -184,7 +180,7 @@ def test_eval_with_attacks_adds_them_to_its_report_and_changes_nothing_else(worl
                             "--out", folder / "attacked-eval"], folder)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| white-box" in done.stdout
-    plain, attacked = files_of(folder / "plain-eval"), files_of(folder / "attacked-eval")
+    plain, attacked = folder_files(folder / "plain-eval"), folder_files(folder / "attacked-eval")
     assert not [name for name in plain if "attack" in name], "no --attacks: no attack files"
 
     record = json.loads(attacked["attacks.json"])

@@ -14,13 +14,9 @@ from earkit.cli import main as cli_main
 from earkit import io as earkit_io
 from earkit.engine import checkpoint
 from earkit.engine.tiny import save_tiny_janus
-from helpers import usage_error
+from helpers import folder_files, usage_error
 
 VOCABULARY = ["red", "circle", "blue", "square"]
-
-
-def snapshot(folder: Path) -> dict:
-    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
 
 
 def foreign_folder(tmp_path: Path, name: str = "p") -> Path:
@@ -45,9 +41,9 @@ def tiny_model(tmp_path_factory):
 
 def test_sample_force_never_deletes_a_file_it_did_not_write(tmp_path, capsys):
     folder = foreign_folder(tmp_path)
-    before = snapshot(tmp_path)
+    before = folder_files(tmp_path)
     refused(capsys, ["sample", "--prompt", "a red circle", "--out", str(folder), "--force"], expect="thesis.tex")
-    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["p"]
+    assert folder_files(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["p"]
 
 
 def test_sample_force_replaces_its_own_folder_but_not_once_a_file_is_added(tmp_path, tiny_model, capsys):
@@ -57,9 +53,9 @@ def test_sample_force_replaces_its_own_folder_but_not_once_a_file_is_added(tmp_p
     assert cli_main(argv + ["--seed", "1", "--force"]) == 0  # its own output: replaced
     assert json.loads((out / "prompts.json").read_text())["seed"] == 1
     (out / "notes.md").write_text("mine")
-    before = snapshot(out)
+    before = folder_files(out)
     refused(capsys, argv + ["--force"], expect="notes.md")
-    assert snapshot(out) == before
+    assert folder_files(out) == before
 
 
 def test_sample_force_replaces_a_folder_written_before_manifests(tmp_path, tiny_model, capsys):
@@ -82,12 +78,12 @@ def test_export_force_refuses_foreign_folders_and_the_base_model_itself(tmp_path
     run = tmp_path / "run" / "checkpoint"
     checkpoint.save_checkpoint(run, tensors=tensors, optimizer_state={}, state={"step": 0}, config={},
                                base_model=tiny_model)
-    base_before = snapshot(tiny_model)
+    base_before = folder_files(tiny_model)
     foreign = foreign_folder(tmp_path)
     common = ["export", "--model", str(tiny_model), "--checkpoint", str(run)]
     refused(capsys, common + ["--out", str(foreign), "--force"], expect="thesis.tex")
     refused(capsys, common + ["--out", str(tiny_model), "--force"], expect="base model")
-    assert snapshot(tiny_model) == base_before and (foreign / "thesis.tex").is_file()
+    assert folder_files(tiny_model) == base_before and (foreign / "thesis.tex").is_file()
     out = tmp_path / "export"
     assert cli_main(common + ["--out", str(out)]) == 0
     assert cli_main(common + ["--out", str(out), "--force"]) == 0  # an earlier export: replaced
@@ -96,21 +92,21 @@ def test_export_force_refuses_foreign_folders_and_the_base_model_itself(tmp_path
 
 def test_world_build_force_refuses_a_foreign_folder_before_training(tmp_path, capsys):
     folder = foreign_folder(tmp_path)
-    before = snapshot(tmp_path)
+    before = folder_files(tmp_path)
     refused(capsys, ["world", "build", "--quick", "--out", str(folder), "--force"], expect="thesis.tex")
-    assert snapshot(tmp_path) == before
+    assert folder_files(tmp_path) == before
 
 
 @pytest.mark.parametrize("with_model", [False, True])
 def test_erase_force_starts_over_only_in_a_run_folder(tmp_path, tiny_model, capsys, with_model):
     folder = foreign_folder(tmp_path)
-    before = snapshot(tmp_path)
+    before = folder_files(tmp_path)
     argv = ["erase", "--out", str(folder), "--force", "--steps", "1"]
     if with_model:
         argv += ["--model", str(tiny_model), "--concept", "circle", "--anchor", "square", "--device", "cpu",
                  "--optimizer", "adamw", "--trainable", "*layers.0.self_attn.q_proj*"]
     refused(capsys, argv, expect="thesis.tex")
-    assert snapshot(tmp_path) == before
+    assert folder_files(tmp_path) == before
 
 
 def test_erase_force_replaces_an_earlier_run(tmp_path, tiny_model, capsys):
@@ -135,20 +131,20 @@ def test_eval_force_refuses_a_report_folder_holding_a_foreign_file(tmp_path, cap
     (report / "thesis.tex").write_text("x")
     benchmark = tmp_path / "bench.jsonl"
     benchmark.write_text(json.dumps({"concept_prompt": "a red circle", "anchor_prompt": "a red square"}) + "\n")
-    before = snapshot(tmp_path)
+    before = folder_files(tmp_path)
     refused(capsys, ["eval", "--benchmark", str(benchmark), "--concept", "circle", "--out", str(report), "--force"],
             expect="thesis.tex")
-    assert snapshot(tmp_path) == before
+    assert folder_files(tmp_path) == before
 
 
 def test_filter_force_never_replaces_a_decisions_file_it_did_not_write(tmp_path, capsys):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"concept_prompt": "a red circle", "anchor_prompt": "a red square"}) + "\n")
     (tmp_path / "kept.decisions.jsonl").write_text("my own notes\n")
-    before = snapshot(tmp_path)
+    before = folder_files(tmp_path)
     refused(capsys, ["filter", "--pairs", str(pairs), "--out", str(tmp_path / "kept.jsonl"), "--force"],
             expect="kept.decisions.jsonl")
-    assert snapshot(tmp_path) == before
+    assert folder_files(tmp_path) == before
 
 
 def test_pairs_force_never_replaces_a_summary_it_did_not_write(tmp_path, capsys):
@@ -157,9 +153,9 @@ def test_pairs_force_never_replaces_a_summary_it_did_not_write(tmp_path, capsys)
     assert cli_main(argv) == 0
     assert cli_main(argv + ["--force", "--seed", "1"]) == 0  # its own pair of files: replaced
     (tmp_path / "circle.summary.json").write_text('{"my": "own notes"}\n')
-    before = snapshot(tmp_path)
+    before = folder_files(tmp_path)
     refused(capsys, argv + ["--force"], expect="circle.summary.json")
-    assert snapshot(tmp_path) == before
+    assert folder_files(tmp_path) == before
 
 
 def test_check_replaceable_names_what_is_foreign(tmp_path):

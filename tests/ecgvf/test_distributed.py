@@ -7,12 +7,9 @@ import json
 import pytest
 
 from earkit.cli import main as cli_main
+from helpers import folder_files
 from jobs import torchrun
 
-
-def files_of(folder):
-    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*"))
-            if path.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +39,7 @@ def test_eval_on_two_ranks_writes_the_metrics_of_one(world_run, tmp_path, capsys
     timing = [json.loads((folder / "timing.json").read_text()) for folder in (one, two)]
     assert [t["ranks"] for t in timing] == [1, 2] and timing[0]["images"] == timing[1]["images"] == 2 * 3 * 10
     # the report's images are the same pixels too
-    assert {k: v for k, v in files_of(one / "images").items()} == files_of(two / "images")
+    assert {k: v for k, v in folder_files(one / "images").items()} == folder_files(two / "images")
 
     # the kept images: 2 sides x 10 prompts x 3 seeds, each named by its prompt and seed
     stored = sorted(p.name for p in (tmp_path / "images" / "after").iterdir())
@@ -84,7 +81,7 @@ def test_sample_on_two_ranks_writes_the_files_of_one(tmp_path):
     assert cli_main([*common, "--out", str(tmp_path / "one")]) == 0
     done = torchrun([*common, "--out", str(tmp_path / "two")], tmp_path, EARKIT_DIST_TIMEOUT="120")
     assert done.stdout.count("wrote 20 files") == 1
-    assert files_of(tmp_path / "one") == files_of(tmp_path / "two")
+    assert folder_files(tmp_path / "one") == folder_files(tmp_path / "two")
 
 
 def test_one_process_commands_refuse_torchrun(tmp_path, capsys, monkeypatch):

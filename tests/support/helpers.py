@@ -1,7 +1,7 @@
 """Small pieces shared by the op tests: tolerances per dtype, threshold choice, running an op and
 comparing it with its float64 oracle's answer, and the checks every op's tests make alike (no rows,
 in-place backward, fuzzing). The oracles themselves are earkit.kernels.testing; each test file keeps
-its own op's calls and cases."""
+its own op's calls and cases. Also what the command tests share: usage_error, folder_files."""
 
 import torch
 
@@ -301,3 +301,12 @@ def assume_clear_of_gates(want, options) -> None:
 
     _, _, token_loss, window_sums = want
     assume(far_from(token_loss, options["threshold"]) and far_from(window_sums, options["window_threshold"]))
+
+
+def folder_files(folder) -> dict:
+    """{path relative to folder: bytes} of every file under it: what a test compares folders by."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file()}
