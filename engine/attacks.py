@@ -35,6 +35,7 @@ row), the searches use no other randomness, and a row's tokens do not depend on 
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -102,8 +103,15 @@ def forbidden_token_ids(tokenizer, words) -> set[int]:
 
 def attack_vocabulary(model, tokenizer, forbidden_words=()) -> Tensor:
     """The token ids an attack may choose (sorted LongTensor): the tokenizer's text tokens that the
-    model embeds, not special or unknown, that decode to visible text, and none of forbidden_words'."""
+    model embeds, not special or unknown, that decode to visible text, and none of forbidden_words'.
+    Cached per tokenizer: `erase --robust` attacks every step, and decoding a 100,000-token
+    vocabulary one token at a time is a CPU second it need not pay each time."""
     size = min(len(tokenizer), model.get_input_embeddings().num_embeddings)
+    return _attack_vocabulary(tokenizer, size, tuple(str(word) for word in forbidden_words or ())).clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _attack_vocabulary(tokenizer, size: int, forbidden_words: tuple) -> Tensor:
     excluded = set(tokenizer.all_special_ids) | set(special_token_ids(tokenizer).values())
     if tokenizer.unk_token_id is not None:
         excluded.add(tokenizer.unk_token_id)
