@@ -518,7 +518,8 @@ def check_replaceable(folder: str | os.PathLike, *, force: bool, kind: str, what
         raise FileExistsError(f"{what} {folder} already exists and is not empty (pass --force to replace it)")
     foreign = foreign_files(folder, kind, legacy)
     if foreign:
-        raise FileExistsError(f"not replacing {folder}: it holds files earkit did not write as a {what} "
+        article = "an" if what[:1].lower() in "aeiou" else "a"
+        raise FileExistsError(f"not replacing {folder}: it holds files earkit did not write as {article} {what} "
                               f"({some_of(foreign)}); move them out or choose another folder")
 
 
