@@ -218,7 +218,7 @@ def run_attacks(model_source, *, checkpoint, concept: str, prompts: list[str], j
     the white-box attack aimed at the model itself. `anchors`: search_attacks'. Under torchrun the
     other ranks get (None, None)."""
     from earkit.engine import distributed
-    from earkit.engine.checkpoint import load_checkpoint
+    from earkit.engine.checkpoint import erasure_tensors
 
     from .images import check_seeds, load_generator, resolve_checkpoint, sample_prompt_images
 
@@ -230,7 +230,7 @@ def run_attacks(model_source, *, checkpoint, concept: str, prompts: list[str], j
     judge.check_concept(concept)
     resolved = resolve_checkpoint(checkpoint)
     model, tokenizer = load_generator(model_source, device=device, dtype=dtype)
-    as_base = base_weights(model, load_checkpoint(resolved).tensors if resolved is not None else None)
+    as_base = base_weights(model, erasure_tensors(model, resolved))
     side_names = ["before", "after"] if resolved is not None else ["model"]
     ranks = distributed.current()
     found = None

@@ -191,9 +191,9 @@ def evaluate(benchmark, judge, *, model_source, checkpoint=None, seeds, clip=Non
     images = {}
     for name in side_names:
         if name == "after":
-            from earkit.engine.checkpoint import apply_trainable, load_checkpoint
+            from earkit.engine.checkpoint import apply_trainable, erasure_tensors
 
-            apply_trainable(model, load_checkpoint(resolved_checkpoint).tensors)
+            apply_trainable(model, erasure_tensors(model, resolved_checkpoint))
         drawn = sample_prompt_images(model, tokenizer, prompts, seeds, guidance_scale=guidance_scale, temperature=temperature,
                                      batch_size=batch_size, progress=progress, desc=f"eval: sampling ({name})",
                                      store=stores.get(name))

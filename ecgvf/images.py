@@ -19,10 +19,19 @@ def resolve_model(model) -> str:
     return str(generator_folder())
 
 
-def resolve_checkpoint(checkpoint) -> Path | None:
-    """An erasure checkpoint folder: the folder itself, or a run folder holding checkpoint/."""
+def resolve_checkpoint(checkpoint):
+    """An erasure checkpoint folder (or LoRA adapter folder): the folder itself, or a run folder
+    holding checkpoint/; an adapters.AdapterStack as it is, its folders checked."""
+    from earkit.engine.adapters import AdapterStack, read_adapter_config
+
     if checkpoint is None:
         return None
+    if isinstance(checkpoint, AdapterStack):
+        for folder in checkpoint.folders:
+            if not folder.is_dir():
+                raise FileNotFoundError(f"--adapter {folder} does not exist (a LoRA adapter folder)")
+            read_adapter_config(folder)  # ValueError naming what is not an adapter earkit applies
+        return checkpoint
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {path} does not exist (an erasure checkpoint folder, OUT/checkpoint)")
@@ -32,14 +41,15 @@ def resolve_checkpoint(checkpoint) -> Path | None:
 
 
 def load_generator(model, *, checkpoint=None, device: str | None = None, dtype: str = "auto"):
-    """load_janus, then the checkpoint's trainable tensors copied in (apply_trainable), as `earkit sample` does."""
-    from earkit.engine.checkpoint import apply_trainable, load_checkpoint
+    """load_janus, then the checkpoint's trainable tensors (an adapter's merged weights) copied in
+    (apply_trainable, erasure_tensors), as `earkit sample` does."""
+    from earkit.engine.checkpoint import apply_trainable, erasure_tensors
     from earkit.engine.model import load_janus
 
     model, tokenizer = load_janus(resolve_model(model), dtype=dtype, device=device)
     checkpoint = resolve_checkpoint(checkpoint)
     if checkpoint is not None:
-        apply_trainable(model, load_checkpoint(checkpoint).tensors)
+        apply_trainable(model, erasure_tensors(model, checkpoint))
     return model, tokenizer
 
 

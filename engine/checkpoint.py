@@ -129,11 +129,14 @@ def json_default(value):
 
 
 def save_checkpoint(folder: str | os.PathLike, *, tensors: dict[str, Tensor], optimizer_state: dict, state: dict,
-                    config: dict, base_model: str | os.PathLike | None = None, force: bool = False) -> Path:
+                    config: dict, base_model: str | os.PathLike | None = None, force: bool = False,
+                    write_more=None) -> Path:
     """Write a checkpoint folder atomically (see the module docstring); returns its absolute path.
 
     base_model: the model the run started from (a local folder or a hub id), recorded so that
     export_checkpoint can find it; when None, config["base_model"] is used if present.
+    write_more(folder): writes more files into the checkpoint, within the same atomic save (an
+    adapter run's PEFT files, adapters.write_adapter_files).
     """
     tensors = cpu_contiguous(tensors)
     for name, value in (("optimizer_state", optimizer_state), ("state", state), ("config", config)):
@@ -157,6 +160,8 @@ def save_checkpoint(folder: str | os.PathLike, *, tensors: dict[str, Tensor], op
         torch.save(optimizer_state, partial / OPTIMIZER_FILE)
         torch.save(state, partial / STATE_FILE)
         (partial / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+        if write_more is not None:
+            write_more(partial)
 
     return write_folder_atomically(folder, write_into, force=force, kind="checkpoint", what="checkpoint",
                                    legacy=legacy_checkpoint_names)
@@ -270,6 +275,22 @@ def apply_trainable(model: torch.nn.Module, tensors: dict[str, Tensor]) -> None:
         parameters[name].copy_(tensor)
 
 
+def erasure_tensors(model: torch.nn.Module, erasure) -> dict[str, Tensor] | None:
+    """The tensors an erasure sets in `model` (apply_trainable takes them, FrozenTeacher swaps
+    them): a checkpoint's trainable tensors; for a LoRA adapter folder (an `--adapter lora` run's
+    checkpoint, or any PEFT LoRA folder) or an adapters.AdapterStack, the adapted weights merged
+    (adapters.merged_weights); None for None."""
+    from .adapters import AdapterStack, is_adapter_folder, merged_weights
+
+    if erasure is None:
+        return None
+    if isinstance(erasure, AdapterStack):
+        return merged_weights(model, erasure.folders, erasure.weights)
+    if is_adapter_folder(erasure):
+        return merged_weights(model, [erasure])
+    return load_checkpoint(erasure).tensors
+
+
 # A base folder's files that an export does not carry over: the weights, which the export's own replace.
 WEIGHT_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
                         "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
@@ -376,17 +397,35 @@ def stored_dtype(source: str) -> torch.dtype:
 
 def export_checkpoint(base_model_source: str | os.PathLike | None, checkpoint_folder: str | os.PathLike,
                       out_dir: str | os.PathLike, *, force: bool = False,
-                      dtype: str | torch.dtype | None = None) -> Path:
+                      dtype: str | torch.dtype | None = None, merge: bool = False) -> Path:
     """Base model + a checkpoint's trainable tensors -> a full model folder (see export_model).
 
-    base_model_source None uses the one the checkpoint recorded. dtype None keeps the base
-    model's stored dtype (its config), so a bf16 Janus-Pro exports in bf16, not float32.
+    A LoRA adapter (an `--adapter lora` run's checkpoint, or any PEFT LoRA folder) is folded into
+    the weights it adapts, and only with merge=True (`earkit export --merge`): the adapter
+    folder itself is already what PeftModel.from_pretrained loads. base_model_source None uses
+    the one the checkpoint (or the adapter's base_model_name_or_path) recorded. dtype None keeps
+    the base model's stored dtype (its config), so a bf16 Janus-Pro exports in bf16, not float32.
     """
+    from .adapters import is_adapter_folder, read_adapter_config
     from .model import check_model_source, load_janus
 
-    folder = checked_checkpoint_folder(checkpoint_folder)
-    record = read_checkpoint_record(folder)
-    source = base_model_source if base_model_source is not None else record.get("base_model")
+    checkpoint_folder = Path(checkpoint_folder).expanduser()
+    adapter = is_adapter_folder(checkpoint_folder)
+    if adapter and not merge:
+        raise ValueError(f"{checkpoint_folder} is a LoRA adapter: give --merge (merge=True) to fold it into the "
+                         "weights of a full model folder, or load the adapter folder as it is with PEFT")
+    if merge and not adapter:
+        raise ValueError(f"--merge folds a LoRA adapter into the weights; {checkpoint_folder} is not an adapter folder "
+                         f"(no adapter_config.json): export a full checkpoint without --merge")
+    if adapter:
+        folder = checkpoint_folder
+        recorded = read_adapter_config(folder).get("base_model_name_or_path")
+        if (folder / CONFIG_FILE).is_file():  # an earkit adapter run's checkpoint records its base model too
+            recorded = read_checkpoint_record(checked_checkpoint_folder(folder)).get("base_model") or recorded
+    else:
+        folder = checked_checkpoint_folder(checkpoint_folder)
+        recorded = read_checkpoint_record(folder).get("base_model")
+    source = base_model_source if base_model_source is not None else recorded
     if source is None:
         raise ValueError(f"checkpoint {folder} records no base model; give the base model source")
     out = Path(out_dir).expanduser()
@@ -396,9 +435,9 @@ def export_checkpoint(base_model_source: str | os.PathLike | None, checkpoint_fo
     # before spending minutes loading the base model
     check_replaceable(out, force=force, kind="model export", what="model folder")
     check_writable(out, "model folder")
-    tensors = read_checkpoint_tensors(folder)
+    tensors = None if adapter else read_checkpoint_tensors(folder)
     model, tokenizer = load_janus(source, device="cpu", dtype=dtype if dtype is not None else stored_dtype(source))
-    apply_trainable(model, tensors)
+    apply_trainable(model, erasure_tensors(model, folder) if adapter else tensors)
     base_folder = Path(source).expanduser() if Path(source).expanduser().is_dir() else cached_hub_folder(source)
     return export_model(model, tokenizer, out, force=force, base_folder=base_folder)
 

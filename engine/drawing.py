@@ -71,11 +71,25 @@ def drawing_identity(*, model, checkpoint=None, guidance_scale, temperature, top
               "top_p": None if top_p is None else float(top_p), "batch_size": batch_size,
               "dtype": str(dtype).removeprefix("torch."), "device": str(device).split(":")[0]}
     if checkpoint is not None:
-        checkpoint = Path(checkpoint)
-        record["checkpoint"] = str(checkpoint)
-        tensors = checkpoint / "trainable.safetensors"
-        record["checkpoint_sha256"] = file_digest(tensors) if tensors.is_file() else None
+        record["checkpoint"], record["checkpoint_sha256"] = str(checkpoint), erasure_digest(checkpoint)
     return record
+
+
+def erasure_digest(erasure) -> str | None:
+    """The digest of what an erasure changes: a checkpoint's trainable tensors, an adapter's
+    weights and config, or (a stack of adapters) each adapter's digest with its weight."""
+    from earkit.io import json_digest
+
+    from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterStack, is_adapter_folder
+
+    if isinstance(erasure, AdapterStack):
+        return json_digest([[erasure_digest(folder), weight] for folder, weight in zip(erasure.folders, erasure.weights)])
+    folder = Path(erasure)
+    if is_adapter_folder(folder):
+        files = [folder / ADAPTER_WEIGHTS, folder / ADAPTER_CONFIG]
+        return json_digest([file_digest(path) for path in files]) if all(path.is_file() for path in files) else None
+    tensors = folder / "trainable.safetensors"
+    return file_digest(tensors) if tensors.is_file() else None
 
 
 class OtherSettings(ValueError):

@@ -50,6 +50,7 @@ from torch import Tensor
 from . import distributed, objectives
 from earkit.io import check_writable, first_line, foreign_files, json_digest, some_of
 from .checkpoint import OPTIMIZER_FILE, STATE_FILE, apply_trainable, legacy_checkpoint_names, load_checkpoint, save_checkpoint
+from .adapters import ADAPTERS, AdapterOff, attach_lora, import_peft, write_adapter_files
 from .model import (check_device, check_model_source, encode_prompts, image_hidden_states, image_token_count,
                     load_janus, resolve_dtype)
 from earkit.io import write_text_atomic
@@ -78,8 +79,11 @@ class EraseConfig:
     # derives the flags from them); "none" says what None means where "none" may be given.
     model: str
     out: str = "erased"
-    concept: str | None = field(default=None, metadata={"help": "the concept to erase, e.g. church"})
-    anchor: str | None = field(default=None, metadata={"help": "what to draw instead, e.g. cinema"})
+    # Several concepts erase in one run: a tuple of concepts, with one anchor for all or one each.
+    concept: str | tuple[str, ...] | None = field(default=None, metadata={
+        "help": "the concept to erase, e.g. church; repeat it to erase several in one run"})
+    anchor: str | tuple[str, ...] | None = field(default=None, metadata={
+        "help": "what to draw instead, e.g. cinema: one for every concept, or one per --concept, in order"})
     pairs: str | None = field(default=None, metadata={
         "help": "prompt pairs file (JSONL with concept_prompt/anchor_prompt, or a released EAR train file)"})
     preserve: str | None = field(default=None, metadata={
@@ -127,6 +131,15 @@ class EraseConfig:
         "help": "--robust: attack tokens per prompt (before the concept prompt, or after it with the concept "
                 "deleted, a step each)"})
     robust_steps: int = field(default=25, metadata={"help": "--robust: attack optimiser steps per training step"})
+    adapter: str | None = field(default=None, metadata={
+        "help": "lora: train a LoRA adapter (peft) on the Linear modules --trainable names instead of their weights; "
+                "the checkpoint folder is then also a PEFT adapter folder (PeftModel.from_pretrained loads it)",
+        "choices": ADAPTERS, "default": "none, the weights themselves train"})
+    lora_rank: int = field(default=8, metadata={"help": "--adapter lora: the adapters' rank"})
+    lora_alpha: float | None = field(default=None, metadata={
+        "help": "--adapter lora: the adapters' alpha (their output is scaled by alpha / rank)",
+        "default": "twice the rank"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "--adapter lora: dropout on the adapters' input"})
     seed: int = field(default=0, metadata={"help": "the run's seed"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
     device: str | None = field(default=None, metadata={
@@ -151,7 +164,8 @@ class EraseConfig:
             raise ValueError(f"wga must be one of {WGA_MODES}, got {self.wga!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        for name in ("window", "epochs", "batch_size", "images_per_prompt", "robust_tokens", "robust_steps"):
+        for name in ("window", "epochs", "batch_size", "images_per_prompt", "robust_tokens", "robust_steps",
+                     "lora_rank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -175,6 +189,16 @@ class EraseConfig:
             raise ValueError("trainable must name at least one glob of parameter names")
         if self.pairs is None and (self.concept is None or self.anchor is None):
             raise ValueError("give either pairs (a file) or both concept and anchor")
+        if self.pairs is None:
+            self.concept_anchors()  # ValueError naming what is wrong with several concepts or anchors
+        if self.adapter is not None and self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {ADAPTERS} (or None), got {self.adapter!r}")
+        finite("lora_alpha", self.lora_alpha)
+        finite("lora_dropout", self.lora_dropout, allow_none=False)
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.temperature is not None and self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         resolve_dtype(self.dtype, torch.device("cpu"))  # ValueError naming dtype
@@ -185,10 +209,32 @@ class EraseConfig:
             return 0.05
         return self.window_threshold
 
+    def effective_lora_alpha(self) -> float:
+        return float(2 * self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+
+    def concept_anchors(self) -> list[tuple[str, str]]:
+        """(concept, anchor) of each concept the run erases: `concept` one or several, `anchor`
+        one for all or one per concept. ValueError naming what does not fit."""
+        concepts = [self.concept] if isinstance(self.concept, str) else list(self.concept or ())
+        anchors = [self.anchor] if isinstance(self.anchor, str) else list(self.anchor or ())
+        if not concepts or not all(isinstance(value, str) for value in concepts + anchors):
+            raise ValueError(f"concept must be a string or a list of strings, got {self.concept!r}")
+        if len(anchors) == 1:
+            anchors = anchors * len(concepts)
+        if len(anchors) != len(concepts):
+            raise ValueError(f"{len(anchors)} anchors for {len(concepts)} concepts: give one anchor for all, or one "
+                             "per concept")
+        seen = set()
+        for concept in concepts:
+            if " ".join(concept.split()).casefold() in seen:
+                raise ValueError(f"concept {concept!r} is given twice")
+            seen.add(" ".join(concept.split()).casefold())
+        return list(zip(concepts, anchors))
+
     def prompt_pairs(self) -> list[PromptPair]:
         if self.pairs is not None:
             return load_pairs(self.pairs)
-        return pairs_from_concept(self.concept, self.anchor)
+        return [pair for concept, anchor in self.concept_anchors() for pair in pairs_from_concept(concept, anchor)]
 
     def preserve_prompts(self) -> list[str]:
         return load_prompts(self.preserve) if self.preserve is not None else []
@@ -196,6 +242,9 @@ class EraseConfig:
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
         data["trainable"] = list(self.trainable)
+        for name in ("concept", "anchor"):
+            if isinstance(data[name], tuple):
+                data[name] = list(data[name])
         return data
 
 
@@ -231,15 +280,21 @@ def select_trainable(model, patterns) -> dict[str, torch.nn.Parameter]:
     return chosen
 
 
-def check_trainable_patterns(source: str, patterns) -> None:
-    """Match the globs against the parameter names of the model's config, built on the meta
-    device (no weights read), so a typo fails in a second rather than after loading 14 GB."""
+def check_trainable_patterns(source: str, patterns, adapter: str | None = None) -> None:
+    """Match the globs against the parameter names (with an adapter: the Linear modules) of the
+    model's config, built on the meta device (no weights read), so a typo fails in a second
+    rather than after loading 14 GB."""
     from transformers import AutoConfig, JanusForConditionalGeneration
+
+    from .adapters import lora_target_modules
 
     config = AutoConfig.from_pretrained(check_model_source(source))
     with torch.device("meta"):
         skeleton = JanusForConditionalGeneration(config)
-    select_trainable(skeleton, patterns)
+    if adapter is not None:
+        lora_target_modules(skeleton, patterns)
+    else:
+        select_trainable(skeleton, patterns)
 
 
 class FrozenTeacher:
@@ -303,9 +358,9 @@ def batch_for_step(pairs: list, step: int, batch_size: int, seed: int) -> list:
     return [pairs[i] for i in order[index * batch_size:(index + 1) * batch_size]]
 
 
-# The sampling streams of a step: its concept prompts' images, and its preserve prompts'; and the
-# seed stream of --robust's attack.
-CONCEPT_STREAM, PRESERVE_STREAM, ROBUST_STREAM = 0, 1, 2
+# The sampling streams of a step: its concept prompts' images, and its preserve prompts'; the
+# seed stream of --robust's attack; and the run's generator (LoRA dropout), seeded once.
+CONCEPT_STREAM, PRESERVE_STREAM, ROBUST_STREAM, DROPOUT_STREAM = 0, 1, 2, 3
 
 
 def image_seeds(seed: int, step: int, stream: int, rows) -> list[int]:
@@ -385,7 +440,8 @@ def teacher_targets(model, tokenizer, teacher: FrozenTeacher, batch: list[Prompt
                            image_seeds(config.seed, step, CONCEPT_STREAM, rows), config)
     if not config.robust:
         return targets
-    concepts = repeated([pair.concept or config.concept for pair in batch], config)
+    named = config.concept if isinstance(config.concept, str) else None  # a pair's own concept first
+    concepts = repeated([pair.concept or named for pair in batch], config)
     return adversarial_targets(model, tokenizer, targets, prompts, [concepts[row] for row in rows], step, config, rows)
 
 
@@ -693,7 +749,9 @@ def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, preserv
         kept = list(preserve) if preserve is not None else config.preserve_prompts()
         if not all(isinstance(prompt, str) and prompt.strip() for prompt in kept):
             raise ValueError("preserve prompts must be non-empty strings")
-        check_trainable_patterns(config.model, config.trainable)  # before minutes of loading weights
+        check_trainable_patterns(config.model, config.trainable, config.adapter)  # before minutes of loading weights
+        if config.adapter is not None:
+            import_peft()  # a missing peft fails here, not after the weights load
         return chosen, kept
 
     train_pairs, preserve_prompts = distributed.all_agree(settings, "the check of the run's settings on every rank")
@@ -718,17 +776,29 @@ def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, preserv
 
     model, tokenizer = load_janus(config.model, dtype=config.dtype, device=config.device,
                                   load_in_8bit=config.load_in_8bit)
-    trainable = select_trainable(model, config.trainable)
-    teacher = FrozenTeacher(trainable)  # the base model's tensors, before a resumed student replaces them
+    adapted = None
+    if config.adapter is not None:
+        # LoRA pairs on the --trainable modules; the teacher is the model with them switched off
+        adapted, trainable = attach_lora(model, config.trainable, rank=config.lora_rank,
+                                         alpha=config.effective_lora_alpha(), dropout=config.lora_dropout,
+                                         seed=config.seed, base_model=config.model)
+        teacher = AdapterOff(adapted)
+    else:
+        trainable = select_trainable(model, config.trainable)
+        teacher = FrozenTeacher(trainable)  # the base model's tensors, before a resumed student replaces them
     if resumed is not None:
         apply_trainable(model, resumed.tensors)
     optimizer = make_optimizer(config.optimizer, trainable.values(), config.lr, config.weight_decay)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
 
+    callers_rng = _rng_state()  # given back at the end: the run's own RNG does not leak into the caller's
     if resumed is None:
         history = {"losses": [], "kept": [], "preserve_losses": [], "optimizer_steps": 0, "seconds": 0.0}
         start_step = 0
+        # The images have seeds of their own; what else draws (LoRA dropout) starts from the run's
+        # seed, so that a run is a function of its config wherever it runs.
+        torch.manual_seed(derived_seed(config.seed, 0, DROPOUT_STREAM))
         if config.force and ranks.main:
             remove_run_files(out)  # start over: what an earlier run wrote here is not this run's
     else:
@@ -751,6 +821,8 @@ def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, preserv
             optimizer_state=optimizer.state_dict(), state={"step": step, "history": history, "rng": _rng_state()},
             config={"erase": config.to_json(), "total_steps": total_steps, "data": data}, base_model=config.model,
             force=True,
+            # an adapter run's checkpoint is also the PEFT adapter folder of the same tensors
+            write_more=None if adapted is None else lambda folder: write_adapter_files(adapted, folder, config.model),
         )
 
     parameters = list(trainable.values())
@@ -785,6 +857,7 @@ def erase(config: EraseConfig, *, pairs: list[PromptPair] | None = None, preserv
         bar.close()
     history["seconds"] += time.perf_counter() - started
     save(total_steps)
+    _set_rng_state(callers_rng)
     if ranks.main:
         metrics = {"steps": total_steps, "optimizer_steps": history["optimizer_steps"], "losses": history["losses"],
                    "kept_fractions": history["kept"], "preserve_losses": history.get("preserve_losses", []),

@@ -32,9 +32,12 @@ def config_fields(config_class, names: Iterable[str]) -> list[dataclasses.Field]
 
 
 def _argument_type(annotation) -> tuple[type, bool]:
-    """(the value type, whether None is allowed) of a field annotation such as `float | None`."""
+    """(the value type, whether None is allowed) of a field annotation such as `float | None`;
+    `str | tuple[str, ...]` (one value or several) is the tuple: a repeatable flag."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         inner = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(inner) == 2 and str in inner and any(typing.get_origin(arg) is tuple for arg in inner):
+            inner = [arg for arg in inner if arg is not str]
         if len(inner) != 1:
             raise TypeError(f"cannot derive a flag from {annotation}")
         return inner[0], True
@@ -138,9 +141,39 @@ def add_judge_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_checkpoint_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
-    """--checkpoint, an erasure checkpoint folder (its old name --delta still works, hidden)."""
-    parser.add_argument("--checkpoint", default=None, help=help_text)
+    """--checkpoint, an erasure checkpoint folder (its old name --delta still works, hidden), or
+    --adapter, LoRA adapter folders stacked with --adapter-weight: erasure_argument reads them."""
+    parser.add_argument("--checkpoint", default=None,
+                        help=f"{help_text}; an `--adapter lora` run's checkpoint, or any PEFT LoRA folder, is applied "
+                             "as its merged weights")
     add_old_name(parser, "--delta", "--checkpoint")
+    parser.add_argument("--adapter", action="append", default=None, metavar="FOLDER",
+                        help="a LoRA adapter folder (PEFT's, or an `earkit erase --adapter lora` run's checkpoint) to "
+                             "apply in place of --checkpoint; repeat it to stack several (peft's add_weighted_adapter, "
+                             "'cat': their weighted deltas add up)")
+    parser.add_argument("--adapter-weight", action="append", type=float, default=None, metavar="W",
+                        help="the weight of each --adapter, in order (default: 1 each)")
+
+
+def erasure_argument(args):
+    """What --checkpoint / --adapter / --adapter-weight name: None, a folder, or an
+    adapters.AdapterStack (several adapters, or one with a weight). ValueError when they clash."""
+    from pathlib import Path
+
+    from earkit.engine.adapters import AdapterStack
+
+    adapters, weights = getattr(args, "adapter", None), getattr(args, "adapter_weight", None)
+    if adapters and args.checkpoint is not None:
+        raise ValueError("give --checkpoint or --adapter, not both (an adapter is applied in place of a checkpoint)")
+    if weights and not adapters:
+        raise ValueError("--adapter-weight weighs --adapter folders: give the --adapter folders too")
+    if not adapters:
+        return args.checkpoint
+    if weights and len(weights) != len(adapters):
+        raise ValueError(f"{len(weights)} --adapter-weight for {len(adapters)} --adapter: give one weight per adapter")
+    if len(adapters) == 1 and not weights:
+        return Path(adapters[0]).expanduser()
+    return AdapterStack(tuple(adapters), tuple(weights or ()))
 
 
 def add_old_name(parser: argparse.ArgumentParser, old_flag: str, new_flag: str, **options) -> None:

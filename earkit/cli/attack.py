@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from earkit.cli.arguments import (
-    add_checkpoint_argument, add_judge_argument, add_sampling_arguments, check_count, optional_float,
+    add_checkpoint_argument, add_judge_argument, erasure_argument, add_sampling_arguments, check_count, optional_float,
 )
 from earkit.cli.pairs import add_backend_arguments, backends_from_args
 
@@ -249,7 +249,7 @@ def run(args) -> dict:
     for value, name in ((args.seeds, "--seeds"), (args.batch_size, "--batch-size"), (args.max_prompts, "--max-prompts")):
         check_count(value, name)
     model_source = resolve_model(args.model)
-    resolve_checkpoint(args.checkpoint)
+    checkpoint = resolve_checkpoint(erasure_argument(args))
     concept, prompts, anchors = attacked_prompts(args)
     device = str(check_device(args.device))
     guidance_scale, temperature = resolve_source_sampling(model_source, args.guidance_scale, args.temperature)
@@ -258,7 +258,7 @@ def run(args) -> dict:
     ask_paraphrases(settings, concept, len(prompts))
     judge = parse_judge(args.judge, model_folder=model_source, device=device, labels=[concept] + anchors)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    result, images = run_attacks(model_source, checkpoint=args.checkpoint, concept=concept, prompts=prompts,
+    result, images = run_attacks(model_source, checkpoint=checkpoint, concept=concept, prompts=prompts,
                                  judge=judge, settings=settings, seeds=seeds, guidance_scale=guidance_scale,
                                  temperature=temperature, batch_size=args.batch_size, device=device,
                                  dtype=args.dtype, anchors=anchors, progress=not args.quiet)

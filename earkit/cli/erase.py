@@ -91,14 +91,23 @@ def read_resumed_erase_fields(out: str) -> dict:
     saved = read_checkpoint_record(folder)["config"].get("erase")
     if not isinstance(saved, dict):
         raise ValueError(f"--resume: checkpoint {folder} records no erase config")
-    if isinstance(saved.get("trainable"), list):
-        saved["trainable"] = tuple(saved["trainable"])
+    for name in ("trainable", "concept", "anchor"):
+        if isinstance(saved.get(name), list):
+            saved[name] = tuple(saved[name])
     return saved
+
+
+def one_or_several(values):
+    """A repeatable flag's values as EraseConfig takes them: None, one string, or a tuple of several."""
+    if values is None or isinstance(values, str):
+        return values
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def run(args) -> None:
     from earkit.engine.model import check_device
 
+    args.concept, args.anchor = one_or_several(args.concept), one_or_several(args.anchor)
     given = given_erase_fields(args, args.argv)
     check_device(given.get("device"))  # before anything loads
     if args.concepts is not None:
@@ -146,7 +155,7 @@ def run_default_erase(args, given: dict, progress: bool = True):
     shapesworld ShapesWorldErasure). Every training flag applies to it (over ShapesWorld's own
     defaults); --resume continues it."""
     from earkit.engine import shapesworld
-    from earkit.engine.shapesworld.erase import erase_and_measure
+    from earkit.engine.shapesworld.erase import default_anchor, erase_and_measure
 
     check_default_erase_flags(given)
     given = dict(given)
@@ -158,8 +167,9 @@ def run_default_erase(args, given: dict, progress: bool = True):
                     and name != "seed"}
         concept, anchor = concept or saved.get("concept"), anchor or saved.get("anchor")
         seed = saved.get("seed") if seed is None else seed
+    concept = concept or shapesworld.DEFAULT_CONCEPT
     return erase_and_measure(
-        out=args.out, concept=concept or shapesworld.DEFAULT_CONCEPT, anchor=anchor or shapesworld.DEFAULT_ANCHOR,
+        out=args.out, concept=concept, anchor=anchor or default_anchor(concept),
         seed=0 if seed is None else seed, force=args.force, resume=args.resume, n_per_shape=args.eval_images,
         progress=progress, **{**settings, **given},
     )

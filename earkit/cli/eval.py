@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from earkit.cli.arguments import (
-    add_checkpoint_argument, add_judge_argument, add_sampling_arguments, check_count,
+    add_checkpoint_argument, add_judge_argument, erasure_argument, add_sampling_arguments, check_count,
 )
 from earkit.cli.attack import add_attack_arguments, ask_paraphrases, attack_settings_from_args
 
@@ -78,7 +78,7 @@ def run(args) -> dict:
     from earkit.engine.sampler import check_sampling_arguments, resolve_source_sampling
     from earkit.io import write_folder_atomically
 
-    checkpoint = args.checkpoint
+    checkpoint = erasure_argument(args)
     out = Path(args.out).expanduser()
     # before minutes of sampling; rank 0 alone writes --out, and what it finds ends every rank alike
     distributed.main_decides(lambda: check_out_folder(out, args.force), "rank 0's check of --out")

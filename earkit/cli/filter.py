@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from earkit.cli.arguments import (
-    add_checkpoint_argument, add_judge_argument, add_old_name, add_sampling_arguments, check_count,
+    add_checkpoint_argument, add_judge_argument, erasure_argument, add_old_name, add_sampling_arguments, check_count,
 )
 from earkit.ecgvf.filter import FilterRules
 
@@ -54,7 +54,7 @@ def run(args) -> dict:
     from earkit.engine.sampler import check_sampling_arguments, resolve_source_sampling
     from earkit.io import check_writable
 
-    checkpoint = args.checkpoint
+    checkpoint = erasure_argument(args)
     out = Path(args.out).expanduser()
     def check_out() -> None:  # before minutes of sampling
         check_outputs(out, force=args.force)

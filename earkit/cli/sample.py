@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from earkit.cli.arguments import add_sampling_arguments
+from earkit.cli.arguments import add_checkpoint_argument, add_sampling_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="Janus model folder or hub id (default: the shipped ShapesWorld)")
-    parser.add_argument("--checkpoint", help="an erasure checkpoint folder to apply to the model")
+    add_checkpoint_argument(parser, "an erasure checkpoint folder to apply to the model")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
     parser.add_argument("--prompts-file", "--prompts", dest="prompts_file", help="a prompt file: .txt, one prompt per line, or prompt records in "
                                                ".json, .jsonl or .csv (a prompt field or column)")
@@ -27,9 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> None:
     from pathlib import Path
 
-    from earkit.cli.arguments import check_count
+    from earkit.cli.arguments import check_count, erasure_argument
     from earkit.engine import distributed
-    from earkit.engine.checkpoint import apply_trainable, load_checkpoint
+    from earkit.engine.checkpoint import apply_trainable, erasure_tensors
     from earkit.engine.drawing import drawing_identity
     from earkit.engine.model import check_device, check_model_source, load_janus, resolve_dtype
     from earkit.engine.sampler import (
@@ -55,7 +55,7 @@ def run(args) -> None:
 
         args.model = str(generator_folder())
     check_model_source(args.model)
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    checkpoint = resolve_checkpoint(erasure_argument(args))
 
     # given, else the model's generation_config.json, else Janus-Pro's guidance 5 and temperature 1
     args.guidance_scale, args.temperature = resolve_source_sampling(args.model, args.guidance_scale, args.temperature)
@@ -70,10 +70,9 @@ def run(args) -> None:
         "rank 0's check of --out")
     if state == "continue":
         print(f"continuing the samples in {args.out}: drawing only the images that are missing")
-    tensors = load_checkpoint(checkpoint).tensors if checkpoint is not None else None
     model, tokenizer = load_janus(args.model, dtype=args.dtype, device=args.device)
-    if tensors is not None:
-        apply_trainable(model, tensors)
+    if checkpoint is not None:
+        apply_trainable(model, erasure_tensors(model, checkpoint))
     written = write_samples(model, tokenizer, prompts, args.out, images_per_prompt=args.images_per_prompt,
                             seed=args.seed, guidance_scale=args.guidance_scale, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, force=args.force, batch_size=args.batch_size,

@@ -14,10 +14,27 @@ from . import (DEFAULT_ANCHOR, DEFAULT_CONCEPT, EVAL_TEMPLATES, GUIDANCE_SCALE, 
                generator_folder, load_judge)
 
 
+def shape_list(shapes) -> list[str]:
+    """One shape or several, as a list."""
+    return [shapes] if isinstance(shapes, str) else list(shapes)
+
+
+def default_anchor(concepts) -> str:
+    """What an erased shape is drawn as by default: square, or (square being erased) the first
+    shape in the world's order that is not."""
+    concepts = shape_list(concepts)
+    return DEFAULT_ANCHOR if DEFAULT_ANCHOR not in concepts else next(s for s in world.SHAPES if s not in concepts)
+
+
 def erasure_pairs(concept: str = DEFAULT_CONCEPT, anchor: str = DEFAULT_ANCHOR, seed: int = 0):
-    """Concept/anchor prompt pairs in ShapesWorld's own words: every colour, several templates."""
+    """Concept/anchor prompt pairs in ShapesWorld's own words: every colour, several templates.
+    Several concepts (a list, with one anchor or a list of as many): each one's pairs in turn."""
     from ..pair_files import PromptPair
 
+    if not isinstance(concept, str):
+        concepts = shape_list(concept)
+        anchors = [anchor] * len(concepts) if isinstance(anchor, str) else list(anchor)
+        return [pair for one, other in zip(concepts, anchors, strict=True) for pair in erasure_pairs(one, other, seed)]
     rng = random.Random(seed)
     pairs = []
     for colour in world.COLOURS:
@@ -30,13 +47,15 @@ def erasure_pairs(concept: str = DEFAULT_CONCEPT, anchor: str = DEFAULT_ANCHOR, 
 
 
 def preserve_prompts(concept: str = DEFAULT_CONCEPT, seed: int = 0) -> list[str]:
-    """Prompts of every other shape, in the pair templates and every colour: what the erasure must
-    keep drawing (the trainer's `preserve`). Evaluation draws other images (other seeds) from
-    prompts of its own templates, two of which these share: the world has few ways to say it."""
+    """Prompts of every other shape (every shape not erased, for several concepts), in the pair
+    templates and every colour: what the erasure must keep drawing (the trainer's `preserve`).
+    Evaluation draws other images (other seeds) from prompts of its own templates, two of which
+    these share: the world has few ways to say it."""
+    erased = shape_list(concept)
     rng = random.Random(seed)
     return [template.format(shape=shape, colour=colour, size=rng.choice(list(world.SIZES)),
                             background=rng.choice(list(world.BACKGROUNDS)))
-            for shape in world.SHAPES if shape != concept for colour in world.COLOURS for template in PAIR_TEMPLATES]
+            for shape in world.SHAPES if shape not in erased for colour in world.COLOURS for template in PAIR_TEMPLATES]
 
 
 def evaluation_prompts(shape: str, n: int, seed: int) -> list[str]:
@@ -78,11 +97,13 @@ def shape_rates(model, tokenizer, judge, *, shapes=world.SHAPES, n_per_shape: in
     return ShapeRates(shape_rate, colour_rate, n_per_shape)
 
 
-def rates_table(before: ShapeRates, after: ShapeRates | None = None, concept: str | None = None) -> str:
+def rates_table(before: ShapeRates, after: ShapeRates | None = None, concept=None) -> str:
+    """The markdown table of every shape's rate; `concept`: the erased shape, or several."""
+    erased = shape_list(concept) if concept is not None else []
     header = "| shape | drawn as asked, before |" + (" after | change |" if after else "")
     lines = [header, "| --- | ---: |" + (" ---: | ---: |" if after else "")]
     for shape, rate in before.shape.items():
-        name = f"{shape} (erased)" if shape == concept else shape
+        name = f"{shape} (erased)" if shape in erased else shape
         row = f"| {name} | {100 * rate:.0f}% |"
         if after:
             row += f" {100 * after.shape[shape]:.0f}% | {100 * (after.shape[shape] - rate):+.0f} |"
@@ -104,33 +125,40 @@ class ShapesWorldErasure:
     """An erasure of the shipped world and its measurement: `before` and `after` are None on the
     ranks of a torchrun job other than rank 0, which alone measures."""
 
-    concept: str
-    anchor: str
+    concept: str | tuple[str, ...]  # several when one run erased several shapes
+    anchor: str | tuple[str, ...]
     result: object  # the trainer's EraseResult
     before: ShapeRates | None
     after: ShapeRates | None
     seconds: float
 
+    def erased(self) -> str:
+        """'circle' (-> 'square'), or each of several concepts with its anchor."""
+        concepts = shape_list(self.concept)
+        anchors = [self.anchor] * len(concepts) if isinstance(self.anchor, str) else list(self.anchor)
+        return " and ".join(f"{concept!r} (-> {anchor!r})" for concept, anchor in zip(concepts, anchors))
+
     def report(self) -> str:
         """The before/after table, as `earkit erase` prints it."""
         if self.before is None or self.after is None:
-            return (f"ShapesWorld: erased {self.concept!r} (-> {self.anchor!r}) in {self.result.steps} steps "
-                    "(rank 0 measures it)")
-        return (f"ShapesWorld: erased {self.concept!r} (-> {self.anchor!r}) in {self.result.steps} steps, "
+            return f"ShapesWorld: erased {self.erased()} in {self.result.steps} steps (rank 0 measures it)"
+        return (f"ShapesWorld: erased {self.erased()} in {self.result.steps} steps, "
                 f"{self.result.seconds:.0f} s of training, {self.seconds:.0f} s in all; share of "
                 f"{self.before.n_per_shape} images per shape that the judge sees drawn as asked:\n\n"
                 f"{rates_table(self.before, self.after, self.concept)}\n\ncheckpoint: {self.result.checkpoint}")
 
     def line(self) -> str:
         """One line: the erased shape's rate before and after, and how far the others moved."""
-        head = f"{self.concept} -> {self.anchor}: {self.result.steps} steps, checkpoint {self.result.checkpoint}"
+        erased = shape_list(self.concept)
+        anchors = shape_list(self.anchor)
+        head = f"{'+'.join(erased)} -> {'+'.join(anchors)}: {self.result.steps} steps, checkpoint {self.result.checkpoint}"
         if self.before is None or self.after is None:
             return head
         moves = [100 * (self.after.shape[shape] - rate) for shape, rate in self.before.shape.items()
-                 if shape != self.concept]
-        return (f"{head}; {self.concept} drawn as asked {100 * self.before.shape[self.concept]:.0f}% -> "
-                f"{100 * self.after.shape[self.concept]:.0f}%, the other shapes {min(moves):+.0f} to "
-                f"{max(moves):+.0f} points")
+                 if shape not in erased]
+        rates = ", ".join(f"{concept} drawn as asked {100 * self.before.shape[concept]:.0f}% -> "
+                          f"{100 * self.after.shape[concept]:.0f}%" for concept in erased)
+        return f"{head}; {rates}, the other shapes {min(moves):+.0f} to {max(moves):+.0f} points"
 
 
 def erase_and_evaluate(out: str | Path = "erased", concept: str = DEFAULT_CONCEPT, anchor: str = DEFAULT_ANCHOR, *,
@@ -159,23 +187,36 @@ def erase_and_measure(out: str | Path = "erased", concept: str = DEFAULT_CONCEPT
     and rank 0 alone measures, after the training, the base model and the erased one, and writes
     evaluation.json: the other ranks are done when the training is.
     """
-    from ..checkpoint import apply_trainable, load_checkpoint
+    from ..checkpoint import apply_trainable, erasure_tensors
     from ..model import load_janus
     from earkit.io import write_text_atomic
     from ..pair_files import same_text
     from .. import distributed
     from ..trainer import EraseConfig, erase
 
-    if concept not in world.SHAPES or anchor not in world.SHAPES:
-        raise ValueError(f"concept and anchor must be ShapesWorld shapes {world.SHAPES}, got {concept!r}, {anchor!r}")
-    if same_text(concept, anchor):
-        raise ValueError(f"concept and anchor are the same ({concept!r}): the anchor must be what the model draws "
-                         "instead of the concept")
+    concepts, anchors = shape_list(concept), shape_list(anchor)
+    if len(anchors) == 1:
+        anchors = anchors * len(concepts)
+    if not concepts or len(anchors) != len(concepts):
+        raise ValueError(f"{len(anchors)} anchors for {len(concepts)} concepts: give one anchor for all, or one per "
+                         "concept")
+    for one, other in zip(concepts, anchors):
+        if one not in world.SHAPES or other not in world.SHAPES:
+            raise ValueError(f"concept and anchor must be ShapesWorld shapes {world.SHAPES}, got {one!r}, {other!r}")
+        if same_text(one, other):
+            raise ValueError(f"concept and anchor are the same ({one!r}): the anchor must be what the model draws "
+                             "instead of the concept")
+        if other in concepts:
+            raise ValueError(f"anchor {other!r} is erased too: an anchor must be a shape the model keeps drawing")
+    if len(set(concepts)) != len(concepts):
+        raise ValueError(f"a concept is given twice: {concepts}")
     fixed = ("model", "out", "concept", "anchor", "seed", "force", "resume", "pairs", "preserve")
     taken = sorted(name for name in overrides if name in fixed)
     if taken:
         raise ValueError(f"erase_and_evaluate sets {', '.join(taken)} itself (pass them as its own arguments)")
     settings = {**SHAPESWORLD_ERASE, "device": "cpu", **overrides}
+    concept = concepts[0] if len(concepts) == 1 else tuple(concepts)
+    anchor = anchor if isinstance(anchor, str) else tuple(anchor)
     config = EraseConfig(model=str(generator_folder(world_folder)), out=str(out), concept=concept, anchor=anchor,
                          seed=seed, force=force, resume=resume, **settings)
     config.validate()
@@ -185,14 +226,14 @@ def erase_and_measure(out: str | Path = "erased", concept: str = DEFAULT_CONCEPT
     started = time.perf_counter()
     # The trainer checks the output folder (or the checkpoint it resumes) before anything loads;
     # the measurement comes after the training, so that no rank waits on rank 0 measuring.
-    result = erase(config, pairs=erasure_pairs(concept, anchor, seed), preserve=preserve_prompts(concept, seed),
+    result = erase(config, pairs=erasure_pairs(concepts, anchors, seed), preserve=preserve_prompts(concepts, seed),
                    progress=progress)
     if not distributed.current().main:
         return ShapesWorldErasure(concept, anchor, result, None, None, time.perf_counter() - started)
     judge = load_judge(world_folder)
     model, tokenizer = load_janus(config.model, device=config.device, dtype=config.dtype)
     before = shape_rates(model, tokenizer, judge, n_per_shape=n_per_shape, seed=eval_seed)
-    apply_trainable(model, load_checkpoint(result.checkpoint).tensors)
+    apply_trainable(model, erasure_tensors(model, result.checkpoint))  # an adapter run's: merged
     after = shape_rates(model, tokenizer, judge, n_per_shape=n_per_shape, seed=eval_seed)
     seconds = time.perf_counter() - started
     evaluation = {"concept": concept, "anchor": anchor, "before": before.shape, "after": after.shape,
