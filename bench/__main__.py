@@ -10,7 +10,9 @@ bench/linear.py),
 `engine` (sampler and erasure step at the Janus-Pro shapes with random weights, bench/engine.py),
 `load` (`earkit erase` idle and beside CPU-bound neighbours, bench/load.py),
 `scaling` (`earkit eval` on 1 and 2 torchrun ranks, and the paper-scale runs projected, bench/scaling.py),
-`robustness` (the ShapesWorld default erasure and --robust under the three attacks, bench/robustness.py).
+`robustness` (the ShapesWorld default erasure and --robust under the three attacks, bench/robustness.py),
+`adapters` (LoRA ranks 4 and 16 against full self_attn training; two adapters stacked against one
+run erasing both, bench/lora_adapters.py).
 The GPU check is its own script: python -m earkit.bench.gpu_check (bench/gpu_check.py).
 """
 
@@ -67,6 +69,9 @@ def main(argv=None) -> None:
     from . import robustness
 
     robustness.add_arguments(commands.add_parser("robustness", help="the default erasure and --robust under attack"))
+    from . import lora_adapters as adapters
+
+    adapters.add_arguments(commands.add_parser("adapters", help="LoRA adapters against full training; stacking"))
     args = parser.parse_args(argv)
 
     if getattr(args, "threads", 0):
@@ -89,6 +94,8 @@ def main(argv=None) -> None:
             raise SystemExit(status)
     elif args.command == "robustness":
         robustness.main(args)
+    elif args.command == "adapters":
+        adapters.main(args)
 
 
 if __name__ == "__main__":

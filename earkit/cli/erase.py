@@ -32,12 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     asked for: EraseConfig's defaults with --model, ShapesWorld's own without it, the
     checkpoint's with --resume. The help states the defaults."""
     from earkit.engine.shapesworld import SHAPESWORLD_ERASE
+    from earkit.engine.shapesworld.erase import SHAPESWORLD_LORA_LR
 
     def defaults_note(name: str) -> str:
         """ShapesWorld's own default where it differs, and that --resume keeps the checkpoint's."""
         notes = []
         if name in SHAPESWORLD_ERASE and SHAPESWORLD_ERASE[name] != getattr(EraseConfig, name):
             notes.append(f"{SHAPESWORLD_ERASE[name]} for the ShapesWorld default")
+        if name == "lr":
+            notes.append(f"{SHAPESWORLD_LORA_LR:g} for the ShapesWorld default with --adapter lora")
         if getattr(EraseConfig, name) not in (None, False):
             notes.append("with --resume, the checkpoint's")
         return "; ".join(notes)

@@ -306,3 +306,15 @@ def test_gpu_check_runs_as_a_script_from_the_repository_root():
     result = subprocess.run([sys.executable, "bench/gpu_check.py", "--help"], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "--smoke" in result.stdout, result.stderr[-2000:]
+
+
+def test_adapters_bench_sizes_count_what_an_erasure_holds():
+    from earkit.bench.lora_adapters import janus_pro_7b_sizes, tensors_in
+
+    # Janus-Pro-7B: 5 layers x q, k, v, o of 4096 x 4096; LoRA adds r x (4096 + 4096) to each
+    assert janus_pro_7b_sizes() == {"full self_attn": 2 * 20 * 4096 * 4096, "LoRA r4": 4 * 20 * 4 * 8192,
+                                    "LoRA r16": 4 * 20 * 16 * 8192}
+    state = {0: {"step": 3, "__bnb_optimizer_quant_state__": {"state1": torch.zeros(4, 4, dtype=torch.uint8),
+                                                              "absmax1": torch.zeros(2)}},
+             1: {"exp_avg": torch.zeros(3), "nested": [torch.zeros(2, dtype=torch.float64)]}}
+    assert sorted(t.numel() for t in tensors_in(state)) == [2, 2, 3, 16]
