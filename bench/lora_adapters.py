@@ -150,10 +150,12 @@ def report(args, rows: dict, base: dict, stacked: dict) -> str:
 
     lines = [f"## Erasures as LoRA adapters on ShapesWorld ({date.today()}, {cpu_name()}, 2 threads)", "",
              f"Every shape's rate: the share of {args.per_shape} images per shape the judge sees drawn as asked "
-             "(evaluation seed 2024); erased shapes in bold. Each run is `earkit erase` (128 steps of the ShapesWorld "
-             "recipe) in its own process, one at a time: peak RSS of that process (training and its before/after "
-             "measurement), its wall time, and the trainer's own seconds. Training state: the trainable tensors, "
-             "their gradients and the 8-bit AdamW state.", "",
+             "(evaluation seed 2024); erased shapes in bold. Each run is `earkit erase`, the ShapesWorld recipe (16 "
+             "epochs of a concept's 30 pairs: 128 steps; 240 for the run over both concepts' 60), in its own "
+             "process, one at a time: peak RSS of that process (training and its before/after measurement, mostly "
+             "the runtime's own ~1 GB), its wall time, and the trainer's own seconds. Training state: the trainable "
+             "tensors, their gradients and the 8-bit AdamW state (bitsandbytes keeps tensors under 4096 elements, "
+             "all of LoRA's here, in 32 bits).", "",
              "| erasure | " + " | ".join(SHAPES) + " | on disk | trainable params | training state | peak RSS | "
              "training s | wall s |",
              "| --- | " + " | ".join("---:" for _ in SHAPES) + " | ---: | ---: | ---: | ---: | ---: | ---: |",

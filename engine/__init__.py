@@ -9,7 +9,9 @@ if __name__ != "earkit.engine":  # imported as a top-level `engine`: see earkit/
 
     __getattr__ = refusal(__name__)
 else:
-    from .checkpoint import apply_trainable, export_checkpoint, export_model, load_checkpoint, save_checkpoint
+    from .adapters import AdapterStack, merged_weights
+    from .checkpoint import (apply_trainable, erasure_tensors, export_checkpoint, export_model, load_checkpoint,
+                             save_checkpoint)
     from .model import encode_prompts, image_hidden_states, image_logits, load_janus, prompt_text
     from .pair_files import PromptPair, load_pairs, pairs_from_concept
     from .sampler import decode_images, sample_image_tokens, write_samples
@@ -21,4 +23,5 @@ else:
         "sample_image_tokens", "decode_images", "write_samples",
         "PromptPair", "load_pairs", "pairs_from_concept",
         "save_checkpoint", "load_checkpoint", "apply_trainable", "export_model", "export_checkpoint",
+        "erasure_tensors", "AdapterStack", "merged_weights",
     ]

@@ -16,6 +16,9 @@ not change and adds `preserve_weight` times the same objective with the teacher'
 as the target (a pair whose concept and anchor are one prompt: (1 + eta) z - eta z = z), under
 the same threshold and gate, so it only acts on tokens that have drifted past them.
 The teacher is not a second model: only the trainable tensors are kept twice, and swapped.
+With `adapter="lora"` (engine/adapters.py) LoRA pairs on the same modules train instead of their
+weights, the teacher is the model with its adapter switched off, and the checkpoint folder is
+also the PEFT adapter folder. `concept` may name several concepts: one run over all their pairs.
 
 Everything that decides a step (the pair order, each image's seed) is a function of the run's
 seed, the step number and the image's row in the step's batch, and checkpoints hold the trainable
@@ -199,6 +202,12 @@ class EraseConfig:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.adapter is None:
+            set_apart = [name for name in ("lora_rank", "lora_alpha", "lora_dropout")
+                         if getattr(self, name) != getattr(EraseConfig, name)]
+            if set_apart:
+                raise ValueError(f"{set_apart[0]} applies to adapters: add adapter='lora' (--adapter lora), or leave "
+                                 f"{set_apart[0]} out")
         if self.temperature is not None and self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         resolve_dtype(self.dtype, torch.device("cpu"))  # ValueError naming dtype

@@ -3,7 +3,9 @@ add_arguments(parser) and run(args)).
 
     earkit erase  --model FOLDER_OR_HUB_ID --concept church --anchor cinema --out runs/church
     earkit sample --model FOLDER_OR_HUB_ID --prompt "a church on a hill" --out samples/
-    earkit export --model BASE --checkpoint runs/church/checkpoint --out janus-no-church/
+    earkit erase  --model FOLDER --adapter lora --concept church --concept "van gogh" --anchor cinema --anchor painting --out runs/two
+    earkit sample --model FOLDER --adapter runs/church/checkpoint --adapter runs/nudity/checkpoint --prompt "..." --out samples/
+    earkit export --model BASE --checkpoint runs/church/checkpoint --out janus-no-church/   # an adapter: --merge
     earkit pairs  --concept church --backend openai --openai-url URL --openai-model MODEL --n 200 --out pairs.jsonl
     earkit filter --pairs pairs.jsonl --judge resnet50:WEIGHTS --seeds 4 --out kept.jsonl
     earkit eval   --model FOLDER --checkpoint runs/church/checkpoint --benchmark kept.jsonl --judge JUDGE --out report/

@@ -225,7 +225,7 @@ def test_export_merge_folds_the_adapter_in_and_is_needed(tiny_model_folder, tmp_
     run = erase(config(tiny_model_folder, tmp_path / "run"), progress=False)
     with pytest.raises(ValueError, match="give --merge"):
         export_checkpoint(None, run.checkpoint, tmp_path / "plain")
-    full = erase(config(tiny_model_folder, tmp_path / "full", adapter=None, lr=1e-3), progress=False)
+    full = erase(config(tiny_model_folder, tmp_path / "full", adapter=None, lora_rank=8, lr=1e-3), progress=False)
     with pytest.raises(ValueError, match="not an adapter folder"):
         export_checkpoint(None, full.checkpoint, tmp_path / "merged-full", merge=True)
     exported = export_checkpoint(None, run.checkpoint, tmp_path / "merged", merge=True)
@@ -245,6 +245,7 @@ def test_lora_settings_are_checked_before_anything_loads(tiny_model_folder, tmp_
                                ({"lora_alpha": -1.0}, "lora_alpha must be > 0"),
                                ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
                                ({"adapter": "qlora"}, "adapter must be one of"),
+                               ({"adapter": None, "lora_rank": 4}, "lora_rank applies to adapters"),
                                ({"trainable": ("model.language_model.norm.*",)}, "name no Linear module")]:
         with pytest.raises(ValueError, match=message):
             erase(config(tiny_model_folder, tmp_path / "never", **overrides), progress=False)
