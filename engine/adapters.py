@@ -42,7 +42,6 @@ from torch import Tensor
 ADAPTERS = ("lora",)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 ADAPTER_NAME = "default"  # peft's name of a model's first adapter
 
 
@@ -85,20 +84,14 @@ def lora_target_modules(model, patterns) -> list[str]:
     return targets
 
 
-def lora_config(targets: list[str], *, rank: int, alpha: float, dropout: float, base_model=None):
-    peft = import_peft()
-    return peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
-                           base_model_name_or_path=base_model)
-
-
 def attach_lora(model, patterns, *, rank: int, alpha: float, dropout: float, seed: int, base_model=None):
     """(peft_model, trainable): LoRA pairs on the Linear modules the globs name, A drawn from
     `seed` alone (peft's Kaiming init under a private generator state, so every rank, and every
     run of the same seed, starts from the same A), B zero; `trainable` maps the full parameter
     names of A and B to the parameters, the only ones that require grad."""
     peft = import_peft()
-    config = lora_config(lora_target_modules(model, patterns), rank=rank, alpha=alpha, dropout=dropout,
-                         base_model=base_model)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                             target_modules=lora_target_modules(model, patterns), base_model_name_or_path=base_model)
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), quiet_peft():
         torch.manual_seed(seed)
@@ -251,17 +244,3 @@ def merged_weights(model, folders, weights=None) -> dict[str, Tensor]:
     if not merged:
         raise ValueError(f"adapter(s) {', '.join(map(str, folders))} adapt no Linear weight of the model")
     return merged
-
-
-def adapter_size_bytes(folder) -> int:
-    """The adapter's weights on disk: adapter_model.safetensors."""
-    return os.path.getsize(Path(folder) / ADAPTER_WEIGHTS)
-
-
-def adapter_summary(folder) -> dict:
-    """rank, alpha, targets and size of an adapter folder, for reports."""
-    record = read_adapter_config(Path(folder))
-    targets = record.get("target_modules")
-    return {"rank": record.get("r"), "alpha": record.get("lora_alpha"),
-            "targets": len(targets) if isinstance(targets, list) else targets,
-            "bytes": adapter_size_bytes(folder)}

@@ -268,3 +268,13 @@ def test_several_concepts_make_one_run_over_all_their_pairs(tiny_model_folder, t
     saved = load_checkpoint(run.checkpoint).config
     assert saved["erase"]["concept"] == ["circle", "star"]
     assert saved["data"]["pairs"] == len(both.prompt_pairs())
+    # a pairs file that mixes concepts is the same run as naming them: the same pairs, the same tensors
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({"concept_prompt": pair.concept_prompt, "anchor_prompt": pair.anchor_prompt,
+                                         "concept": pair.concept, "anchor": pair.anchor}) + "\n"
+                             for pair in both.prompt_pairs()))
+    from_file = erase(config(tiny_model_folder, tmp_path / "from-file", concept=None, anchor=None, pairs=str(mixed)),
+                      progress=False)
+    assert from_file.losses == run.losses
+    got, want = load_checkpoint(from_file.checkpoint).tensors, load_checkpoint(run.checkpoint).tensors
+    assert all(torch.equal(got[name], want[name]) for name in want)
