@@ -27,11 +27,15 @@ def resolve_checkpoint(checkpoint):
     if checkpoint is None:
         return None
     if isinstance(checkpoint, AdapterStack):
+        folders = []
         for folder in checkpoint.folders:
             if not folder.is_dir():
                 raise FileNotFoundError(f"--adapter {folder} does not exist (a LoRA adapter folder)")
+            if (folder / "checkpoint" / "adapter_config.json").is_file() and not (folder / "adapter_config.json").is_file():
+                folder = folder / "checkpoint"  # an adapter run's folder: its checkpoint is the adapter
             read_adapter_config(folder)  # ValueError naming what is not an adapter earkit applies
-        return checkpoint
+            folders.append(folder)
+        return AdapterStack(tuple(folders), checkpoint.weights)
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {path} does not exist (an erasure checkpoint folder, OUT/checkpoint)")

@@ -62,6 +62,10 @@ def test_sample_takes_an_adapter_as_a_checkpoint_and_a_weighted_stack(runs, tmp_
     alone = sample(tmp_path, "alone", "--adapter", circle, "--adapter", star, "--adapter-weight", "1",
                    "--adapter-weight", "0")
     assert pngs(alone) == pngs(as_adapter)
+    # run folders stand for their checkpoints, as with --checkpoint
+    by_checkpoint = sample(tmp_path, "by-checkpoint", "--adapter", circle, "--adapter", star)
+    by_run = sample(tmp_path, "by-run", "--adapter", str(runs / "circle"), "--adapter", str(runs / "star"))
+    assert pngs(by_run) == pngs(by_checkpoint) != pngs(as_adapter)
     assert all(Image.open(path).size == (64, 64) for path in stacked.glob("0*.png"))
 
 
