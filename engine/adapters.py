@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path

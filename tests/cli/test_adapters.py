@@ -9,7 +9,7 @@ from PIL import Image
 
 from earkit.cli import main as cli_main
 
-from tests.support.helpers import usage_error
+from helpers import usage_error
 
 pytest.importorskip("peft")
 

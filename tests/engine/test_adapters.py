@@ -3,14 +3,10 @@ merged and stacked application, export --merge. References are float64 recomputa
 safetensors files, and peft's own PeftModel."""
 
 import json
-import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from earkit.engine.adapters import (
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterStack, attach_lora, lora_target_modules, merged_weights,
@@ -19,6 +15,8 @@ from earkit.engine.checkpoint import apply_trainable, erasure_tensors, export_ch
 from earkit.engine.model import encode_prompts, image_hidden_states, image_logits, load_janus
 from earkit.engine.tiny import save_tiny_janus
 from earkit.engine.trainer import EraseConfig, erase
+
+from helpers import erase_killed_after_two_steps
 
 peft = pytest.importorskip("peft")
 
@@ -118,27 +116,11 @@ def test_lora_starts_as_the_base_model_from_its_seed_and_trains_only_the_adapter
     assert all(torch.equal(p, weights[name.replace(".base_layer", "")]) for name, p in frozen.items())
 
 
-KILLED_RUN = textwrap.dedent("""
-    import os, signal, sys
-    from earkit.engine.trainer import EraseConfig, erase
-    def die_after_second_step(step, stats):
-        if step == 1:  # the checkpoint of step 2 is on disk; the run would go on to step 4
-            os.kill(os.getpid(), signal.SIGKILL)
-    erase(EraseConfig(model=sys.argv[1], out=sys.argv[2], concept="circle", anchor="square", window=5, steps=4,
-                      optimizer="adamw8bit", lr=1e-2, device="cpu", seed=3, save_every=1, batch_size=2,
-                      adapter="lora", lora_rank=2, lora_dropout=0.25,
-                      trainable=("model.language_model.layers.*.self_attn.*",)),
-          progress=False, on_step=die_after_second_step)
-""")
-
-
 def test_a_killed_adapter_run_resumes_bit_for_bit(tiny_model_folder, tmp_path):
     killed = tmp_path / "killed"
-    process = subprocess.run([sys.executable, "-c", KILLED_RUN, tiny_model_folder, str(killed)], capture_output=True,
-                             text=True, timeout=300, cwd=tmp_path)
-    assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
-    assert load_checkpoint(killed / "checkpoint").state["step"] == 2
     options = dict(steps=4, save_every=1, batch_size=2, lora_dropout=0.25)  # dropout draws from the saved RNG
+    erase_killed_after_two_steps(tmp_path, **config(tiny_model_folder, killed, **options).to_json())
+    assert load_checkpoint(killed / "checkpoint").state["step"] == 2
     resumed = erase(config(tiny_model_folder, killed, resume=True, **options), progress=False)
     straight = erase(config(tiny_model_folder, tmp_path / "straight", **options), progress=False)
     assert resumed.losses == straight.losses

@@ -1,9 +1,5 @@
 """The erasure trainer on a tiny random Janus (real transformers classes) on CPU."""
 
-import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -20,6 +16,8 @@ from earkit.engine.trainer import (
     EraseConfig, FrozenTeacher, erase, make_optimizer, select_trainable, shard_rows, teacher_targets, train_step,
     windows,
 )
+
+from helpers import erase_killed_after_two_steps
 
 WORDS = ["red", "blue", "circle", "square", "star", "cross", "triangle"]
 
@@ -98,24 +96,10 @@ def test_teacher_forced_student_matches_teacher_before_any_step(tiny_model_folde
     assert float(guided_cross_entropy(logits, logits, logits).detach()) < 1e-6
 
 
-KILLED_RUN = textwrap.dedent("""
-    import os, signal, sys
-    from earkit.engine.trainer import EraseConfig, erase
-    def die_after_second_step(step, stats):
-        if step == 1:  # the checkpoint of step 2 is on disk; the run would go on to step 4
-            os.kill(os.getpid(), signal.SIGKILL)
-    erase(EraseConfig(model=sys.argv[1], out=sys.argv[2], concept="circle", anchor="square", window=5, steps=4,
-                      optimizer="adamw8bit", lr=1e-3, device="cpu", seed=3, save_every=1, batch_size=2),
-          progress=False, on_step=die_after_second_step)
-""")
-
-
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_model_folder, tmp_path):
     killed = tmp_path / "killed"
-    # cwd away from the repository root, whose earkit/ folder would shadow the installed package.
-    process = subprocess.run([sys.executable, "-c", KILLED_RUN, tiny_model_folder, str(killed)], capture_output=True,
-                             text=True, timeout=300, cwd=tmp_path)
-    assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
+    erase_killed_after_two_steps(tmp_path, **config(tiny_model_folder, killed, steps=4, save_every=1,
+                                                    batch_size=2).to_json())
     assert load_checkpoint(killed / "checkpoint").state["step"] == 2
     resumed = erase(config(tiny_model_folder, killed, steps=4, save_every=1, batch_size=2, resume=True),
                     progress=False)

@@ -310,3 +310,28 @@ def folder_files(folder) -> dict:
     folder = Path(folder)
     return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*"))
             if path.is_file()}
+
+
+KILLED_RUN = """
+import json, os, signal, sys
+from earkit.engine.trainer import EraseConfig, erase
+def die_after_second_step(step, stats):
+    if step == 1:  # the checkpoint of step 2 is on disk; the run would go on
+        os.kill(os.getpid(), signal.SIGKILL)
+erase(EraseConfig(**json.loads(sys.argv[1])), progress=False, on_step=die_after_second_step)
+"""
+
+
+def erase_killed_after_two_steps(cwd, **config) -> None:
+    """Run erase(EraseConfig(**config)) in a child process that SIGKILLs itself once the checkpoint
+    of step 2 is on disk (save_every=1), and check that it died so. cwd: away from the repository
+    root, whose earkit/ folder would shadow the installed package."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    config = {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
+    process = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(config)], capture_output=True, text=True,
+                             timeout=300, cwd=cwd)
+    assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
