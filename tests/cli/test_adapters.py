@@ -127,3 +127,33 @@ def test_erase_several_concepts_in_one_run(tmp_path, capsys):
                                  "--out", str(tmp_path / "never")])
     assert "is erased too" in error
     assert not (tmp_path / "never").exists()
+
+
+def test_filter_and_attack_take_an_adapter_as_they_take_its_merged_checkpoint(runs, tmp_path):
+    """An adapter run's checkpoint, given to filter and attack, decides exactly as the full
+    checkpoint of its merged weights does (the same images, the same verdicts)."""
+    from earkit.engine.checkpoint import erasure_tensors, load_checkpoint, save_checkpoint
+    from earkit.engine.model import load_janus
+    from earkit.engine.shapesworld import generator_folder
+
+    adapter = runs / "circle" / "checkpoint"
+    model, _ = load_janus(str(generator_folder()), device="cpu", dtype="fp32")
+    merged = tmp_path / "merged-checkpoint"
+    full = load_checkpoint(runs / "full" / "checkpoint")
+    save_checkpoint(merged, tensors=erasure_tensors(model, adapter), optimizer_state={}, state={},
+                    config=full.config, base_model=str(generator_folder()))
+    pairs = tmp_path / "circle.jsonl"
+    assert cli_main(["pairs", "--concept", "circle", "--n", "3", "--out", str(pairs), "--quiet"]) == 0
+    for name, erasure in (("adapter", ["--adapter", str(adapter)]), ("merged", ["--checkpoint", str(merged)])):
+        assert cli_main(["filter", "--pairs", str(pairs), "--seeds", "1", "--device", "cpu", "--quiet", *erasure,
+                         "--out", str(tmp_path / f"kept-{name}.jsonl")]) == 0
+        assert cli_main(["attack", "--concept", "circle", "--attacks", "white-box", "--attack-steps", "2",
+                         "--attack-tokens", "2", "--max-prompts", "2", "--seeds", "1", "--device", "cpu", "--quiet",
+                         *erasure, "--out", str(tmp_path / f"attack-{name}")]) == 0
+    decisions = [[{k: v for k, v in json.loads(line).items() if k != "filter"}
+                  for line in (tmp_path / f"kept-{name}.decisions.jsonl").read_text().splitlines()]
+                 for name in ("adapter", "merged")]
+    assert decisions[0] == decisions[1] and sum(1 for record in decisions[0] if record) == 3  # the pairs, after a header
+    # the white-box search against the erased side, and every verdict, are the same
+    records = [json.loads((tmp_path / f"attack-{name}" / "attacks.json").read_text()) for name in ("adapter", "merged")]
+    assert records[0]["attacks"] == records[1]["attacks"] and set(records[0]["attacks"]) == {"plain", "white-box"}
