@@ -54,7 +54,10 @@ def add_arguments(parser) -> None:
 
 
 def folder_name(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+    """A run's folder: its name as `earkit erase --concepts` names a concept's folder."""
+    from earkit.cli.erase import concept_slug
+
+    return concept_slug(name)
 
 
 def train(folder: Path, flags: list[str], per_shape: int) -> dict:

@@ -31,16 +31,20 @@ def resolve_checkpoint(checkpoint):
         for folder in checkpoint.folders:
             if not folder.is_dir():
                 raise FileNotFoundError(f"--adapter {folder} does not exist (a LoRA adapter folder)")
-            if (folder / "checkpoint" / "adapter_config.json").is_file() and not (folder / "adapter_config.json").is_file():
-                folder = folder / "checkpoint"  # an adapter run's folder: its checkpoint is the adapter
+            folder = run_checkpoint(folder)
             read_adapter_config(folder)  # ValueError naming what is not an adapter earkit applies
             folders.append(folder)
         return AdapterStack(tuple(folders), checkpoint.weights)
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {path} does not exist (an erasure checkpoint folder, OUT/checkpoint)")
+    return run_checkpoint(path)
+
+
+def run_checkpoint(path: Path) -> Path:
+    """A run folder's checkpoint/ (where the folder is not a checkpoint itself), else the folder."""
     if (path / "checkpoint" / "trainable.safetensors").is_file() and not (path / "trainable.safetensors").is_file():
-        path = path / "checkpoint"
+        return path / "checkpoint"
     return path
 
 

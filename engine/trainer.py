@@ -222,23 +222,7 @@ class EraseConfig:
         return float(2 * self.lora_rank if self.lora_alpha is None else self.lora_alpha)
 
     def concept_anchors(self) -> list[tuple[str, str]]:
-        """(concept, anchor) of each concept the run erases: `concept` one or several, `anchor`
-        one for all or one per concept. ValueError naming what does not fit."""
-        concepts = [self.concept] if isinstance(self.concept, str) else list(self.concept or ())
-        anchors = [self.anchor] if isinstance(self.anchor, str) else list(self.anchor or ())
-        if not concepts or not all(isinstance(value, str) for value in concepts + anchors):
-            raise ValueError(f"concept must be a string or a list of strings, got {self.concept!r}")
-        if len(anchors) == 1:
-            anchors = anchors * len(concepts)
-        if len(anchors) != len(concepts):
-            raise ValueError(f"{len(anchors)} anchors for {len(concepts)} concepts: give one anchor for all, or one "
-                             "per concept")
-        seen = set()
-        for concept in concepts:
-            if " ".join(concept.split()).casefold() in seen:
-                raise ValueError(f"concept {concept!r} is given twice")
-            seen.add(" ".join(concept.split()).casefold())
-        return list(zip(concepts, anchors))
+        return concept_anchor_pairs(self.concept, self.anchor)
 
     def prompt_pairs(self) -> list[PromptPair]:
         if self.pairs is not None:
@@ -255,6 +239,26 @@ class EraseConfig:
             if isinstance(data[name], tuple):
                 data[name] = list(data[name])
         return data
+
+
+def concept_anchor_pairs(concept, anchor) -> list[tuple[str, str]]:
+    """(concept, anchor) of each concept a run erases: `concept` one string or several, `anchor`
+    one for all or one per concept. ValueError naming what does not fit."""
+    concepts = [concept] if isinstance(concept, str) else list(concept or ())
+    anchors = [anchor] if isinstance(anchor, str) else list(anchor or ())
+    if not concepts or not all(isinstance(value, str) for value in concepts + anchors):
+        raise ValueError(f"concept must be a string or a list of strings, got {concept!r}")
+    if len(anchors) == 1:
+        anchors = anchors * len(concepts)
+    if len(anchors) != len(concepts):
+        raise ValueError(f"{len(anchors)} anchors for {len(concepts)} concepts: give one anchor for all, or one "
+                         "per concept")
+    seen = set()
+    for one in concepts:
+        if " ".join(one.split()).casefold() in seen:
+            raise ValueError(f"concept {one!r} is given twice")
+        seen.add(" ".join(one.split()).casefold())
+    return list(zip(concepts, anchors))
 
 
 @dataclass

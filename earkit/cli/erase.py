@@ -247,8 +247,8 @@ def split_concept(item: str, where: str) -> tuple[str, str | None, str]:
 def parse_concepts(spec: str, shapes_world: bool) -> list[tuple[str, str]]:
     """The (concept, anchor) pairs of a --concepts SPEC, checked: ValueError naming the first bad one.
     With the ShapesWorld default a concept alone takes square (circle for square)."""
-    from earkit.engine import shapesworld
     from earkit.engine.pair_files import pairs_from_concept, same_text
+    from earkit.engine.shapesworld.erase import default_anchor
     from earkit.engine.shapesworld.render import SHAPES
 
     path = Path(spec).expanduser()
@@ -267,8 +267,7 @@ def parse_concepts(spec: str, shapes_world: bool) -> list[tuple[str, str]]:
             if not shapes_world:
                 raise ValueError(f"--concepts: {where} {concept!r} has no anchor (write {concept}:ANCHOR); only the "
                                  "ShapesWorld default picks one")
-            default = shapesworld.DEFAULT_ANCHOR
-            anchor = shapesworld.DEFAULT_CONCEPT if concept == default else default
+            anchor = default_anchor(concept)
         if shapes_world and (concept not in SHAPES or anchor not in SHAPES):
             raise ValueError(f"--concepts: {where}: concept and anchor must be ShapesWorld shapes {SHAPES}, got "
                              f"{concept!r}, {anchor!r}")

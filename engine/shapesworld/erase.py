@@ -27,14 +27,9 @@ def default_anchor(concepts) -> str:
 
 
 def erasure_pairs(concept: str = DEFAULT_CONCEPT, anchor: str = DEFAULT_ANCHOR, seed: int = 0):
-    """Concept/anchor prompt pairs in ShapesWorld's own words: every colour, several templates.
-    Several concepts (a list, with one anchor or a list of as many): each one's pairs in turn."""
+    """Concept/anchor prompt pairs in ShapesWorld's own words: every colour, several templates."""
     from ..pair_files import PromptPair
 
-    if not isinstance(concept, str):
-        concepts = shape_list(concept)
-        anchors = [anchor] * len(concepts) if isinstance(anchor, str) else list(anchor)
-        return [pair for one, other in zip(concepts, anchors, strict=True) for pair in erasure_pairs(one, other, seed)]
     rng = random.Random(seed)
     pairs = []
     for colour in world.COLOURS:
@@ -138,9 +133,10 @@ class ShapesWorldErasure:
 
     def erased(self) -> str:
         """'circle' (-> 'square'), or each of several concepts with its anchor."""
-        concepts = shape_list(self.concept)
-        anchors = [self.anchor] * len(concepts) if isinstance(self.anchor, str) else list(self.anchor)
-        return " and ".join(f"{concept!r} (-> {anchor!r})" for concept, anchor in zip(concepts, anchors))
+        from ..trainer import concept_anchor_pairs
+
+        return " and ".join(f"{concept!r} (-> {anchor!r})"
+                            for concept, anchor in concept_anchor_pairs(self.concept, self.anchor))
 
     def report(self) -> str:
         """The before/after table, as `earkit erase` prints it."""
@@ -196,15 +192,13 @@ def erase_and_measure(out: str | Path = "erased", concept: str = DEFAULT_CONCEPT
     from earkit.io import write_text_atomic
     from ..pair_files import same_text
     from .. import distributed
-    from ..trainer import EraseConfig, erase
+    from ..trainer import EraseConfig, concept_anchor_pairs, erase
 
-    concepts, anchors = shape_list(concept), shape_list(anchor)
-    if len(anchors) == 1:
-        anchors = anchors * len(concepts)
-    if not concepts or len(anchors) != len(concepts):
-        raise ValueError(f"{len(anchors)} anchors for {len(concepts)} concepts: give one anchor for all, or one per "
-                         "concept")
-    for one, other in zip(concepts, anchors):
+    concept = concept if isinstance(concept, str) or len(concept) != 1 else concept[0]
+    concept, anchor = (value if isinstance(value, str) else tuple(value) for value in (concept, anchor))
+    pairs = concept_anchor_pairs(concept, anchor)  # ValueError: a count that does not fit, a concept twice
+    concepts = [one for one, _ in pairs]
+    for one, other in pairs:
         if one not in world.SHAPES or other not in world.SHAPES:
             raise ValueError(f"concept and anchor must be ShapesWorld shapes {world.SHAPES}, got {one!r}, {other!r}")
         if same_text(one, other):
@@ -212,8 +206,6 @@ def erase_and_measure(out: str | Path = "erased", concept: str = DEFAULT_CONCEPT
                              "instead of the concept")
         if other in concepts:
             raise ValueError(f"anchor {other!r} is erased too: an anchor must be a shape the model keeps drawing")
-    if len(set(concepts)) != len(concepts):
-        raise ValueError(f"a concept is given twice: {concepts}")
     fixed = ("model", "out", "concept", "anchor", "seed", "force", "resume", "pairs", "preserve")
     taken = sorted(name for name in overrides if name in fixed)
     if taken:
@@ -221,8 +213,6 @@ def erase_and_measure(out: str | Path = "erased", concept: str = DEFAULT_CONCEPT
     settings = {**SHAPESWORLD_ERASE, "device": "cpu", **overrides}
     if overrides.get("adapter") is not None and "lr" not in overrides:
         settings["lr"] = SHAPESWORLD_LORA_LR
-    concept = concepts[0] if len(concepts) == 1 else tuple(concepts)
-    anchor = anchor if isinstance(anchor, str) else tuple(anchor)
     config = EraseConfig(model=str(generator_folder(world_folder)), out=str(out), concept=concept, anchor=anchor,
                          seed=seed, force=force, resume=resume, **settings)
     config.validate()
@@ -232,7 +222,8 @@ def erase_and_measure(out: str | Path = "erased", concept: str = DEFAULT_CONCEPT
     started = time.perf_counter()
     # The trainer checks the output folder (or the checkpoint it resumes) before anything loads;
     # the measurement comes after the training, so that no rank waits on rank 0 measuring.
-    result = erase(config, pairs=erasure_pairs(concepts, anchors, seed), preserve=preserve_prompts(concepts, seed),
+    result = erase(config, pairs=[pair for one, other in pairs for pair in erasure_pairs(one, other, seed)],
+                   preserve=preserve_prompts(concepts, seed),
                    progress=progress)
     if not distributed.current().main:
         return ShapesWorldErasure(concept, anchor, result, None, None, time.perf_counter() - started)
