@@ -11,8 +11,6 @@ from earkit.cli import main as cli_main
 
 from helpers import usage_error
 
-pytest.importorskip("peft")
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
